@@ -1,0 +1,197 @@
+"""Write a complete bundle: ONNX graphs, tokenizer, scheduler config and manifest.json.
+
+Everything is written into a hidden sibling directory that is renamed into place only when the
+last check has passed, so an interrupted or failed export never leaves a bundle a later run
+would trust.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
+from sdrt.errors import UserError
+from tqdm import tqdm
+
+from .onnx_export import (
+    OPSET,
+    TOLERANCE,
+    Component,
+    components,
+    export_onnx,
+    trace_dims,
+    verify_onnx,
+)
+
+# diffusers scheduler class -> the runtime's name for the same family
+SCHEDULER_NAMES = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
+    "UniPCMultistepScheduler": "unipc",
+    "LMSDiscreteScheduler": "lms",
+    "HeunDiscreteScheduler": "heun",
+}
+
+
+def check_destination(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(
+            f"{out} already exists and is not empty; choose a new bundle "
+            "directory or remove it first"
+        )
+
+
+def export_bundle(
+    pipe: Any,
+    out: Path,
+    family: str,
+    dtype: str = "fp32",
+    tolerance: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export `pipe` to the bundle directory `out` and return the manifest written."""
+    if dtype not in TOLERANCE:
+        raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    out = Path(out)
+    check_destination(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest = _write_bundle(
+            pipe,
+            staging,
+            family,
+            dtype,
+            TOLERANCE[dtype] if tolerance is None else tolerance,
+            progress,
+        )
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(
+    pipe: Any, root: Path, family: str, dtype: str, tolerance: float, progress: bool
+) -> dict[str, Any]:
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    default_size = pipe.unet.config.sample_size * vae_scale
+    # The U-Net halves the latent once per down block but the last; sizes must divide evenly,
+    # since the traced graph has no path for odd sizes.
+    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    latent = 2 * unet_factor
+    vocab = min(pipe.text_encoder.config.vocab_size, len(pipe.tokenizer))
+    dims = trace_dims(latent, vocab, vae_scale)
+    check_dims = {
+        **dims,
+        "batch": 2,
+        "unet_batch": 1,
+        "latent_width": latent + unet_factor,
+        "width": vae_scale * (latent + unet_factor),
+    }
+    entries = {}
+    bar = tqdm(components(pipe), desc="export", unit="component", disable=not progress)
+    for component in bar:
+        bar.set_postfix_str(component.name)
+        entries[component.name] = _export_component(
+            component, root, dims, check_dims, dtype, tolerance
+        )
+    pipe.tokenizer.save_pretrained(root / "tokenizer")
+    scheduler_config = {
+        k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
+    }
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "family": family,
+        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
+        "latent_channels": pipe.vae.config.latent_channels,
+        "unet_in_channels": pipe.unet.config.in_channels,
+        "vae_scale_factor": vae_scale,
+        "vae_scaling_factor": pipe.vae.config.scaling_factor,
+        "vae_shift_factor": pipe.vae.config.get("shift_factor"),
+        "text_max_length": pipe.tokenizer.model_max_length,
+        "default_size": [default_size, default_size],
+        "size_multiple": vae_scale * unet_factor,
+        "scheduler": SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, "pndm"),
+        "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
+        "components": entries,
+        "loras": [],
+        "export": _versions(dtype),
+    }
+    write_json_atomic(root / MANIFEST, manifest)
+    return manifest
+
+
+def _export_component(
+    component: Component,
+    root: Path,
+    dims: dict[str, int],
+    check_dims: dict[str, int],
+    dtype: str,
+    tolerance: float,
+) -> dict[str, Any]:
+    path = root / f"{component.name}.onnx"
+    export_onnx(component, dims, path, dtype)
+    parity = verify_onnx(component, path, check_dims)
+    if not parity["finite"] or parity["max_rel"] > tolerance:
+        hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
+        raise UserError(
+            f"{component.name}: ONNX Runtime output differs from PyTorch by "
+            f"{parity['max_rel']:.2e} relative (max abs {parity['max_abs']:.2e}, finite: "
+            f"{parity['finite']}), above the tolerance {tolerance:.0e}{hint}"
+        )
+    data = path.with_name(path.name + ".data")
+    return {
+        "file": path.name,
+        "external_data": data.name if data.exists() else None,
+        "sha256": file_sha256(path, data if data.exists() else None),
+        "precision": dtype,
+        "inputs": [vars(s) for s in component.inputs],
+        "outputs": [vars(s) for s in component.outputs],
+        "parity": {
+            "max_abs": parity["max_abs"],
+            "max_rel": parity["max_rel"],
+            "reference": "PyTorch fp32, CPU",
+            "runtime": "ONNX Runtime CPU",
+        },
+    }
+
+
+def _versions(dtype: str) -> dict[str, Any]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import sdrt
+    import torch
+
+    return {
+        "sdrt": sdrt.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": OPSET,
+        "dtype": dtype,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

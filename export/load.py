@@ -1,0 +1,134 @@
+"""Load a Stable Diffusion checkpoint for export: a diffusers folder, a single .safetensors
+file, or a random-weight build of a published architecture.
+
+Weights load through safetensors; pickle checkpoints run arbitrary code when unpickled, so they
+are refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sdrt.errors import UserError
+
+from .presets import PRESETS
+from .tokenizer_files import write_byte_level_clip_vocab
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def load_pipeline(
+    source: str | None,
+    random_weights: str | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+) -> Any:
+    """A diffusers StableDiffusionPipeline in float32 on the CPU, ready to trace."""
+    if random_weights is not None:
+        return random_pipeline(random_weights, seed=seed)
+    if source is None:
+        raise UserError(
+            "no model given: pass a diffusers folder or .safetensors file, "
+            "or --random-weights tiny|sd15|sd21"
+        )
+    path = Path(source)
+    if not path.exists():
+        raise UserError(
+            f"model {source!r} does not exist; pass a diffusers folder or a .safetensors file"
+        )
+    if path.is_dir():
+        return _load_folder(path, allow_pickle)
+    if path.suffix == ".safetensors":
+        return _load_single_file(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(
+                f"{path.name} is a pickle checkpoint, which can run arbitrary code "
+                "when loaded; convert it to .safetensors or pass --allow-pickle"
+            )
+        return _load_single_file(path)
+    raise UserError(f"{path.name} is neither a diffusers folder nor a .safetensors file")
+
+
+def _load_folder(path: Path, allow_pickle: bool) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path} has no model_index.json; is it a diffusers model folder?")
+    weights = list(path.glob("*/*.safetensors"))
+    pickles = [p for p in path.glob("*/*") if p.suffix in PICKLE_SUFFIXES]
+    if not weights and pickles and not allow_pickle:
+        raise UserError(
+            f"{path} holds only pickle weights ({pickles[0].name}), which can run "
+            "arbitrary code when loaded; convert them to safetensors or pass "
+            "--allow-pickle"
+        )
+    return StableDiffusionPipeline.from_pretrained(
+        path,
+        safety_checker=None,
+        requires_safety_checker=False,
+        use_safetensors=not allow_pickle or bool(weights),
+    )
+
+
+def _load_single_file(path: Path) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), safety_checker=None, requires_safety_checker=False
+        )
+    except OSError as err:  # diffusers fetches the architecture config from the Hub
+        raise UserError(
+            f"could not read {path.name} as a single-file checkpoint ({err}); "
+            "convert it to a diffusers folder first"
+        ) from err
+
+
+def random_pipeline(preset: str, seed: int = 0) -> Any:
+    """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if preset not in PRESETS:
+        raise UserError(
+            f"unknown random-weight preset {preset!r}; choose one of {', '.join(PRESETS)}"
+        )
+    spec = PRESETS[preset]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_byte_level_clip_vocab(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    torch.manual_seed(seed)
+    text_config = {"vocab_size": vocab_size, "max_position_embeddings": 77, **spec["text_encoder"]}
+    text_config["vocab_size"] = max(text_config["vocab_size"], vocab_size)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **text_config,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
+    scheduler = PNDMScheduler.from_config(spec["scheduler"])
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipe
+
+
+def family_of(pipe: Any) -> str:
+    """sd1 / sd2 from the text encoder width (768 is CLIP ViT-L, 1024 OpenCLIP ViT-H)."""
+    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"

@@ -1,0 +1,236 @@
+"""Trace each Stable Diffusion component to ONNX and check it against PyTorch.
+
+Each component is wrapped so its graph takes and returns plain tensors with stable names; the
+runtime and the TensorRT builder read those names from the manifest, never from here.
+Dimensions named in a shape are dynamic: batch, latent_height/latent_width (image size / 8) and
+height/width (pixels).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+OPSET = 17
+TWO_GB = 2**31
+# Relative error (max abs diff / max abs of the reference) above which export fails.
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: list[int | str]  # ints are fixed, strings name a dynamic dimension
+
+
+@dataclass
+class Component:
+    """A traceable module with its I/O contract and a way to make sample inputs of any size."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, int] = field(default_factory=dict)  # sizes of the named dims for tracing
+
+    def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for spec in self.inputs:
+            shape = [d if isinstance(d, int) else dims[d] for d in spec.shape]
+            if spec.dtype.startswith("int"):
+                feeds[spec.name] = rng.integers(0, dims["vocab"], shape).astype(spec.dtype)
+            elif spec.name == "timestep":
+                feeds[spec.name] = rng.uniform(0, 999, shape).astype(spec.dtype)
+            else:
+                feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        return feeds
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VaeDecoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class _VaeEncoder(torch.nn.Module):
+    """Returns the latent distribution's moments so the runtime draws the sample itself."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        moments = self.vae.encoder(image)
+        return self.vae.quant_conv(moments) if self.vae.quant_conv is not None else moments
+
+
+def components(pipe: Any) -> list[Component]:
+    """The four graphs of a Stable Diffusion pipeline with their I/O contracts."""
+    text_dim = pipe.text_encoder.config.hidden_size
+    latent_ch = pipe.unet.config.in_channels
+    out_ch = pipe.unet.config.out_channels
+    vae_ch = pipe.vae.config.latent_channels
+    max_len = pipe.tokenizer.model_max_length
+    latent = ["batch", vae_ch, "latent_height", "latent_width"]
+    image = ["batch", 3, "height", "width"]
+    unet_batch = ["unet_batch", latent_ch, "latent_height", "latent_width"]
+    return [
+        Component(
+            "text_encoder",
+            _TextEncoder(pipe.text_encoder),
+            [TensorSpec("input_ids", "int32", ["batch", max_len])],
+            [TensorSpec("text_embeddings", "float32", ["batch", max_len, text_dim])],
+        ),
+        Component(
+            "unet",
+            _UNet(pipe.unet),
+            [
+                TensorSpec("sample", "float32", unet_batch),
+                TensorSpec("timestep", "float32", ["unet_batch"]),
+                TensorSpec("encoder_hidden_states", "float32", ["unet_batch", max_len, text_dim]),
+            ],
+            [
+                TensorSpec(
+                    "noise_pred", "float32", ["unet_batch", out_ch, "latent_height", "latent_width"]
+                )
+            ],
+        ),
+        Component(
+            "vae_decoder",
+            _VaeDecoder(pipe.vae),
+            [TensorSpec("latent", "float32", latent)],
+            [TensorSpec("image", "float32", image)],
+        ),
+        Component(
+            "vae_encoder",
+            _VaeEncoder(pipe.vae),
+            [TensorSpec("image", "float32", image)],
+            [
+                TensorSpec(
+                    "latent_moments",
+                    "float32",
+                    ["batch", 2 * vae_ch, "latent_height", "latent_width"],
+                )
+            ],
+        ),
+    ]
+
+
+def trace_dims(latent_size: int, vocab: int, vae_scale: int) -> dict[str, int]:
+    """Sizes used for tracing; verification uses different ones to prove the axes are dynamic."""
+    return {
+        "batch": 1,
+        "unet_batch": 2,
+        "latent_height": latent_size,
+        "latent_width": latent_size,
+        "height": vae_scale * latent_size,
+        "width": vae_scale * latent_size,
+        "vocab": vocab,
+    }
+
+
+def export_onnx(component: Component, dims: dict[str, int], path: Path, dtype: str) -> None:
+    """Trace `component` to `path` (plus `path.data` external weights when over 2 GB)."""
+    feeds = component.sample_inputs(dims)
+    args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
+    dynamic_axes = {
+        spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+        for spec in component.inputs + component.outputs
+    }
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
+        traced = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                component.module.eval(),
+                args,
+                str(traced),
+                input_names=[s.name for s in component.inputs],
+                output_names=[s.name for s in component.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(traced))
+    if dtype == "fp16":
+        model = to_fp16(model)
+    save_onnx(model, path)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and arithmetic with fp32 graph inputs/outputs, so callers feed float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    external = model.ByteSize() > TWO_GB - 2**24 if _fits_bytesize(model) else True
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+
+
+def _fits_bytesize(model: onnx.ModelProto) -> bool:
+    """ByteSize() itself fails on protos past protobuf's 2 GB limit."""
+    try:
+        model.ByteSize()
+    except ValueError:
+        return False
+    return True
+
+
+def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[str, float]:
+    """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch."""
+    import onnxruntime as ort
+
+    feeds = component.sample_inputs(dims, seed=1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)[0].astype(np.float64)
+    with torch.no_grad():
+        want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
+    want = want.double().numpy()
+    max_abs = float(np.abs(got - want).max())
+    return {
+        "max_abs": max_abs,
+        "max_rel": max_abs / max(float(np.abs(want).max()), 1e-12),
+        "finite": bool(np.isfinite(got).all()),
+    }

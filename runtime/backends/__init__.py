@@ -1,0 +1,34 @@
+"""Engine backends, one file each, chosen by name; each loads lazily so that only the one in
+use needs to be installed."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ..bundle import Bundle
+from ..errors import UserError
+from .base import Engine
+
+# name -> (module, class, pip extra that installs it)
+BACKENDS = {
+    "onnxruntime": ("onnxruntime", "OnnxRuntimeEngine", "sdrt"),
+}
+
+
+def load_engine(backend: str, bundle: Bundle, component: str, device: str) -> Engine:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, class_name, extra = BACKENDS[backend]
+    try:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+    except ImportError as err:
+        raise UserError(
+            f"backend {backend!r} is not installed ({err.name} missing); "
+            f"run `pip install '{extra}'`"
+        ) from err
+    engine_class = getattr(module, class_name)
+    return engine_class(Path(bundle.path(component)), bundle.components[component], device)
+
+
+__all__ = ["BACKENDS", "Engine", "load_engine"]

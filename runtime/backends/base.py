@@ -1,0 +1,21 @@
+"""The Engine interface every backend implements: named numpy arrays in, named arrays out."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Engine(Protocol):
+    """One compiled component. `inputs`/`outputs` map names to (dtype, symbolic shape)."""
+
+    inputs: dict[str, tuple[str, list[Any]]]
+    outputs: dict[str, tuple[str, list[Any]]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def io_table(specs: list[dict[str, Any]]) -> dict[str, tuple[str, list[Any]]]:
+    """The manifest's list of {name, dtype, shape} as the Engine's name -> (dtype, shape)."""
+    return {s["name"]: (s["dtype"], list(s["shape"])) for s in specs}

@@ -1,0 +1,285 @@
+"""The `sdrt` command: export, generate, info, demo.
+
+User mistakes end as one line on stderr and exit code 2; everything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as err:
+        print(f"sdrt: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrt", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    export = commands.add_parser("export", help="export a checkpoint to an engine bundle")
+    export.add_argument("source", nargs="?", help="diffusers folder or .safetensors file")
+    export.add_argument("bundle", help="new bundle directory to write")
+    _add_model_source_options(export)
+    export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    export.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+    )
+    export.set_defaults(handler=cmd_export)
+
+    generate = commands.add_parser("generate", help="generate images from a bundle")
+    generate.add_argument("bundle")
+    _add_generation_options(generate)
+    generate.add_argument(
+        "--output", default="out.png", help="PNG path; with several images, -N is added before .png"
+    )
+    generate.add_argument("--num-images", type=int, default=1)
+    generate.set_defaults(handler=cmd_generate)
+
+    info = commands.add_parser("info", help="print what a bundle holds")
+    info.add_argument("bundle")
+    info.add_argument("--json", action="store_true", help="print the whole manifest")
+    info.set_defaults(handler=cmd_info)
+
+    demo = commands.add_parser(
+        "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export])"
+    )
+    demo.add_argument("--output", default="sdrt-demo.png")
+    demo.add_argument("--steps", type=int, default=10)
+    demo.add_argument("--scheduler", default="dpmpp_2m")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def _add_model_source_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--random-weights",
+        metavar="PRESET",
+        help="build a published architecture with random weights: tiny, sd15, sd21",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .ckpt/.bin checkpoints (unpickling can run arbitrary code)",
+    )
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--scheduler", default=None, help="default: the bundle's own")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--backend", default="onnxruntime")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _export_module() -> Any:
+    try:
+        from sdrt import export
+        from sdrt.export import bundle_writer, load
+    except ImportError as err:
+        raise UserError(
+            f"export needs PyTorch and diffusers ({err.name} is missing); "
+            "run `pip install 'sdrt[export]'`"
+        ) from err
+    return export, load, bundle_writer
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _, load, bundle_writer = _export_module()
+    if args.source is None and args.random_weights is None:
+        raise UserError("give a model to export, or --random-weights tiny|sd15|sd21")
+    bundle_writer.check_destination(Path(args.bundle))
+    started = time.perf_counter()
+    print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)
+    pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
+    manifest = _export(
+        bundle_writer,
+        load,
+        pipe,
+        Path(args.bundle),
+        args.dtype,
+        args.tolerance,
+        args.random_weights,
+    )
+    print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
+    _print_parity(manifest)
+    return 0
+
+
+def _export(
+    bundle_writer: Any,
+    load: Any,
+    pipe: Any,
+    out: Path,
+    dtype: str,
+    tolerance: float | None,
+    preset: str | None,
+) -> dict[str, Any]:
+    from sdrt.export.presets import PRESETS
+
+    family = PRESETS[preset]["family"] if preset else load.family_of(pipe)
+    return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance)
+
+
+def _print_parity(manifest: dict[str, Any]) -> None:
+    for name, entry in manifest["components"].items():
+        parity = entry["parity"]
+        print(
+            f"  {name:13s} {entry['precision']}  max abs {parity['max_abs']:.2e}  "
+            f"max rel {parity['max_rel']:.2e} vs PyTorch"
+        )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .images import save_png
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.load(args.bundle, backend=args.backend, device=args.device)
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    scheduler = args.scheduler or pipe.manifest["scheduler"]
+    out = pipe(
+        [args.prompt] * args.num_images,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        scheduler=scheduler,
+        seed=args.seed,
+        progress=True,
+    )
+    paths = _output_paths(Path(args.output), len(out.images))
+    metadata = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "steps": args.steps,
+        "scheduler": scheduler,
+        "guidance": args.guidance,
+        "generator": "sdrt",
+    }
+    for path, image in zip(paths, out.images, strict=True):
+        save_png(image, path, metadata)
+        print(f"wrote {path}")
+    _print_timings(out.timings)
+    return 0
+
+
+def _output_paths(path: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def _print_timings(timings: dict[str, float]) -> None:
+    for stage in (
+        "text_encoder_ms",
+        "unet_ms",
+        "unet_step_ms",
+        "scheduler_ms",
+        "vae_decode_ms",
+        "total_ms",
+    ):
+        if stage in timings:
+            print(f"  {stage:16s} {timings[stage]:10.1f}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    bundle = Bundle.load(args.bundle, verify_hashes=False)
+    manifest = bundle.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"bundle      {bundle.root}")
+    print(f"family      {manifest['family']}  ({manifest['prediction_type']})")
+    print(
+        f"size        default {manifest['default_size'][0]}x{manifest['default_size'][1]}, "
+        f"multiples of {manifest.get('size_multiple', 8)}"
+    )
+    print(f"scheduler   {manifest['scheduler']}")
+    for name, entry in manifest["components"].items():
+        size = sum(
+            (bundle.root / f).stat().st_size
+            for f in (entry["file"], entry.get("external_data"))
+            if f
+        )
+        print(
+            f"{name:11s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB  "
+            f"parity max rel {entry['parity']['max_rel']:.1e}"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _, load, bundle_writer = _export_module()
+    import numpy as np
+    from sdrt.export.parity import image_difference, run_diffusers
+
+    from .images import save_png
+    from .pipeline import Pipeline
+
+    pipe = load.load_pipeline(None, random_weights="tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "bundle"
+        _export(bundle_writer, load, pipe, bundle, "fp32", None, "tiny")
+        runtime = Pipeline.load(bundle, device="cpu")
+        size = runtime.manifest["default_size"]
+        latents = np.random.default_rng(0).standard_normal(
+            (1, runtime.manifest["latent_channels"], size[0] // 8, size[1] // 8), np.float32
+        )
+        call = {"num_inference_steps": args.steps, "guidance_scale": 7.5}
+        ours = runtime(
+            DEMO_PROMPT,
+            negative_prompt="blurry",
+            scheduler=args.scheduler,
+            latents=latents,
+            output_type="np",
+            **call,
+        )
+        eager = run_diffusers(
+            pipe, args.scheduler, latents, prompt=DEMO_PROMPT, negative_prompt="blurry", **call
+        )
+    from .images import numpy_to_pil
+
+    save_png(
+        numpy_to_pil(ours.images)[0],
+        args.output,
+        {"prompt": DEMO_PROMPT, "steps": args.steps, "scheduler": args.scheduler},
+    )
+    print(f"wrote {args.output} (tiny random-weight model, {size[0]}x{size[1]})")
+    _print_timings(ours.timings)
+    diff = image_difference(ours.images, eager)
+    print(
+        f"max abs difference vs eager diffusers (same latents): {diff['max_abs']:.2e}  "
+        f"PSNR {diff['psnr_db']:.1f} dB"
+    )
+    return 0 if diff["max_abs"] <= 1e-3 else 1
