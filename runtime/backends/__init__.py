@@ -4,7 +4,6 @@ use needs to be installed."""
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from ..bundle import Bundle
 from ..errors import UserError
@@ -13,6 +12,7 @@ from .base import Engine
 # name -> (module, class, pip extra that installs it)
 BACKENDS = {
     "onnxruntime": ("onnxruntime", "OnnxRuntimeEngine", "sdrt"),
+    "tensorrt": ("tensorrt", "TensorRTEngine", "sdrt[tensorrt]"),
 }
 
 
@@ -27,8 +27,7 @@ def load_engine(backend: str, bundle: Bundle, component: str, device: str) -> En
             f"backend {backend!r} is not installed ({err.name} missing); "
             f"run `pip install '{extra}'`"
         ) from err
-    engine_class = getattr(module, class_name)
-    return engine_class(Path(bundle.path(component)), bundle.components[component], device)
+    return getattr(module, class_name)(bundle, component, device)
 
 
 __all__ = ["BACKENDS", "Engine", "load_engine"]

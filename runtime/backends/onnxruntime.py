@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..bundle import ComponentInfo
+from ..bundle import Bundle
 from ..errors import UserError
 from .base import io_table
 
@@ -32,12 +31,15 @@ def providers_for(device: str) -> list[str]:
 class OnnxRuntimeEngine:
     """One InferenceSession; feeds are cast to the dtypes the graph declares."""
 
-    def __init__(self, path: Path, info: ComponentInfo, device: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, component: str, device: str = "auto") -> None:
         import onnxruntime as ort
 
+        info = bundle.components[component]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=providers_for(device))
+        self.session = ort.InferenceSession(
+            str(bundle.path(component)), options, providers=providers_for(device)
+        )
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
         self.provider = self.session.get_providers()[0]

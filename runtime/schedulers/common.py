@@ -79,14 +79,9 @@ def betas_for(config: Mapping[str, Any]) -> np.ndarray:
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], dtype=np.float32)
     elif config["beta_schedule"] == "linear":
-        betas = np.linspace(config["beta_start"], config["beta_end"], n, dtype=np.float32)
+        betas = _linspace_f32(config["beta_start"], config["beta_end"], n)
     elif config["beta_schedule"] == "scaled_linear":
-        betas = (
-            np.linspace(
-                config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n, dtype=np.float32
-            )
-            ** 2
-        )
+        betas = _linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
     elif config["beta_schedule"] == "squaredcos_cap_v2":
         betas = _cosine_betas(n)
     else:
@@ -99,6 +94,22 @@ def betas_for(config: Mapping[str, Any]) -> np.ndarray:
     return betas
 
 
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace in float32, bit for bit: np.linspace rounds differently in the last ulp,
+    which the cumulative product amplifies into ~1e-6 relative error in the top sigmas."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    head = np.float64(start32) + step * i
+    tail = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, head, tail).astype(np.float32)
+
+
+def _cumprod_f32(x: np.ndarray) -> np.ndarray:
+    """Cumulative product accumulated in float64 and stored as float32, as torch does on CPU."""
+    return np.cumprod(x.astype(np.float64)).astype(np.float32)
+
+
 def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -109,16 +120,16 @@ def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Shift the schedule so the last timestep has zero SNR (Lin et al., 2023)."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    alphas_bar_sqrt = np.sqrt(_cumprod_f32(1.0 - betas))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt**2
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return (1 - alphas).astype(np.float32)
 
 
 def alphas_cumprod_for(config: Mapping[str, Any]) -> np.ndarray:
-    return np.cumprod(1.0 - betas_for(config), dtype=np.float32)
+    return _cumprod_f32(1.0 - betas_for(config))
 
 
 def spaced_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
