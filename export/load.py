@@ -57,19 +57,24 @@ def _load_folder(path: Path, allow_pickle: bool) -> Any:
 
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} has no model_index.json; is it a diffusers model folder?")
-    weights = list(path.glob("*/*.safetensors"))
-    pickles = [p for p in path.glob("*/*") if p.suffix in PICKLE_SUFFIXES]
-    if not weights and pickles and not allow_pickle:
+    pickled = [
+        folder.name
+        for folder in sorted(path.iterdir())
+        if folder.is_dir()
+        and not list(folder.glob("*.safetensors"))
+        and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir())
+    ]
+    if pickled and not allow_pickle:
         raise UserError(
-            f"{path} holds only pickle weights ({pickles[0].name}), which can run "
-            "arbitrary code when loaded; convert them to safetensors or pass "
-            "--allow-pickle"
+            f"{path} holds pickle weights without a safetensors copy "
+            f"({', '.join(pickled)}), which can run arbitrary code when loaded; "
+            "convert them to safetensors or pass --allow-pickle"
         )
     return StableDiffusionPipeline.from_pretrained(
         path,
         safety_checker=None,
         requires_safety_checker=False,
-        use_safetensors=not allow_pickle or bool(weights),
+        use_safetensors=None if pickled else True,
     )
 
 

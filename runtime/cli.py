@@ -242,6 +242,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     _, load, bundle_writer = _export_module()
     import numpy as np
+
     from sdrt.export.parity import image_difference, run_diffusers
 
     from .images import save_png
@@ -283,3 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"PSNR {diff['psnr_db']:.1f} dB"
     )
     return 0 if diff["max_abs"] <= 1e-3 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

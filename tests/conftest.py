@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny random-weight model, saved as a diffusers folder and exported once
+per test session through the real loading code."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from sdrt.export.load import random_pipeline
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    random_pipeline("tiny", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    """The eager diffusers pipeline, loaded back from the folder like a user's checkpoint."""
+    from sdrt.export.load import load_pipeline
+
+    return load_pipeline(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_pipe, tmp_path_factory):
+    from sdrt.export.bundle_writer import export_bundle
+
+    path = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_pipe, path, "sd1", progress=False)
+    return path

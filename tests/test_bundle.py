@@ -1,0 +1,57 @@
+"""A bundle is validated on load: each problem is one clear UserError naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from sdrt import Pipeline
+from sdrt.bundle import Bundle
+from sdrt.errors import UserError
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+def test_missing_onnx_file_is_named(bundle_copy):
+    (bundle_copy / "unet.onnx").unlink()
+    with pytest.raises(UserError, match="unet.onnx is missing"):
+        Pipeline.load(bundle_copy)
+
+
+def test_onnx_file_whose_hash_does_not_match_is_refused(bundle_copy):
+    with (bundle_copy / "vae_decoder.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="vae_decoder.onnx does not match the sha256"):
+        Pipeline.load(bundle_copy)
+
+
+def test_missing_manifest(bundle_copy):
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(UserError, match="manifest.json is missing"):
+        Bundle.load(bundle_copy)
+
+
+def test_corrupt_manifest(bundle_copy):
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        Bundle.load(bundle_copy)
+
+
+def test_manifest_of_another_schema_version(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["schema_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="schema version 99"):
+        Bundle.load(bundle_copy)
+
+
+def test_missing_bundle_directory(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Bundle.load(tmp_path / "nowhere")

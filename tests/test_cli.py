@@ -1,0 +1,76 @@
+"""The `sdrt` command: PNG metadata, one-line errors with exit code 2, info."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from sdrt.cli import main
+
+
+def test_generate_writes_png_with_its_recipe(tiny_bundle, tmp_path):
+    out = tmp_path / "cat.png"
+    code = main(
+        [
+            "generate",
+            str(tiny_bundle),
+            "--prompt",
+            "a cat",
+            "--negative-prompt",
+            "dog",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--scheduler",
+            "euler",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["prompt"] == "a cat"
+    assert image.text["seed"] == "7"
+    assert image.text["steps"] == "3"
+    assert image.text["scheduler"] == "euler"
+
+
+def test_user_error_is_one_line_and_exit_code_2(tiny_bundle, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdrt.cli",
+            "generate",
+            str(tiny_bundle),
+            "--prompt",
+            "x",
+            "--height",
+            "60",
+            "--output",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "height must be a positive multiple of 16" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_info_describes_the_bundle(tiny_bundle, capsys):
+    assert main(["info", str(tiny_bundle)]) == 0
+    printed = capsys.readouterr().out
+    assert "unet" in printed and "sd1" in printed and "pndm" in printed
+
+
+def test_missing_bundle_is_a_user_error(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Export: a diffusers folder becomes a verified bundle, and bad input leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdrt.bundle import Bundle, file_sha256
+from sdrt.errors import UserError
+from sdrt.export import bundle_writer, load
+
+
+def test_manifest_records_every_component_with_hash_and_parity(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert set(manifest["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, entry in manifest["components"].items():
+        assert file_sha256(tiny_bundle / entry["file"]) == entry["sha256"], name
+        assert entry["parity"]["max_rel"] < 1e-4, name
+    assert manifest["family"] == "sd1"
+    assert manifest["scheduler"] == "pndm"
+    assert manifest["size_multiple"] == 16
+    tokenizer_files = {p.name for p in (tiny_bundle / "tokenizer").iterdir()}
+    assert "tokenizer.json" in tokenizer_files or "vocab.json" in tokenizer_files
+    Bundle.load(tiny_bundle)
+
+
+def test_export_refuses_a_non_empty_destination(tiny_pipe, tmp_path):
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(UserError, match="not empty"):
+        bundle_writer.export_bundle(tiny_pipe, out, "sd1", progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_interrupted_export_leaves_nothing_behind(tiny_pipe, tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"max_abs": 0.0, "max_rel": 0.0, "finite": True}
+
+    monkeypatch.setattr(bundle_writer, "verify_onnx", interrupt_on_second)
+    out = tmp_path / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        bundle_writer.export_bundle(tiny_pipe, out, "sd1", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_fails_clearly_above_tolerance(tiny_pipe, tmp_path):
+    with pytest.raises(UserError, match="differs from PyTorch"):
+        bundle_writer.export_bundle(tiny_pipe, tmp_path / "b", "sd1", tolerance=0.0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pickle_checkpoint_is_refused_without_the_flag(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load.load_pipeline(str(ckpt))
+
+
+def test_folder_with_only_pickle_weights_is_refused_without_the_flag(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "model", safe_serialization=False)
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load.load_pipeline(str(tmp_path / "model"))
+    assert load.load_pipeline(str(tmp_path / "model"), allow_pickle=True).unet is not None
+
+
+def test_missing_model_and_unknown_preset_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load.load_pipeline(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="unknown random-weight preset"):
+        load.load_pipeline(None, random_weights="sd99")
