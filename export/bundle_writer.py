@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
 from sdrt.errors import UserError
-from tqdm import tqdm
 
 from .onnx_export import (
     OPSET,
@@ -176,8 +177,9 @@ def _versions(dtype: str) -> dict[str, Any]:
     import diffusers
     import onnx
     import onnxruntime
-    import sdrt
     import torch
+
+    import sdrt
 
     return {
         "sdrt": sdrt.__version__,

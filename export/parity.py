@@ -40,6 +40,7 @@ def run_diffusers(pipe: Any, scheduler: str, latents: np.ndarray, **call: Any) -
     import torch
 
     pipe.scheduler = diffusers_scheduler(scheduler, dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
     param = next(pipe.unet.parameters())
     with torch.no_grad():
         out = pipe(
