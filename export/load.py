@@ -94,9 +94,9 @@ def _load_single_file(path: Path) -> Any:
 
 def random_pipeline(preset: str, seed: int = 0) -> Any:
     """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary."""
+    import diffusers
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.schedulers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if preset not in PRESETS:
@@ -105,7 +105,9 @@ def random_pipeline(preset: str, seed: int = 0) -> Any:
         )
     spec = PRESETS[preset]
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_byte_level_clip_vocab(tmp)
+        vocab_size = write_byte_level_clip_vocab(
+            tmp, pad_token=spec.get("pad_token", "<|endoftext|>")
+        )
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
     text_config = {"vocab_size": vocab_size, "max_position_embeddings": 77, **spec["text_encoder"]}
@@ -118,9 +120,9 @@ def random_pipeline(preset: str, seed: int = 0) -> Any:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    unet = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **spec["unet"]})
     vae = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
-    scheduler = PNDMScheduler.from_config(spec["scheduler"])
+    scheduler = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(spec["scheduler"])
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -70,9 +70,19 @@ class _UNet(torch.nn.Module):
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
 
 
 class _VaeDecoder(torch.nn.Module):
@@ -106,6 +116,17 @@ def components(pipe: Any) -> list[Component]:
     latent = ["batch", vae_ch, "latent_height", "latent_width"]
     image = ["batch", 3, "height", "width"]
     unet_batch = ["unet_batch", latent_ch, "latent_height", "latent_width"]
+    unet_inputs = [
+        TensorSpec("sample", "float32", unet_batch),
+        TensorSpec("timestep", "float32", ["unet_batch"]),
+        TensorSpec("encoder_hidden_states", "float32", ["unet_batch", max_len, text_dim]),
+    ]
+    if pipe.unet.config.time_cond_proj_dim:  # guidance-distilled (LCM): scale as an input
+        unet_inputs.append(
+            TensorSpec(
+                "timestep_cond", "float32", ["unet_batch", pipe.unet.config.time_cond_proj_dim]
+            )
+        )
     return [
         Component(
             "text_encoder",
@@ -116,11 +137,7 @@ def components(pipe: Any) -> list[Component]:
         Component(
             "unet",
             _UNet(pipe.unet),
-            [
-                TensorSpec("sample", "float32", unet_batch),
-                TensorSpec("timestep", "float32", ["unet_batch"]),
-                TensorSpec("encoder_hidden_states", "float32", ["unet_batch", max_len, text_dim]),
-            ],
+            unet_inputs,
             [
                 TensorSpec(
                     "noise_pred", "float32", ["unet_batch", out_ch, "latent_height", "latent_width"]

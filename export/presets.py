@@ -51,39 +51,65 @@ SD_UNET_BLOCKS = {
     "layers_per_block": 2,
 }
 
+TINY: dict[str, Any] = {
+    "family": "sd1",
+    "size": 64,
+    "unet": {
+        "sample_size": 8,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "block_out_channels": [8, 16, 16, 16],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+        "scaling_factor": 0.18215,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "scheduler": SD_SCHEDULER,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "family": "sd1",
-        "size": 64,
-        "unet": {
-            "sample_size": 8,
-            "block_out_channels": [32, 64],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "layers_per_block": 1,
-            "cross_attention_dim": 32,
-            "attention_head_dim": 8,
-            "norm_num_groups": 32,
+    "tiny": TINY,
+    # Structural variants of "tiny" for the other pipelines, exercised by the parity tests.
+    "tiny-inpaint": {**TINY, "unet": {**TINY["unet"], "in_channels": 9}},
+    "tiny-sd2": {
+        **TINY,
+        "family": "sd2",
+        "pad_token": "!",
+        "unet": {**TINY["unet"], "use_linear_projection": True, "attention_head_dim": [4, 8]},
+        "text_encoder": {**TINY["text_encoder"], "hidden_act": "gelu"},
+        "scheduler": {**SD_SCHEDULER, "prediction_type": "v_prediction"},
+    },
+    "tiny-lcm": {
+        **TINY,
+        "unet": {**TINY["unet"], "time_cond_proj_dim": 32},
+        "scheduler": {**SD_SCHEDULER, "_class_name": "LCMScheduler", "timestep_spacing": "leading"},
+    },
+    "tiny-turbo": {
+        **TINY,
+        "scheduler": {
+            **SD_SCHEDULER,
+            "_class_name": "EulerDiscreteScheduler",
+            "timestep_spacing": "trailing",
+            "steps_offset": 0,
         },
-        "vae": {
-            "block_out_channels": [8, 16, 16, 16],
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 8,
-            "sample_size": 64,
-            "scaling_factor": 0.18215,
-        },
-        "text_encoder": {
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "projection_dim": 32,
-            "hidden_act": "quick_gelu",
-        },
-        "scheduler": SD_SCHEDULER,
     },
     "sd15": {
         "family": "sd1",

@@ -30,3 +30,23 @@ def tiny_bundle(tiny_pipe, tmp_path_factory):
     path = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(tiny_pipe, path, "sd1", progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def preset_bundle(tmp_path_factory):
+    """preset name -> (eager diffusers pipeline, exported bundle path), built once each."""
+    from sdrt.export.bundle_writer import export_bundle
+    from sdrt.export.load import random_pipeline
+    from sdrt.export.presets import PRESETS
+
+    cache = {}
+
+    def build(preset):
+        if preset not in cache:
+            pipe = random_pipeline(preset, seed=0)
+            path = tmp_path_factory.mktemp("bundles") / preset
+            export_bundle(pipe, path, PRESETS[preset]["family"], progress=False)
+            cache[preset] = (pipe, path)
+        return cache[preset]
+
+    return build
