@@ -57,9 +57,14 @@ class Scheduler(Protocol):
 
 
 def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """Class defaults overridden by the keys of `config` the class knows, like `from_config`."""
+    """Class defaults overridden by the keys of `config` the class knows, like `from_config`.
+
+    Keys listed in `_use_default_values` (an in-memory diffusers config) were never chosen, only
+    filled in by the source class; from_config drops them, so the target's defaults apply.
+    """
+    filled_in = set(config.get("_use_default_values") or ())
     resolved = dict(defaults)
-    resolved.update({k: v for k, v in config.items() if k in defaults})
+    resolved.update({k: v for k, v in config.items() if k in defaults and k not in filled_in})
     if resolved.get("prediction_type") not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type {resolved.get('prediction_type')!r} is not supported; "
@@ -185,3 +190,191 @@ def predicted_original(
     if prediction_type == "v_prediction":
         return alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
     return model_output
+
+
+def predicted_noise(
+    prediction_type: str,
+    model_output: np.ndarray,
+    sample: np.ndarray,
+    alpha_prod_t: float,
+) -> np.ndarray:
+    """The noise (epsilon) from a model output in any of the three parameterisations."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    return (sample - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
+
+
+def limit_predicted_original(x0: np.ndarray, config: Mapping[str, Any]) -> np.ndarray:
+    """x0 dynamically thresholded or clipped as the config asks (both meant for pixel-space models).
+
+    Dynamic thresholding (Imagen): per sample, clip to the `dynamic_thresholding_ratio` quantile
+    of |x0| (kept within [1, sample_max_value]) and divide by it.
+    """
+    if config["thresholding"]:
+        flat = x0.reshape(x0.shape[0], -1)
+        s = np.quantile(np.abs(flat), config["dynamic_thresholding_ratio"], axis=1)
+        s = np.clip(s, 1, config["sample_max_value"])[:, np.newaxis].astype(x0.dtype)
+        return (np.clip(flat, -s, s) / s).reshape(x0.shape)
+    if config["clip_sample"]:
+        limit = config["clip_sample_range"]
+        return np.clip(x0, -limit, limit)
+    return x0
+
+
+def forward_diffuse(
+    alphas_cumprod: np.ndarray, original: np.ndarray, noise: np.ndarray, timestep: float
+) -> np.ndarray:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise: the training-time noising, for img2img."""
+    alpha_prod = alphas_cumprod[int(timestep)]
+    noisy = alpha_prod**0.5 * original + (1 - alpha_prod) ** 0.5 * noise
+    return noisy.astype(original.dtype, copy=False)
+
+
+def training_sigmas(config: Mapping[str, Any]) -> np.ndarray:
+    """Noise level sigma of every training timestep, low to high, float32.
+
+    With zero terminal SNR the last sigma would be infinite; diffusers' sigma schedulers pin
+    alphas_cumprod[-1] to 2**-24 instead, and so do we.
+    """
+    alphas_cumprod = alphas_cumprod_for(config)
+    if config.get("rescale_betas_zero_snr"):
+        alphas_cumprod[-1] = 2**-24
+    return sigmas_from_alphas_cumprod(alphas_cumprod).astype(np.float32)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma, high to low."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def index_for_timestep(timesteps: np.ndarray, timestep: float) -> int:
+    """Position of `timestep` in the schedule; the second one when it occurs twice.
+
+    Taking the second occurrence keeps a schedule entered part-way (img2img) from skipping a
+    sigma, as diffusers does.
+    """
+    matches = np.flatnonzero(timesteps == timestep)
+    if matches.size == 0:
+        raise ValueError(
+            f"timestep {timestep} is not in this schedule; pass one of scheduler.timesteps "
+            "after set_timesteps"
+        )
+    return int(matches[1] if matches.size > 1 else matches[0])
+
+
+def reject_unsupported(
+    config: Mapping[str, Any], unsupported: Mapping[str, Any], scheduler: str
+) -> None:
+    """Refuse a config option left out of our port rather than sample differently from diffusers.
+
+    `unsupported` maps each such key to the one value we do honour (diffusers' default).
+    """
+    for key, default in unsupported.items():
+        if config.get(key, default) != default:
+            raise ValueError(
+                f"{scheduler} does not support {key}={config[key]!r}; "
+                f"set it to {default!r} in the scheduler config or choose another scheduler"
+            )
+
+
+def start_index(timesteps: np.ndarray, timestep: float, begin_index: int | None) -> int:
+    """Schedule position of the first step: the begin index if set, else where `timestep` is."""
+    return begin_index if begin_index is not None else index_for_timestep(timesteps, timestep)
+
+
+def img2img_index(
+    timesteps: np.ndarray, timestep: float, begin_index: int | None, step_index: int | None
+) -> int:
+    """Schedule position whose sigma `add_noise` uses, chosen as diffusers does.
+
+    Without set_begin_index it is looked up; otherwise the begin index, or the current step once
+    stepping has started (inpainting re-noises the known region every step).
+    """
+    if begin_index is None:
+        return index_for_timestep(timesteps, timestep)
+    return begin_index if step_index is None else step_index
+
+
+def solver_timesteps(
+    config: Mapping[str, Any], num_inference_steps: int, last_timestep: int | None = None
+) -> np.ndarray:
+    """Integer timesteps of the multistep solvers (DPM-Solver, UniPC), high to low.
+
+    Unlike `spaced_timesteps`, linspace and leading space n + 1 points and drop the final t = 0:
+    the solvers' last step lands on sigma 0 from a timestep above zero.
+    """
+    n = int(config["num_train_timesteps"])
+    last = n if last_timestep is None else last_timestep
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+        steps = np.linspace(0, last - 1, num_inference_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = last // (num_inference_steps + 1)
+        steps = (np.arange(0, num_inference_steps + 1) * ratio).round()[::-1][:-1]
+        steps = steps + int(config["steps_offset"])
+    else:
+        steps = np.arange(last, 0, -n / num_inference_steps).round() - 1
+    return steps.astype(np.int64)
+
+
+def vp_alpha_sigma(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of the variance-preserving process whose sigma_t / alpha_t is `sigma`."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def interpolated_sigmas(
+    config: Mapping[str, Any], num_inference_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of the sigma families (LMS, Heun), both float32 and high to low.
+
+    Sigmas are interpolated at the spaced timesteps; with `use_karras_sigmas` they are respaced
+    between the ends of that range and the timesteps follow them. No final zero is appended.
+    """
+    timesteps = spaced_timesteps(config, num_inference_steps).astype(np.float32)
+    train = training_sigmas(config)
+    sigmas = np.interp(timesteps, np.arange(len(train)), train)
+    if config.get("use_karras_sigmas"):
+        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
+        timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
+    return timesteps, sigmas.astype(np.float32)
+
+
+def sigma_init_noise(config: Mapping[str, Any], sigma_max: float) -> float:
+    """Scale of the initial latent noise for the sigma families, as diffusers computes it."""
+    sigma_max = np.float32(sigma_max)
+    if config["timestep_spacing"] in ("linspace", "trailing"):
+        return float(sigma_max)
+    return float((sigma_max**2 + np.float32(1)) ** np.float32(0.5))
+
+
+def sigma_predicted_original(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
+) -> np.ndarray:
+    """x0 from a model output, for the families that keep x_t = x0 + sigma * noise (unscaled)."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output
+
+
+def check_num_inference_steps(config: Mapping[str, Any], num_inference_steps: int) -> None:
+    """Refuse a step count the training schedule cannot provide."""
+    n_train = int(config["num_train_timesteps"])
+    if not 0 < num_inference_steps <= n_train:
+        raise ValueError(
+            f"num_inference_steps {num_inference_steps} must be between 1 and the "
+            f"{n_train} training timesteps; choose a step count in that range"
+        )
+
+
+def vp_lambda(sigma: float) -> tuple[float, float, float]:
+    """(lambda, alpha_t, sigma_t) at noise level `sigma`, in float64: lambda = log(alpha_t /
+    sigma_t) is the log-SNR time of the multistep solvers, +inf at sigma 0."""
+    alpha, sigma_t = vp_alpha_sigma(np.float64(sigma))
+    with np.errstate(divide="ignore"):
+        return float(np.log(alpha) - np.log(sigma_t)), float(alpha), float(sigma_t)
