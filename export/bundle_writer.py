@@ -59,8 +59,12 @@ def export_bundle(
     dtype: str = "fp32",
     tolerance: float | None = None,
     progress: bool = True,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Export `pipe` to the bundle directory `out` and return the manifest written."""
+    """Export `pipe` to the bundle directory `out` and return the manifest written.
+
+    `loras` are the records of LoRAs already fused into `pipe`, kept in the manifest.
+    """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     out = Path(out)
@@ -77,6 +81,7 @@ def export_bundle(
             dtype,
             TOLERANCE[dtype] if tolerance is None else tolerance,
             progress,
+            loras,
         )
         if out.exists():
             out.rmdir()
@@ -88,7 +93,13 @@ def export_bundle(
 
 
 def _write_bundle(
-    pipe: Any, root: Path, family: str, dtype: str, tolerance: float, progress: bool
+    pipe: Any,
+    root: Path,
+    family: str,
+    dtype: str,
+    tolerance: float,
+    progress: bool,
+    loras: list[dict[str, Any]] | None,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = pipe.unet.config.sample_size * vae_scale
@@ -96,7 +107,10 @@ def _write_bundle(
     # since the traced graph has no path for odd sizes.
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     latent = 2 * unet_factor
-    vocab = min(pipe.text_encoder.config.vocab_size, len(pipe.tokenizer))
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    vocab = min(min(enc.config.vocab_size, len(tok)) for tok, enc in pairs)
     dims = trace_dims(latent, vocab, vae_scale)
     check_dims = {
         **dims,
@@ -113,6 +127,8 @@ def _write_bundle(
             component, root, dims, check_dims, dtype, tolerance
         )
     pipe.tokenizer.save_pretrained(root / "tokenizer")
+    if len(pairs) == 2:
+        pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
     scheduler_config = {
         k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
     }
@@ -131,7 +147,9 @@ def _write_bundle(
         "scheduler": SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, "pndm"),
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
         "components": entries,
-        "loras": [],
+        # SDXL encodes an absent negative prompt as zeros rather than as ""
+        "zero_negative_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
+        "loras": loras or [],
         "export": _versions(dtype),
     }
     write_json_atomic(root / MANIFEST, manifest)
@@ -149,7 +167,17 @@ def _export_component(
     path = root / f"{component.name}.onnx"
     export_onnx(component, dims, path, dtype)
     parity = verify_onnx(component, path, check_dims)
-    if not parity["finite"] or parity["max_rel"] > tolerance:
+    fallback = None
+    if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
+        # Some VAEs overflow fp16 (SDXL's does); measured, not assumed: keep this one fp32.
+        fallback = (
+            f"fp16 failed verification (max rel {parity['max_rel']:.1e}, finite "
+            f"{parity['finite']}); kept in fp32"
+        )
+        dtype, tolerance = "fp32", TOLERANCE["fp32"]
+        export_onnx(component, dims, path, dtype)
+        parity = verify_onnx(component, path, check_dims)
+    if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
         raise UserError(
             f"{component.name}: ONNX Runtime output differs from PyTorch by "
@@ -162,6 +190,7 @@ def _export_component(
         "external_data": data.name if data.exists() else None,
         "sha256": file_sha256(path, data if data.exists() else None),
         "precision": dtype,
+        "precision_note": fallback,
         "inputs": [vars(s) for s in component.inputs],
         "outputs": [vars(s) for s in component.outputs],
         "parity": {
@@ -171,6 +200,10 @@ def _export_component(
             "runtime": "ONNX Runtime CPU",
         },
     }
+
+
+def _passes(parity: dict[str, Any], tolerance: float) -> bool:
+    return bool(parity["finite"]) and parity["max_rel"] <= tolerance
 
 
 def _versions(dtype: str) -> dict[str, Any]:

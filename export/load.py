@@ -7,6 +7,7 @@ are refused unless the caller opts in.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from .presets import PRESETS
 from .tokenizer_files import write_byte_level_clip_vocab
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "LatentConsistencyModelPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
 
 
 def load_pipeline(
@@ -53,7 +63,7 @@ def load_pipeline(
 
 
 def _load_folder(path: Path, allow_pickle: bool) -> Any:
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path} has no model_index.json; is it a diffusers model folder?")
@@ -70,10 +80,16 @@ def _load_folder(path: Path, allow_pickle: bool) -> Any:
             f"({', '.join(pickled)}), which can run arbitrary code when loaded; "
             "convert them to safetensors or pass --allow-pickle"
         )
-    return StableDiffusionPipeline.from_pretrained(
+    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UserError(
+            f"{path} holds a {class_name or 'unknown'} model; sdrt exports "
+            f"{', '.join(SUPPORTED_PIPELINES)}"
+        )
+    extra = {} if "XL" in class_name else {"safety_checker": None, "requires_safety_checker": False}
+    return getattr(diffusers, class_name).from_pretrained(
         path,
-        safety_checker=None,
-        requires_safety_checker=False,
+        **extra,
         use_safetensors=None if pickled else True,
     )
 
@@ -96,46 +112,59 @@ def random_pipeline(preset: str, seed: int = 0) -> Any:
     """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if preset not in PRESETS:
         raise UserError(
             f"unknown random-weight preset {preset!r}; choose one of {', '.join(PRESETS)}"
         )
     spec = PRESETS[preset]
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_byte_level_clip_vocab(
-            tmp, pad_token=spec.get("pad_token", "<|endoftext|>")
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
     torch.manual_seed(seed)
-    text_config = {"vocab_size": vocab_size, "max_position_embeddings": 77, **spec["text_encoder"]}
-    text_config["vocab_size"] = max(text_config["vocab_size"], vocab_size)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **text_config,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+    parts: dict[str, Any] = {}
+    tokenizer, parts["text_encoder"] = _random_text_encoder(
+        spec["text_encoder"], spec.get("pad_token", "<|endoftext|>"), projection=False
+    )
+    parts["tokenizer"] = tokenizer
+    if "text_encoder_2" in spec:  # SDXL: OpenCLIP bigG with its pooled projection
+        parts["tokenizer_2"], parts["text_encoder_2"] = _random_text_encoder(
+            spec["text_encoder_2"], "!", projection=True
         )
+    parts["unet"] = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **spec["unet"]})
+    parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
+    parts["scheduler"] = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(
+        spec["scheduler"]
     )
-    unet = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **spec["unet"]})
-    vae = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
-    scheduler = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(spec["scheduler"])
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    if spec["family"] == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**parts)
+    return diffusers.StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    return pipe
+
+
+def _random_text_encoder(config: dict[str, Any], pad_token: str, projection: bool) -> Any:
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_byte_level_clip_vocab(tmp, pad_token=pad_token)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_config = CLIPTextConfig(
+        **{"max_position_embeddings": 77, **config},
+        vocab_size=max(config.get("vocab_size", 0), vocab_size),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config)
+    return tokenizer, model
 
 
 def family_of(pipe: Any) -> str:
-    """sd1 / sd2 from the text encoder width (768 is CLIP ViT-L, 1024 OpenCLIP ViT-H)."""
+    """sd1 / sd2 / sdxl from the text encoders (CLIP ViT-L, OpenCLIP ViT-H, or both + bigG)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
     return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"

@@ -56,31 +56,45 @@ class Component:
 
 
 class _TextEncoder(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module) -> None:
+    """Hidden states the U-Net attends to (SDXL: the penultimate layer), plus SDXL's pooled
+    projection when the encoder has one."""
+
+    def __init__(self, text_encoder: torch.nn.Module, penultimate: bool) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.penultimate = penultimate
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.text_encoder(input_ids, output_hidden_states=self.penultimate)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        pooled = getattr(out, "text_embeds", None)
+        return hidden if pooled is None else (hidden, pooled)
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    """Positional graph inputs; the optional ones (SDXL's added conditions, LCM's guidance
+    embedding) are named in `extra` so the ONNX input order is the manifest's order."""
+
+    def __init__(self, unet: torch.nn.Module, extra: list[str]) -> None:
         super().__init__()
         self.unet = unet
+        self.extra = extra
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        timestep_cond: torch.Tensor | None = None,
+        *extra: torch.Tensor,
     ) -> torch.Tensor:
+        named = dict(zip(self.extra, extra, strict=True))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states,
-            timestep_cond=timestep_cond,
+            timestep_cond=named.get("timestep_cond"),
+            added_cond_kwargs=added or None,
             return_dict=False,
         )[0]
 
@@ -107,20 +121,29 @@ class _VaeEncoder(torch.nn.Module):
 
 
 def components(pipe: Any) -> list[Component]:
-    """The four graphs of a Stable Diffusion pipeline with their I/O contracts."""
-    text_dim = pipe.text_encoder.config.hidden_size
+    """The graphs of a Stable Diffusion pipeline with their I/O contracts."""
     latent_ch = pipe.unet.config.in_channels
-    out_ch = pipe.unet.config.out_channels
     vae_ch = pipe.vae.config.latent_channels
     max_len = pipe.tokenizer.model_max_length
     latent = ["batch", vae_ch, "latent_height", "latent_width"]
     image = ["batch", 3, "height", "width"]
     unet_batch = ["unet_batch", latent_ch, "latent_height", "latent_width"]
+    encoders = text_encoders(pipe)
     unet_inputs = [
         TensorSpec("sample", "float32", unet_batch),
         TensorSpec("timestep", "float32", ["unet_batch"]),
-        TensorSpec("encoder_hidden_states", "float32", ["unet_batch", max_len, text_dim]),
+        TensorSpec(
+            "encoder_hidden_states",
+            "float32",
+            ["unet_batch", max_len, pipe.unet.config.cross_attention_dim],
+        ),
     ]
+    if len(encoders) == 2:  # SDXL: pooled text embedding and size/crop conditioning
+        pooled_dim = pipe.text_encoder_2.config.projection_dim
+        unet_inputs += [
+            TensorSpec("text_embeds", "float32", ["unet_batch", pooled_dim]),
+            TensorSpec("time_ids", "float32", ["unet_batch", 6]),
+        ]
     if pipe.unet.config.time_cond_proj_dim:  # guidance-distilled (LCM): scale as an input
         unet_inputs.append(
             TensorSpec(
@@ -128,19 +151,16 @@ def components(pipe: Any) -> list[Component]:
             )
         )
     return [
-        Component(
-            "text_encoder",
-            _TextEncoder(pipe.text_encoder),
-            [TensorSpec("input_ids", "int32", ["batch", max_len])],
-            [TensorSpec("text_embeddings", "float32", ["batch", max_len, text_dim])],
-        ),
+        *encoders,
         Component(
             "unet",
-            _UNet(pipe.unet),
+            _UNet(pipe.unet, [s.name for s in unet_inputs[3:]]),
             unet_inputs,
             [
                 TensorSpec(
-                    "noise_pred", "float32", ["unet_batch", out_ch, "latent_height", "latent_width"]
+                    "noise_pred",
+                    "float32",
+                    ["unet_batch", pipe.unet.config.out_channels, "latent_height", "latent_width"],
                 )
             ],
         ),
@@ -163,6 +183,32 @@ def components(pipe: Any) -> list[Component]:
             ],
         ),
     ]
+
+
+def text_encoders(pipe: Any) -> list[Component]:
+    """One text encoder (SD 1/2: last hidden state) or two (SDXL: penultimate + pooled)."""
+    max_len = pipe.tokenizer.model_max_length
+    second = getattr(pipe, "text_encoder_2", None)
+    found = []
+    for name, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", second)):
+        if encoder is None:
+            continue
+        outputs = [
+            TensorSpec("text_embeddings", "float32", ["batch", max_len, encoder.config.hidden_size])
+        ]
+        if hasattr(encoder, "text_projection"):
+            outputs.append(
+                TensorSpec("pooled_embeddings", "float32", ["batch", encoder.config.projection_dim])
+            )
+        found.append(
+            Component(
+                name,
+                _TextEncoder(encoder, penultimate=second is not None),
+                [TensorSpec("input_ids", "int32", ["batch", max_len])],
+                outputs,
+            )
+        )
+    return found
 
 
 def trace_dims(latent_size: int, vocab: int, vae_scale: int) -> dict[str, int]:
@@ -241,13 +287,17 @@ def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[
 
     feeds = component.sample_inputs(dims, seed=1)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, feeds)[0].astype(np.float64)
+    got = session.run(None, feeds)
     with torch.no_grad():
         want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
-    want = want.double().numpy()
-    max_abs = float(np.abs(got - want).max())
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    max_abs = max_ref = 0.0
+    for g, w in zip(got, want, strict=True):
+        w64 = w.double().numpy()
+        max_abs = max(max_abs, float(np.abs(g.astype(np.float64) - w64).max()))
+        max_ref = max(max_ref, float(np.abs(w64).max()))
     return {
         "max_abs": max_abs,
-        "max_rel": max_abs / max(float(np.abs(want).max()), 1e-12),
-        "finite": bool(np.isfinite(got).all()),
+        "max_rel": max_abs / max(max_ref, 1e-12),
+        "finite": all(bool(np.isfinite(g).all()) for g in got),
     }

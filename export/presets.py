@@ -24,6 +24,23 @@ SD_SCHEDULER = {
     "clip_sample": False,
 }
 
+SDXL_SCHEDULER = {
+    **SD_SCHEDULER,
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "vocab_size": 49408,
+}
+
 SD_VAE = {
     "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -121,15 +138,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "attention_head_dim": 8,
         },
         "vae": {**SD_VAE, "sample_size": 512},
-        "text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-            "vocab_size": 49408,
-        },
+        "text_encoder": CLIP_L,
         "scheduler": SD_SCHEDULER,
     },
     "sd21": {
@@ -153,5 +162,52 @@ PRESETS: dict[str, dict[str, Any]] = {
             "vocab_size": 49408,
         },
         "scheduler": {**SD_SCHEDULER, "prediction_type": "v_prediction"},
+    },
+    "tiny-sdxl": {
+        **TINY,
+        "family": "sdxl",
+        "unet": {
+            **TINY["unet"],
+            "attention_head_dim": [2, 4],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "transformer_layers_per_block": [1, 2],
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,
+            "cross_attention_dim": 64,
+        },
+        "text_encoder_2": {**TINY["text_encoder"], "hidden_act": "gelu"},
+        "vae": {**TINY["vae"], "scaling_factor": 0.13025},
+        "scheduler": SDXL_SCHEDULER,
+    },
+    "sdxl": {
+        "family": "sdxl",
+        "size": 1024,
+        "unet": {
+            "sample_size": 128,
+            "block_out_channels": [320, 640, 1280],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2,
+            "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        "vae": {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025},
+        "text_encoder": CLIP_L,
+        "text_encoder_2": {
+            "hidden_size": 1280,
+            "intermediate_size": 5120,
+            "num_attention_heads": 20,
+            "num_hidden_layers": 32,
+            "projection_dim": 1280,
+            "hidden_act": "gelu",
+            "vocab_size": 49408,
+        },
+        "scheduler": SDXL_SCHEDULER,
     },
 }

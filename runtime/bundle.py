@@ -16,7 +16,9 @@ from .errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+# each text encoder and the folder of the tokenizer that feeds it
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 REQUIRED_KEYS = (
     "schema_version",
@@ -50,9 +52,9 @@ class Bundle:
     manifest: dict[str, Any]
     components: dict[str, ComponentInfo]
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
+    def tokenizer_dirs(self) -> dict[str, Path]:
+        """Text encoder name -> its tokenizer folder, in the order the encoders run."""
+        return {enc: self.root / tok for enc, tok in TOKENIZERS.items() if enc in self.components}
 
     def path(self, component: str) -> Path:
         return self.root / self.components[component].file
@@ -67,9 +69,11 @@ class Bundle:
             raise UserError(f"{root / MANIFEST} lists no {', '.join(missing)}; re-export it")
         for info in components.values():
             check_files(root, info, verify_hashes)
-        if not (root / "tokenizer").is_dir():
-            raise UserError(f"{root / 'tokenizer'} is missing; re-export the bundle")
-        return cls(root, manifest, components)
+        bundle = cls(root, manifest, components)
+        for folder in bundle.tokenizer_dirs().values():
+            if not folder.is_dir():
+                raise UserError(f"{folder} is missing; re-export the bundle")
+        return bundle
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

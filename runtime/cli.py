@@ -87,7 +87,9 @@ def _add_model_source_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument(
+        "--negative-prompt", default=None, help="default: none (SDXL: zero embeddings)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--scheduler", default=None, help="default: the bundle's own")
@@ -178,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(Path(args.output), len(out.images))
     metadata = {
         "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
+        "negative_prompt": args.negative_prompt or "",
         "seed": args.seed,
         "steps": args.steps,
         "scheduler": scheduler,

@@ -49,11 +49,13 @@ class Timer:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, engines: dict[str, Engine], tokenizer: ClipTokenizer):
+    def __init__(
+        self, bundle: Bundle, engines: dict[str, Engine], tokenizers: dict[str, ClipTokenizer]
+    ):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.engines = engines
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # text encoder name -> its tokenizer
 
     @classmethod
     def load(
@@ -66,7 +68,10 @@ class Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests."""
         loaded = Bundle.load(bundle, verify_hashes=verify)
         engines = {name: load_engine(backend, loaded, name, device) for name in loaded.components}
-        return cls(loaded, engines, ClipTokenizer.from_dir(loaded.tokenizer_dir))
+        tokenizers = {
+            name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
+        }
+        return cls(loaded, engines, tokenizers)
 
     def __call__(
         self,
@@ -90,9 +95,10 @@ class Pipeline:
         `latents` is the initial noise (B, C, H/8, W/8); without it, `seed` draws it.
         """
         prompts = _as_prompt_list(prompt, "prompt")
-        negatives = _as_prompt_list(negative_prompt or "", "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         default = image_size(image) if image is not None else self.manifest["default_size"]
         height, width = height or default[0], width or default[1]
         scheduler = scheduler or self.manifest["scheduler"]
@@ -109,7 +115,7 @@ class Pipeline:
         )
         timer, start = Timer(), time.perf_counter()
         guided = guidance_scale > 1.0 and not self.guidance_embedded
-        cond = self.conditioning(prompts, negatives, guided, guidance_scale)
+        cond = self.conditioning(prompts, negatives, guided, guidance_scale, height, width)
         tick = timer("text_encoder_ms", start)
 
         sched = make_scheduler(scheduler, self.manifest["scheduler_config"])
@@ -164,22 +170,49 @@ class Pipeline:
         return "timestep_cond" in self.engines["unet"].inputs
 
     def conditioning(
-        self, prompts: list[str], negatives: list[str], guided: bool, guidance_scale: float
+        self,
+        prompts: list[str],
+        negatives: list[str] | None,
+        guided: bool,
+        guidance_scale: float,
+        height: int,
+        width: int,
     ) -> dict[str, np.ndarray]:
-        """The U-Net inputs that stay fixed for the whole loop."""
-        cond = {
-            "encoder_hidden_states": self.encode_prompts(negatives + prompts if guided else prompts)
-        }
+        """The U-Net inputs that stay fixed for the whole loop; `negatives` None means the
+        model's own choice for no negative prompt (SDXL: zeros, others: "")."""
+        zeros = guided and negatives is None and self.manifest.get("zero_negative_prompt", False)
+        negatives = negatives or [""] * len(prompts)
+        hidden, pooled = self.encode_prompts(
+            negatives + prompts if guided and not zeros else prompts
+        )
+        if zeros:
+            hidden = np.concatenate([np.zeros_like(hidden), hidden])
+            pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
+        cond = {"encoder_hidden_states": hidden}
+        unet_inputs = self.engines["unet"].inputs
+        if "text_embeds" in unet_inputs and pooled is not None:
+            # SDXL micro-conditioning: original size, crop top-left, target size
+            cond["text_embeds"] = pooled
+            cond["time_ids"] = np.tile(
+                np.array([[height, width, 0, 0, height, width]], np.float32), (len(pooled), 1)
+            )
         if self.guidance_embedded:
-            dim = self.engines["unet"].inputs["timestep_cond"][1][-1]
             cond["timestep_cond"] = guidance_embedding(
-                np.full(len(prompts), guidance_scale - 1.0, np.float32), dim
+                np.full(len(prompts), guidance_scale - 1.0, np.float32),
+                unet_inputs["timestep_cond"][1][-1],
             )
         return cond
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer.encode(prompts, self.manifest["text_max_length"])
-        return self.engines["text_encoder"].run({"input_ids": ids})["text_embeddings"]
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Hidden states of every text encoder joined on the feature axis, and the pooled
+        embedding of the last one that has it (SDXL); None for SD 1/2."""
+        hidden, pooled = [], None
+        for name, tokenizer in self.tokenizers.items():
+            ids = tokenizer.encode(prompts, self.manifest["text_max_length"])
+            out = self.engines[name].run({"input_ids": ids})
+            hidden.append(out["text_embeddings"])
+            pooled = out.get("pooled_embeddings", pooled)
+        return np.concatenate(hidden, axis=-1), pooled
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         scaled = latents / np.float32(self.manifest["vae_scaling_factor"])
@@ -238,7 +271,7 @@ class Pipeline:
     def _check(
         self,
         prompts: list[str],
-        negatives: list[str],
+        negatives: list[str] | None,
         steps: int,
         height: int,
         width: int,
@@ -247,7 +280,7 @@ class Pipeline:
         image: Any,
         mask_image: Any,
     ) -> None:
-        if len(negatives) != len(prompts):
+        if negatives is not None and len(negatives) != len(prompts):
             raise UserError(
                 f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
                 "pass one, or one per prompt"

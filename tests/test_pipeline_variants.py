@@ -200,3 +200,24 @@ def test_inpainting_model_requires_a_mask(preset_bundle):
             strength=1.5,
             num_inference_steps=2,
         )
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, None])
+def test_sdxl_two_encoders_pooled_and_time_ids_match(preset_bundle, negative):
+    pipe, bundle = preset_bundle("tiny-sdxl")
+    runtime = Pipeline.load(bundle, device="cpu")
+    assert set(runtime.engines) >= {"text_encoder", "text_encoder_2"}
+    assert runtime.manifest["family"] == "sdxl"
+    assert runtime.manifest["zero_negative_prompt"] is True
+    latents = noise((1, 4, 8, 12), 5)
+    call = {"num_inference_steps": 5, "guidance_scale": 6.0, "height": 64, "width": 96}
+    ours = runtime(
+        PROMPT,
+        negative_prompt=negative,
+        scheduler="euler",
+        latents=latents,
+        output_type="np",
+        **call,
+    )
+    eager = run_diffusers(pipe, "euler", latents, prompt=PROMPT, negative_prompt=negative, **call)
+    assert np.abs(ours.images - eager).max() <= TOLERANCE
