@@ -55,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default="out.png", help="PNG path; with several images, -N is added before .png"
     )
     generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument(
+        "--image", help="start from this picture (img2img, or inpainting with --mask)"
+    )
+    generate.add_argument("--mask", help="inpainting mask: white is repainted, black kept")
+    generate.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="how much of the schedule to run from --image (default 0.8; 1.0 with --mask)",
+    )
     generate.set_defaults(handler=cmd_generate)
 
     info = commands.add_parser("info", help="print what a bundle holds")
@@ -166,6 +176,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
     scheduler = args.scheduler or pipe.manifest["scheduler"]
+    image = _open_image(args.image, "--image") if args.image else None
+    mask = _open_image(args.mask, "--mask") if args.mask else None
     out = pipe(
         [args.prompt] * args.num_images,
         negative_prompt=args.negative_prompt,
@@ -175,6 +187,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         scheduler=scheduler,
         seed=args.seed,
+        image=image,
+        mask_image=mask,
+        strength=args.strength,
         progress=True,
     )
     paths = _output_paths(Path(args.output), len(out.images))
@@ -186,12 +201,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "scheduler": scheduler,
         "guidance": args.guidance,
         "generator": "sdrt",
+        **({"image": Path(args.image).name, "strength": args.strength} if args.image else {}),
+        **({"mask": Path(args.mask).name} if args.mask else {}),
     }
     for path, image in zip(paths, out.images, strict=True):
         save_png(image, path, metadata)
         print(f"wrote {path}")
     _print_timings(out.timings)
     return 0
+
+
+def _open_image(path: str, flag: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.copy()
+    except FileNotFoundError as err:
+        raise UserError(f"{flag} {path} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{flag} {path} is not an image PIL can read ({err})") from err
 
 
 def _output_paths(path: Path, count: int) -> list[Path]:

@@ -74,3 +74,13 @@ def test_info_describes_the_bundle(tiny_bundle, capsys):
 def test_missing_bundle_is_a_user_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_img2img_from_a_file_and_bad_image_path(tiny_bundle, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source)
+    out = tmp_path / "out.png"
+    args = ["generate", str(tiny_bundle), "--prompt", "x", "--steps", "4", "--device", "cpu"]
+    assert main([*args, "--image", str(source), "--strength", "0.5", "--output", str(out)]) == 0
+    assert Image.open(out).text["strength"] == "0.5"
+    assert main([*args, "--image", str(tmp_path / "missing.png"), "--output", str(out)]) == 2
