@@ -1,0 +1,1076 @@
+"""TensorRT build and runtime logic that needs no GPU: profiles, engine keys, stale-engine
+refusal, atomic writes, shape checks and the "TensorRT not installed" path."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sdrt.backends import load_engine
+from sdrt.backends import tensorrt as trt_backend
+from sdrt.bundle import Bundle, file_sha256
+from sdrt.engine_cache import (
+    ENGINES_DIR,
+    RECORD,
+    ComponentSpec,
+    EngineSpec,
+    Environment,
+    ShapeRange,
+    SizeRanges,
+    cache_key,
+    read_entry,
+    select_entry,
+    staged_directory,
+    usable_entries,
+    write_atomic,
+)
+from sdrt.errors import UserError
+from sdrt.export import tensorrt_build as tb
+
+H100 = Environment("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
+TEXT_DIM = 768
+
+
+# ---- a bundle on disk with SD 1.5's shapes (no weights: the ONNX files are placeholders) ----
+
+
+def _io(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def _component_io() -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    latent = ["batch", 4, "latent_height", "latent_width"]
+    image = ["batch", 3, "height", "width"]
+    return {
+        "text_encoder": (
+            [_io("input_ids", "int32", ["batch", 77])],
+            [_io("text_embeddings", "float32", ["batch", 77, TEXT_DIM])],
+        ),
+        "unet": (
+            [
+                _io("sample", "float32", ["unet_batch", 4, "latent_height", "latent_width"]),
+                _io("timestep", "float32", ["unet_batch"]),
+                _io("encoder_hidden_states", "float32", ["unet_batch", 77, TEXT_DIM]),
+            ],
+            [_io("noise_pred", "float32", ["unet_batch", 4, "latent_height", "latent_width"])],
+        ),
+        "vae_decoder": ([_io("latent", "float32", latent)], [_io("image", "float32", image)]),
+        "vae_encoder": (
+            [_io("image", "float32", image)],
+            [_io("latent_moments", "float32", ["batch", 8, "latent_height", "latent_width"])],
+        ),
+    }
+
+
+def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
+    root.mkdir(parents=True)
+    (root / "tokenizer").mkdir()
+    components = {}
+    for name, (inputs, outputs) in _component_io().items():
+        path = root / f"{name}.onnx"
+        path.write_bytes(f"placeholder graph for {name}".encode())
+        components[name] = {
+            "file": path.name,
+            "external_data": None,
+            "sha256": file_sha256(path),
+            "precision": precision,
+            "inputs": inputs,
+            "outputs": outputs,
+        }
+    manifest = {
+        "schema_version": 1,
+        "family": "sd1",
+        "prediction_type": "epsilon",
+        "latent_channels": 4,
+        "vae_scale_factor": 8,
+        "vae_scaling_factor": 0.18215,
+        "text_max_length": 77,
+        "default_size": [512, 512],
+        "size_multiple": 64,
+        "scheduler": "pndm",
+        "scheduler_config": {},
+        "components": components,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return Bundle.load(root)
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Bundle:
+    return make_bundle(tmp_path / "bundle")
+
+
+def spec_for(
+    bundle: Bundle, env: Environment = H100, vae_precision: str = "auto", **ranges: Any
+) -> EngineSpec:
+    sizes = tb.size_ranges(size_multiple=64, **ranges)
+    names = tb.select_components(bundle, None)
+    return tb.engine_spec(bundle, sizes, env, names, vae_precision, {"optimization_level": 3})
+
+
+class FakeBuilder:
+    """Stands in for TensorRT: records the jobs and returns bytes naming the component."""
+
+    def __init__(self, fail_on: str | None = None, error: type[BaseException] = RuntimeError):
+        self.jobs: list[tb.BuildJob] = []
+        self.fail_on = fail_on
+        self.error = error
+
+    def __call__(self, job: tb.BuildJob) -> bytes:
+        self.jobs.append(job)
+        if job.component == self.fail_on:
+            raise self.error(f"simulated build failure in {job.component}")
+        return f"engine for {job.component}".encode()
+
+
+def build(bundle: Bundle, spec: EngineSpec, builder: FakeBuilder | None = None) -> Path:
+    return tb.write_engines(bundle, spec, builder or FakeBuilder(), log=lambda line: None)
+
+
+def onnx_hashes(bundle: Bundle) -> dict[str, str]:
+    return {name: c.sha256 for name, c in bundle.components.items()}
+
+
+# ---- profiles -------------------------------------------------------------------------------
+
+
+def test_unet_profile_doubles_the_batch_for_guidance_and_divides_pixels_by_the_vae_scale(
+    bundle: Bundle,
+) -> None:
+    unet = spec_for(bundle, batch=(1, 4), height=(256, 1024), width=(256, 1024)).components["unet"]
+    assert unet.profile["sample"] == ShapeRange((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert unet.profile["timestep"] == ShapeRange((2,), (2,), (8,))
+    assert unet.profile["encoder_hidden_states"] == ShapeRange(
+        (2, 77, TEXT_DIM), (2, 77, TEXT_DIM), (8, 77, TEXT_DIM)
+    )
+
+
+def test_text_encoder_covers_prompts_alone_up_to_the_doubled_batch_with_fixed_length(
+    bundle: Bundle,
+) -> None:
+    text = spec_for(bundle, batch=(1, 4)).components["text_encoder"]
+    assert text.profile["input_ids"] == ShapeRange((1, 77), (2, 77), (8, 77))
+    unguided = spec_for(bundle, batch=(1, 4), guidance="none").components["text_encoder"]
+    assert unguided.profile["input_ids"] == ShapeRange((1, 77), (1, 77), (4, 77))
+
+
+def test_vae_profiles_use_the_image_batch_and_latent_or_pixel_sizes(bundle: Bundle) -> None:
+    spec = spec_for(bundle, batch=(1, 4), height=(256, 768), width=(512, 1024), opt=(512, 640))
+    decoder = spec.components["vae_decoder"].profile["latent"]
+    encoder = spec.components["vae_encoder"].profile["image"]
+    assert decoder == ShapeRange((1, 4, 32, 64), (1, 4, 64, 80), (4, 4, 96, 128))
+    assert encoder == ShapeRange((1, 3, 256, 512), (1, 3, 512, 640), (4, 3, 768, 1024))
+
+
+def test_static_size_makes_min_opt_and_max_equal_but_keeps_the_batch_range(
+    bundle: Bundle,
+) -> None:
+    sample = spec_for(bundle, batch=(1, 2), static=(512, 768)).components["unet"].profile["sample"]
+    assert sample == ShapeRange((2, 4, 64, 96), (2, 4, 64, 96), (4, 4, 64, 96))
+
+
+@pytest.mark.parametrize(
+    ("guidance", "expected"),
+    [("cfg", ((2,), (4,), (8,))), ("none", ((1,), (2,), (4,))), ("both", ((1,), (4,), (8,)))],
+)
+def test_guidance_mode_sets_the_unet_batch(
+    bundle: Bundle, guidance: str, expected: tuple[tuple[int, ...], ...]
+) -> None:
+    spec = spec_for(bundle, batch=(1, 4), opt_batch=2, guidance=guidance)
+    assert spec.components["unet"].profile["timestep"] == ShapeRange(*expected)
+    assert spec.components["vae_decoder"].profile["latent"].max[0] == 4
+
+
+def test_default_opt_size_is_512_clamped_into_the_range() -> None:
+    sizes = tb.size_ranges(height=(768, 1024), width=(256, 448), size_multiple=64)
+    assert sizes.height == (768, 768, 1024)
+    assert sizes.width == (256, 448, 448)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "message"),
+    [
+        ({"height": (1024, 256)}, "height range 1024-256 has its minimum above its maximum"),
+        ({"batch": (4, 1)}, "batch range 4-1 has its minimum above its maximum"),
+        ({"batch": (0, 4)}, "batch must be at least 1"),
+        ({"width": (256, 1000)}, "width maximum 1000 is not a multiple of 64"),
+        ({"static": (500, 512)}, "height minimum 500 is not a multiple of 64"),
+        ({"opt": (512, 2048)}, "opt width 2048 is outside the width range 256-1024"),
+        ({"opt_batch": 8}, "opt batch 8 is outside the batch range 1-4"),
+        ({"guidance": "double"}, "guidance 'double' is unknown"),
+    ],
+)
+def test_bad_ranges_are_refused_with_the_offending_value(
+    ranges: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        tb.size_ranges(size_multiple=64, **ranges)
+
+
+def test_a_size_off_the_multiple_suggests_the_neighbours() -> None:
+    with pytest.raises(UserError, match="use 448 or 512"):
+        tb.size_ranges(height=(256, 500), size_multiple=64)
+
+
+def test_range_and_size_strings_parse_and_garbage_is_refused() -> None:
+    assert tb.parse_range("1-4", "batch") == (1, 4)
+    assert tb.parse_range(" 2 ", "batch") == (2, 2)
+    assert tb.parse_size("512x768", "opt") == (512, 768)
+    for bad in ("1-", "a-4", "1-2-3", "-1"):
+        with pytest.raises(UserError, match="MIN-MAX"):
+            tb.parse_range(bad, "batch")
+    for bad in ("512*512", "512", "x512", "512x512x3"):
+        with pytest.raises(UserError, match="HEIGHTxWIDTH"):
+            tb.parse_size(bad, "opt")
+
+
+def test_a_dimension_the_builder_cannot_size_is_refused(bundle: Bundle) -> None:
+    info = dataclasses.replace(
+        bundle.components["unet"], inputs=[_io("sample", "float32", ["frames", 4, 8, 8])]
+    )
+    with pytest.raises(UserError, match="'frames'"):
+        tb.component_profile(info, {"batch": (1, 1, 1)})
+
+
+def test_vae_precision_fp32_needs_an_fp32_onnx(tmp_path: Path) -> None:
+    fp32 = make_bundle(tmp_path / "fp32", precision="fp32")
+    spec = spec_for(fp32, vae_precision="fp32")
+    assert spec.components["vae_decoder"].precision == "fp32"
+    assert spec.components["unet"].precision == "fp16"
+    fp16 = make_bundle(tmp_path / "fp16", precision="fp16")
+    with pytest.raises(UserError, match="vae_decoder.onnx is fp16.*--dtype fp32"):
+        spec_for(fp16, vae_precision="fp32")
+
+
+def test_auto_vae_precision_keeps_fp32_where_fp16_is_known_to_overflow(tmp_path: Path) -> None:
+    plain = make_bundle(tmp_path / "sd1")
+    assert spec_for(plain).components["vae_decoder"].precision == "fp16"
+    measured = make_bundle(tmp_path / "measured")
+    measured.manifest["components"]["vae_decoder"]["precision_note"] = "fp16 failed verification"
+    assert spec_for(measured).components["vae_decoder"].precision == "fp32"
+    assert spec_for(measured).components["vae_encoder"].precision == "fp16"
+    sdxl = make_bundle(tmp_path / "sdxl")
+    sdxl.manifest["family"] = "sdxl"
+    assert spec_for(sdxl).components["vae_encoder"].precision == "fp32"
+    assert spec_for(sdxl, vae_precision="fp16").components["vae_encoder"].precision == "fp16"
+    with pytest.raises(UserError, match="VAE precision 'bf16' is unknown"):
+        spec_for(plain, vae_precision="bf16")
+
+
+def test_tensorrt_rtx_refuses_a_precision_the_onnx_does_not_have(bundle: Bundle) -> None:
+    rtx = dataclasses.replace(H100, backend="tensorrt-rtx", version="1.7.1")
+    with pytest.raises(UserError, match="TensorRT-RTX keeps the ONNX's types"):
+        spec_for(bundle, env=rtx)
+
+
+def test_unknown_components_and_options_are_refused(bundle: Bundle) -> None:
+    with pytest.raises(UserError, match="no refiner"):
+        tb.select_components(bundle, ["unet", "refiner"])
+    assert tb.select_components(bundle, ["vae_decoder", "unet"]) == ["unet", "vae_decoder"]
+    with pytest.raises(UserError, match="optimization level 7"):
+        tb.check_builder_options(7, None)
+    with pytest.raises(UserError, match="workspace"):
+        tb.check_builder_options(3, 0)
+
+
+# ---- cache keys -----------------------------------------------------------------------------
+
+
+def test_cache_key_is_stable_and_readable(bundle: Bundle) -> None:
+    key = cache_key(spec_for(bundle))
+    assert key == cache_key(spec_for(bundle))
+    assert key.startswith("tensorrt-10.13.0.35-sm90-fp16-b1-4-256x256-1024x1024-cfg-")
+    assert len(key.rsplit("-", 1)[1]) == 12
+
+
+def _changed_specs(spec: EngineSpec) -> dict[str, EngineSpec]:
+    unet = spec.components["unet"]
+    other_profile = dict(unet.profile, timestep=ShapeRange((2,), (2,), (16,)))
+
+    def with_unet(component: ComponentSpec) -> EngineSpec:
+        return dataclasses.replace(spec, components={**spec.components, "unet": component})
+
+    def with_env(**change: str) -> EngineSpec:
+        return dataclasses.replace(spec, environment=dataclasses.replace(H100, **change))
+
+    return {
+        "backend": with_env(backend="tensorrt-rtx"),
+        "version": with_env(version="10.12.0.36"),
+        "gpu": with_env(gpu_name="NVIDIA H100 PCIe"),
+        "capability": with_env(compute_capability="8.9"),
+        "precision": with_unet(dataclasses.replace(unet, precision="fp32")),
+        "onnx": with_unet(dataclasses.replace(unet, onnx_sha256="0" * 64)),
+        "profile": with_unet(dataclasses.replace(unet, profile=other_profile)),
+        "sizes": dataclasses.replace(
+            spec, sizes=SizeRanges((1, 1, 2), (256, 512, 1024), (256, 512, 1024))
+        ),
+        "builder": dataclasses.replace(spec, builder={"optimization_level": 5}),
+    }
+
+
+def test_cache_key_changes_when_any_recorded_field_changes(bundle: Bundle) -> None:
+    spec = spec_for(bundle)
+    keys = {name: cache_key(changed) for name, changed in _changed_specs(spec).items()}
+    keys["original"] = cache_key(spec)
+    assert len(set(keys.values())) == len(keys), keys
+
+
+# ---- writing, reuse and invalidation --------------------------------------------------------
+
+
+def test_build_writes_every_engine_and_a_record_of_what_the_key_encodes(bundle: Bundle) -> None:
+    spec = spec_for(bundle)
+    directory = build(bundle, spec)
+    assert directory == bundle.root / ENGINES_DIR / cache_key(spec)
+    assert (directory / "unet.engine").read_bytes() == b"engine for unet"
+    record = json.loads((directory / RECORD).read_text())
+    assert record["environment"]["gpu_name"] == H100.gpu_name
+    assert record["components"]["unet"]["onnx_sha256"] == bundle.components["unet"].sha256
+    assert record["components"]["unet"]["profile"]["sample"]["max"] == [8, 4, 128, 128]
+    assert read_entry(directory).spec == spec
+
+
+def test_a_complete_build_is_reused_and_force_rebuilds_it(bundle: Bundle) -> None:
+    spec = spec_for(bundle)
+    build(bundle, spec)
+    again = FakeBuilder()
+    build(bundle, spec, again)
+    assert again.jobs == []
+    forced = FakeBuilder()
+    tb.write_engines(bundle, spec, forced, force=True, log=lambda line: None)
+    assert [job.component for job in forced.jobs] == list(spec.components)
+
+
+def test_a_damaged_build_is_rebuilt_not_reused(bundle: Bundle) -> None:
+    spec = spec_for(bundle)
+    directory = build(bundle, spec)
+    (directory / "unet.engine").write_bytes(b"trunc")
+    rebuild = FakeBuilder()
+    build(bundle, spec, rebuild)
+    assert len(rebuild.jobs) == len(spec.components)
+    assert (directory / "unet.engine").read_bytes() == b"engine for unet"
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_failed_build_leaves_no_engine_directory(
+    bundle: Bundle, error: type[BaseException]
+) -> None:
+    spec = spec_for(bundle)
+    with pytest.raises(error, match="simulated"):
+        build(bundle, spec, FakeBuilder(fail_on="vae_decoder", error=error))
+    assert not (bundle.root / ENGINES_DIR / cache_key(spec)).exists()
+    assert list((bundle.root / ENGINES_DIR).iterdir()) == []  # no staging left either
+
+
+def test_a_failed_rebuild_keeps_nothing_half_written(bundle: Bundle) -> None:
+    spec = spec_for(bundle)
+    directory = build(bundle, spec)
+    with pytest.raises(RuntimeError):
+        tb.write_engines(
+            bundle, spec, FakeBuilder(fail_on="unet"), force=True, log=lambda line: None
+        )
+    assert (directory / "unet.engine").read_bytes() == b"engine for unet"
+    assert sorted(p.name for p in (bundle.root / ENGINES_DIR).iterdir()) == [directory.name]
+
+
+def test_write_atomic_leaves_the_old_file_when_writing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, b"new")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+    monkeypatch.undo()
+    write_atomic(path, b"new")
+    assert path.read_bytes() == b"new"
+
+
+def test_staged_directory_appears_only_when_the_block_succeeds(tmp_path: Path) -> None:
+    final = tmp_path / "engines" / "key"
+    with pytest.raises(ValueError), staged_directory(final) as staging:
+        (staging / "a.engine").write_bytes(b"x")
+        assert not final.exists()
+        raise ValueError
+    assert not final.exists()
+    with staged_directory(final) as staging:
+        (staging / "a.engine").write_bytes(b"x")
+    assert (final / "a.engine").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "built", "here"),
+    [
+        ({"version": "10.14.1.48"}, "TensorRT version", "10.13.0.35", "10.14.1.48"),
+        ({"gpu_name": "NVIDIA L40S"}, "GPU", "NVIDIA H100 80GB HBM3", "NVIDIA L40S"),
+        ({"compute_capability": "8.9"}, "compute capability", "9.0", "8.9"),
+        ({"backend": "tensorrt-rtx"}, "backend", "tensorrt", "tensorrt-rtx"),
+    ],
+)
+def test_an_engine_built_elsewhere_is_refused_naming_the_field(
+    bundle: Bundle, change: dict[str, str], field: str, built: str, here: str
+) -> None:
+    build(bundle, spec_for(bundle))
+    elsewhere = dataclasses.replace(H100, **change)
+    with pytest.raises(UserError) as err:
+        usable_entries(bundle.root / ENGINES_DIR, "unet", elsewhere, onnx_hashes(bundle))
+    message = str(err.value)
+    assert f"{field}: built for {built!r}, this machine has {here!r}" in message
+    assert "sdrt build" in message
+
+
+def test_an_engine_from_an_older_onnx_is_refused(bundle: Bundle) -> None:
+    build(bundle, spec_for(bundle))
+    hashes = dict(onnx_hashes(bundle), unet="f" * 64)
+    with pytest.raises(UserError, match="ONNX sha256 of unet.*re-exported"):
+        usable_entries(bundle.root / ENGINES_DIR, "unet", H100, hashes)
+    # The text encoder's ONNX did not change, so its engine is still good.
+    assert usable_entries(bundle.root / ENGINES_DIR, "text_encoder", H100, hashes)
+
+
+def test_an_engine_json_edited_by_hand_is_refused(bundle: Bundle) -> None:
+    directory = build(bundle, spec_for(bundle))
+    record = json.loads((directory / RECORD).read_text())
+    record["environment"]["version"] = "10.14.1.48"
+    (directory / RECORD).write_text(json.dumps(record))
+    live = dataclasses.replace(H100, version="10.14.1.48")
+    with pytest.raises(UserError, match="does not describe the engines"):
+        usable_entries(bundle.root / ENGINES_DIR, "unet", live, onnx_hashes(bundle))
+
+
+def test_a_truncated_engine_file_is_refused(bundle: Bundle) -> None:
+    directory = build(bundle, spec_for(bundle))
+    (directory / "unet.engine").write_bytes(b"eng")
+    with pytest.raises(UserError, match="unet.engine has 3 bytes"):
+        usable_entries(bundle.root / ENGINES_DIR, "unet", H100, onnx_hashes(bundle))
+
+
+def test_engines_for_other_gpus_are_skipped_when_ours_exists(bundle: Bundle) -> None:
+    l40s = dataclasses.replace(H100, gpu_name="NVIDIA L40S", compute_capability="8.9")
+    build(bundle, spec_for(bundle, env=l40s))
+    ours = build(bundle, spec_for(bundle))
+    entries = usable_entries(bundle.root / ENGINES_DIR, "unet", H100, onnx_hashes(bundle))
+    assert [e.directory for e in entries] == [ours]
+
+
+def test_no_engines_at_all_tells_the_user_to_build(bundle: Bundle) -> None:
+    with pytest.raises(UserError, match="no tensorrt engine for unet.*run `sdrt build"):
+        usable_entries(bundle.root / ENGINES_DIR, "unet", H100, onnx_hashes(bundle))
+
+
+# ---- shapes at run time ---------------------------------------------------------------------
+
+
+def test_shapes_inside_the_profile_pass_and_outside_name_input_dimension_and_range(
+    bundle: Bundle,
+) -> None:
+    profile = spec_for(bundle).components["unet"].profile
+    inside = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    trt_backend.check_shape_in_profile("unet", inside, profile)
+    too_big = dict(inside, sample=(2, 4, 160, 64))
+    with pytest.raises(UserError) as err:
+        trt_backend.check_shape_in_profile("unet", too_big, profile)
+    message = str(err.value)
+    assert "'sample'" in message and "dimension 2 is 160, outside 32..128" in message
+    assert "(2..8, 4, 32..128, 32..128)" in message and "sdrt build" in message
+
+
+def test_wrong_rank_and_missing_inputs_are_refused(bundle: Bundle) -> None:
+    profile = spec_for(bundle).components["unet"].profile
+    shapes = {"sample": (2, 4, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    with pytest.raises(UserError, match="'sample' has 3 dimensions, the engine takes 4"):
+        trt_backend.check_shape_in_profile("unet", shapes, profile)
+    with pytest.raises(UserError, match="input 'timestep' is missing"):
+        trt_backend.check_shape_in_profile("unet", {"sample": (2, 4, 64, 64)}, profile)
+
+
+def test_the_entry_whose_profile_covers_the_request_is_selected(bundle: Bundle) -> None:
+    small = build(bundle, spec_for(bundle, static=(512, 512), batch=(1, 1)))
+    large = build(bundle, spec_for(bundle, height=(768, 1024), width=(768, 1024)))
+    entries = usable_entries(bundle.root / ENGINES_DIR, "unet", H100, onnx_hashes(bundle))
+
+    def shapes(side: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "sample": (2, 4, side, side),
+            "timestep": (2,),
+            "encoder_hidden_states": (2, 77, 768),
+        }
+
+    assert select_entry(entries, "unet", shapes(64)).directory == small
+    assert select_entry(entries, "unet", shapes(128)).directory == large
+    with pytest.raises(UserError, match="no built unet engine accepts"):
+        select_entry(entries, "unet", shapes(80))
+
+
+# ---- TensorRT or cuda-python missing --------------------------------------------------------
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in trt_backend.TENSORRT_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail
+
+
+def test_missing_tensorrt_is_a_user_error_with_the_install_command(
+    no_tensorrt: None, bundle: Bundle
+) -> None:
+    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt\]'"):
+        trt_backend.import_tensorrt()
+    with pytest.raises(UserError, match=r"not installed here.*pip install 'sdrt\[tensorrt\]'"):
+        load_engine("tensorrt", bundle, "unet", "cuda")
+
+
+def test_build_engines_checks_ranges_before_needing_tensorrt(
+    no_tensorrt: None, bundle: Bundle
+) -> None:
+    with pytest.raises(UserError, match="opt height 2048"):
+        tb.build_engines(bundle.root, opt=(2048, 512))
+    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt\]'"):
+        tb.build_engines(bundle.root, progress=False)
+
+
+def _fake_tensorrt(version: str) -> types.SimpleNamespace:
+    module = types.SimpleNamespace(**{name: object() for name in trt_backend.REQUIRED_API})
+    module.__version__ = version
+    return module
+
+
+def test_tensorrt_rtx_is_used_when_tensorrt_is_absent_and_says_so(
+    no_tensorrt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", _fake_tensorrt("1.7.1"))
+    found = trt_backend.import_tensorrt()
+    assert (found.backend, found.module_name, found.version) == (
+        "tensorrt-rtx",
+        "tensorrt_rtx",
+        "1.7.1",
+    )
+    assert found.describe() == "tensorrt-rtx 1.7.1 (Python module tensorrt_rtx)"
+
+
+def test_a_tensorrt_module_lacking_the_api_is_named(
+    no_tensorrt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partial = _fake_tensorrt("10.13.0.35")
+    del partial.OnnxParser
+    monkeypatch.setitem(sys.modules, "tensorrt", partial)
+    with pytest.raises(UserError, match="tensorrt lacks OnnxParser"):
+        trt_backend.import_tensorrt()
+
+
+def test_type_stubs_alone_are_not_mistaken_for_tensorrt(
+    no_tensorrt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # no __file__
+    with pytest.raises(UserError, match=r"tensorrt here is only type stubs.*pip install"):
+        trt_backend.import_tensorrt()
+
+
+def test_missing_cuda_python_is_a_user_error_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in trt_backend.CUDART_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(UserError, match=r"cuda-python.*pip install 'sdrt\[tensorrt\]'"):
+        trt_backend.import_cudart()
+
+
+def test_a_machine_without_a_cuda_driver_is_a_user_error() -> None:
+    no_driver = types.SimpleNamespace(name="cudaErrorInsufficientDriver")
+    cudart = types.SimpleNamespace(
+        cudaError_t=types.SimpleNamespace(cudaSuccess=0),
+        cudaGetDeviceCount=lambda: (no_driver, None),
+    )
+    with pytest.raises(UserError, match="no usable CUDA GPU here.*InsufficientDriver"):
+        trt_backend.CudaDevice(cudart, 0)
+
+
+def test_the_engine_refuses_a_stale_build_at_load_time(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build(bundle, spec_for(bundle))
+    newer = dataclasses.replace(H100, version="10.14.1.48")
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda prefer=None: None)
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: None)
+    monkeypatch.setattr(trt_backend, "shared_device", lambda cudart, index: None)
+    monkeypatch.setattr(trt_backend, "current_environment", lambda trt, device: newer)
+    with pytest.raises(UserError, match="TensorRT version: built for '10.13.0.35'"):
+        trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+
+
+def test_devices_cpu_and_unknown_are_refused() -> None:
+    assert trt_backend.parse_device("auto") == 0
+    assert trt_backend.parse_device("cuda:1") == 1
+    with pytest.raises(UserError, match="onnxruntime for --device cpu"):
+        trt_backend.parse_device("cpu")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        trt_backend.parse_device("gpu")
+
+
+def test_engine_tensor_types_map_to_numpy_and_unsupported_ones_are_refused() -> None:
+    assert trt_backend.numpy_dtype("HALF", "x").name == "float16"
+    assert trt_backend.numpy_dtype("INT32", "x").name == "int32"
+    with pytest.raises(UserError, match="BF16"):
+        trt_backend.numpy_dtype("BF16", "sample")
+
+
+def test_runtime_modules_do_not_import_torch_or_tensorrt() -> None:
+    code = (
+        "import sys, sdrt.backends.tensorrt, sdrt.engine_cache;"
+        "print(sorted(m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---- the engine's device plumbing, on fakes of TensorRT and cuda-python ---------------------
+# The fakes model what the code relies on: device memory as bytes at integer addresses, copies
+# between it and numpy, and stream capture that records work (with its addresses) instead of
+# running it, so a replayed graph reads whatever the input buffers hold at launch time.
+
+OK = 0
+
+
+class FakeCudart:
+    cudaError_t = types.SimpleNamespace(cudaSuccess=OK)
+    cudaStreamNonBlocking = 1
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+
+    def __init__(self) -> None:
+        self.memory: dict[int, bytearray] = {}
+        self.next_address = 0x1000
+        self.mallocs = 0
+        self.launches = 0
+        self.captured: list[Any] | None = None
+
+    def cudaGetDeviceCount(self) -> tuple[int, int]:
+        return OK, 1
+
+    def cudaSetDevice(self, index: int) -> tuple[int]:
+        return (OK,)
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, int]:
+        return OK, 7
+
+    def cudaGetDeviceProperties(self, index: int) -> tuple[int, Any]:
+        return OK, types.SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\x00\x00", major=9, minor=0)
+
+    def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
+        address, self.next_address = self.next_address, self.next_address + nbytes + 256
+        self.memory[address] = bytearray(nbytes)
+        self.mallocs += 1
+        return OK, address
+
+    def cudaFree(self, address: int) -> tuple[int]:
+        del self.memory[address]
+        return (OK,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            self.memory[dst][:n] = ctypes.string_at(src, n)
+        else:
+            ctypes.memmove(dst, bytes(self.memory[src][:n]), n)
+        return (OK,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+        return (OK,)
+
+    def enqueue(self, work: Any) -> None:
+        if self.captured is None:
+            work()
+        else:
+            self.captured.append(work)
+
+    def cudaStreamBeginCapture(self, stream: int, mode: int) -> tuple[int]:
+        self.captured = []
+        return (OK,)
+
+    def cudaStreamEndCapture(self, stream: int) -> tuple[int, list[Any]]:
+        graph, self.captured = self.captured or [], None
+        return OK, graph
+
+    def cudaGraphInstantiate(self, graph: list[Any], flags: int) -> tuple[int, list[Any]]:
+        return OK, list(graph)
+
+    def cudaGraphDestroy(self, graph: Any) -> tuple[int]:
+        return (OK,)
+
+    def cudaGraphExecDestroy(self, graph: Any) -> tuple[int]:
+        return (OK,)
+
+    def cudaGraphLaunch(self, graph: list[Any], stream: int) -> tuple[int]:
+        self.launches += 1
+        for work in graph:
+            work()
+        return (OK,)
+
+
+class FakeContext:
+    """noise_pred = 2 * sample (text encoder: embeddings = input ids as float)."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.addresses: dict[str, int] = {}
+        self.scratch: tuple[int, int] | None = None
+        self.enqueues = 0
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        source = self.shapes[self.engine.source]
+        return source if name == "noise_pred" else (*source, TEXT_DIM)
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        self.addresses[name] = address
+        return True
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.scratch = (address, size)
+
+    def execute_async_v3(self, stream: int) -> bool:
+        self.enqueues += 1
+        cudart, engine = self.engine.cudart, self.engine
+        src, dst = self.addresses[engine.source], self.addresses[engine.output]
+        src_type = np.float32 if engine.output == "noise_pred" else np.int32
+        count = int(np.prod(self.get_tensor_shape(engine.output)))
+
+        def work() -> None:  # reads through the addresses bound now, like a captured kernel
+            values = np.frombuffer(bytes(cudart.memory[src]), src_type).astype(np.float32)
+            result = 2 * values if engine.output == "noise_pred" else np.repeat(values, TEXT_DIM)
+            cudart.memory[dst][:] = result[:count].astype(np.float32).tobytes()
+
+        cudart.enqueue(work)
+        return True
+
+
+class FakeEngine:
+    def __init__(self, cudart: FakeCudart, record: dict[str, Any]) -> None:
+        self.cudart = cudart
+        self.profile = record["profile"]
+        self.inputs = list(self.profile)
+        self.output = "noise_pred" if "sample" in self.profile else "text_embeddings"
+        self.source = "sample" if "sample" in self.profile else "input_ids"
+        self.device_memory_size_v2 = record["scratch"]
+        self.num_io_tensors = len(self.inputs) + 1
+        self.contexts: list[FakeContext] = []
+
+    def get_tensor_name(self, index: int) -> str:
+        return [*self.inputs, self.output][index]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return "INPUT" if name in self.inputs else "OUTPUT"
+
+    def get_tensor_dtype(self, name: str) -> Any:
+        return types.SimpleNamespace(name="INT32" if name == "input_ids" else "FLOAT")
+
+    def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
+        return [tuple(self.profile[name][k]) for k in ("min", "opt", "max")]
+
+    def create_execution_context(self, strategy: str) -> FakeContext:
+        assert strategy == "USER_MANAGED"
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+
+def fake_tensorrt(cudart: FakeCudart) -> trt_backend.TensorRT:
+    engines: list[FakeEngine] = []
+
+    class Runtime:
+        def __init__(self, logger: Any) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
+            engines.append(FakeEngine(cudart, json.loads(data)))
+            return engines[-1]
+
+    module = types.SimpleNamespace(
+        __version__=H100.version,
+        Runtime=Runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+        engines=engines,
+    )
+    return trt_backend.TensorRT(module, "tensorrt", "tensorrt")  # type: ignore[arg-type]
+
+
+def fake_engine_bytes(job: tb.BuildJob) -> bytes:
+    profile = {name: {"min": r.min, "opt": r.opt, "max": r.max} for name, r in job.profile.items()}
+    scratch = {"text_encoder": 1000, "unet": 5000}.get(job.component, 100)
+    return json.dumps({"profile": profile, "scratch": scratch}).encode()
+
+
+@pytest.fixture
+def gpu(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeCudart, Any]:
+    cudart = FakeCudart()
+    trt_api = fake_tensorrt(cudart)
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(trt_backend, "import_cudart", lambda: cudart)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(trt_backend, "trt_logger", lambda api: "logger")
+    spec = spec_for(bundle, batch=(1, 2), height=(256, 512), width=(256, 512))
+    tb.write_engines(bundle, spec, fake_engine_bytes, log=lambda line: None)
+    return cudart, trt_api.module
+
+
+def unet_feeds(side: int, value: float) -> dict[str, np.ndarray]:
+    return {
+        "sample": np.full((2, 4, side, side), value, np.float64),  # cast to the engine's float32
+        "timestep": np.full(2, 999.0, np.float32),
+        "encoder_hidden_states": np.zeros((2, 77, TEXT_DIM), np.float32),
+    }
+
+
+def test_run_uploads_inputs_runs_and_returns_host_arrays(bundle: Bundle, gpu: Any) -> None:
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    out = unet.run(unet_feeds(32, 1.5))
+    assert set(out) == {"noise_pred"}
+    assert out["noise_pred"].dtype == np.float32 and out["noise_pred"].shape == (2, 4, 32, 32)
+    assert np.all(out["noise_pred"] == 3.0)
+
+
+def test_buffers_are_allocated_once_per_input_shape_and_reused(bundle: Bundle, gpu: Any) -> None:
+    cudart, _ = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    unet.run(unet_feeds(32, 1.0))
+    after_first = cudart.mallocs
+    unet.run(unet_feeds(32, 2.0))
+    assert cudart.mallocs == after_first
+    out = unet.run(unet_feeds(64, 2.0))
+    assert cudart.mallocs == after_first + 4  # three inputs and one output for the new shape
+    assert out["noise_pred"].shape == (2, 4, 64, 64) and np.all(out["noise_pred"] == 4.0)
+
+
+def test_cuda_graph_is_captured_after_one_plain_run_and_replayed_with_new_inputs(
+    bundle: Bundle, gpu: Any
+) -> None:
+    cudart, module = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda", cuda_graph=True)
+    results = [unet.run(unet_feeds(32, v))["noise_pred"][0, 0, 0, 0] for v in (1.0, 2.0, 3.0)]
+    assert results == [2.0, 4.0, 6.0]
+    assert cudart.launches == 2  # second run captured then launched, third replayed
+    assert module.engines[0].contexts[0].enqueues == 2  # plain run + the captured one
+    unet.run(unet_feeds(64, 1.0))  # a new shape runs plainly first, then gets its own graph
+    assert cudart.launches == 2
+    assert unet.run(unet_feeds(64, 5.0))["noise_pred"][0, 0, 0, 0] == 10.0
+    assert cudart.launches == 3
+
+
+def test_engines_share_one_scratch_sized_to_the_largest(bundle: Bundle, gpu: Any) -> None:
+    cudart, module = gpu
+    text = trt_backend.TensorRTEngine(bundle, "text_encoder", "cuda")
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    assert text.device is unet.device
+    ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77)
+    embeddings = text.run({"input_ids": ids})["text_embeddings"]
+    assert embeddings.shape == (2, 77, TEXT_DIM) and embeddings[0, 1, 0] == 1.0
+    unet.run(unet_feeds(32, 1.0))
+    text.run({"input_ids": ids})  # rebinds to the grown scratch
+    assert unet.device.scratch_size == 5000
+    scratch = {engine.contexts[0].scratch for engine in module.engines}
+    assert scratch == {(unet.device.scratch_ptr, 5000)}
+
+
+def test_a_request_outside_every_profile_fails_before_touching_the_device(
+    bundle: Bundle, gpu: Any
+) -> None:
+    cudart, _ = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    with pytest.raises(UserError, match="no built unet engine accepts.*outside 32..64"):
+        unet.run(unet_feeds(80, 1.0))
+    assert cudart.mallocs == 0
+
+
+# ---- the builder's use of TensorRT, on a fake that records the calls ------------------------
+
+
+class FakeBuildAPI:
+    """Records what TensorRTBuilder asks of the TensorRT builder API."""
+
+    STRONGLY_TYPED = 1
+
+    def __init__(self, inputs: list[str], timing_cache_valid: bool = True) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.inputs = inputs
+        self.timing_cache_valid = timing_cache_valid
+
+    def module(self) -> Any:
+        api = self
+        ns = types.SimpleNamespace
+
+        class Config:
+            builder_optimization_level = 3
+
+            def set_flag(self, flag: str) -> None:
+                api.calls.append(("flag", flag))
+
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                api.calls.append(("pool", pool, size))
+
+            def create_timing_cache(self, data: bytes) -> bytes:
+                api.calls.append(("load cache", bytes(data)))
+                return bytes(data)
+
+            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+                return api.timing_cache_valid or cache == b""
+
+            def get_timing_cache(self) -> Any:
+                return ns(serialize=lambda: b"timings after " + str(len(api.calls)).encode())
+
+            def add_optimization_profile(self, profile: Any) -> int:
+                return 0
+
+        class Profile:
+            def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
+                api.calls.append(("shape", name, low, opt, high))
+
+        class Builder:
+            def __init__(self, logger: Any) -> None:
+                pass
+
+            def create_network(self, flags: int) -> Any:
+                api.calls.append(("network flags", flags))
+                return ns(
+                    num_inputs=len(api.inputs),
+                    get_input=lambda i: ns(name=api.inputs[i]),
+                )
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Any, config: Config) -> bytes:
+                api.calls.append(("optimization level", config.builder_optimization_level))
+                return b"serialized"
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network: Any, logger: Any) -> None:
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                return True
+
+        return ns(
+            Builder=Builder,
+            OnnxParser=Parser,
+            Dims=tuple,
+            BuilderFlag=ns(FP16="FP16"),
+            MemoryPoolType=ns(WORKSPACE="WORKSPACE"),
+            NetworkDefinitionCreationFlag=ns(STRONGLY_TYPED=self.STRONGLY_TYPED),
+        )
+
+
+def fake_builder(
+    api: FakeBuildAPI, backend: str = "tensorrt", cache: Path | None = None, **options: Any
+) -> tb.TensorRTBuilder:
+    trt_api = trt_backend.TensorRT(api.module(), backend, backend)
+    return tb.TensorRTBuilder(
+        trt_api,
+        timing_cache=cache,
+        workspace_gb=options.get("workspace_gb"),
+        optimization_level=options.get("optimization_level", 3),
+        log=lambda line: None,
+    )
+
+
+@pytest.fixture
+def quiet_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+
+
+def unet_job(bundle: Bundle, onnx_precision: str = "fp32", precision: str = "fp16") -> tb.BuildJob:
+    profile = spec_for(bundle).components["unet"].profile
+    return tb.BuildJob("unet", bundle.path("unet"), onnx_precision, precision, profile)
+
+
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
+
+
+def test_an_fp32_onnx_becomes_fp16_through_the_fp16_flag_with_one_profile(
+    bundle: Bundle, quiet_logger: None
+) -> None:
+    api = FakeBuildAPI(UNET_INPUTS)
+    data = fake_builder(api, workspace_gb=2, optimization_level=5)(unet_job(bundle))
+    assert bytes(data) == b"serialized"
+    assert ("network flags", 0) in api.calls and ("flag", "FP16") in api.calls
+    assert ("pool", "WORKSPACE", 2 * 2**30) in api.calls
+    assert ("optimization level", 5) in api.calls
+    shapes = {call[1]: call[2:] for call in api.calls if call[0] == "shape"}
+    assert shapes["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert set(shapes) == set(UNET_INPUTS)
+
+
+def test_an_onnx_already_in_the_wanted_precision_is_built_strongly_typed(
+    bundle: Bundle, quiet_logger: None
+) -> None:
+    api = FakeBuildAPI(UNET_INPUTS)
+    fake_builder(api)(unet_job(bundle, onnx_precision="fp16"))
+    assert ("network flags", 1 << FakeBuildAPI.STRONGLY_TYPED) in api.calls
+    assert ("flag", "FP16") not in api.calls
+
+
+def test_the_timing_cache_is_loaded_before_and_saved_after_each_build(
+    bundle: Bundle, tmp_path: Path, quiet_logger: None
+) -> None:
+    cache = tmp_path / "caches" / "h100.timing-cache"
+    api = FakeBuildAPI(UNET_INPUTS)
+    fake_builder(api, cache=cache)(unet_job(bundle))
+    assert ("load cache", b"") in api.calls
+    saved = cache.read_bytes()
+    assert saved.startswith(b"timings after")
+    second = FakeBuildAPI(UNET_INPUTS)
+    fake_builder(second, cache=cache)(unet_job(bundle))
+    assert ("load cache", saved) in second.calls  # a new build starts from the saved cache
+
+
+def test_a_timing_cache_from_another_version_is_replaced_not_fatal(
+    bundle: Bundle, tmp_path: Path, quiet_logger: None
+) -> None:
+    cache = tmp_path / "old.timing-cache"
+    cache.write_bytes(b"from TensorRT 10.9")
+    api = FakeBuildAPI(UNET_INPUTS, timing_cache_valid=False)
+    fake_builder(api, cache=cache)(unet_job(bundle))
+    loads = [call[1] for call in api.calls if call[0] == "load cache"]
+    assert loads == [b"from TensorRT 10.9", b""]
+    assert cache.read_bytes().startswith(b"timings after")
+
+
+def test_tensorrt_rtx_builds_without_a_timing_cache(
+    bundle: Bundle, tmp_path: Path, quiet_logger: None
+) -> None:
+    cache = tmp_path / "rtx.timing-cache"
+    api = FakeBuildAPI(UNET_INPUTS)
+    fake_builder(api, backend="tensorrt-rtx", cache=cache)(unet_job(bundle, onnx_precision="fp16"))
+    assert not any(call[0] == "load cache" for call in api.calls)
+    assert not cache.exists()
+
+
+def test_an_onnx_input_missing_from_the_manifest_is_refused(
+    bundle: Bundle, quiet_logger: None
+) -> None:
+    api = FakeBuildAPI([*UNET_INPUTS, "added_cond"])
+    with pytest.raises(UserError, match="added_cond"):
+        fake_builder(api)(unet_job(bundle))
