@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source_options(export)
     export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     export.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
+    )
+    export.add_argument(
         "--tolerance",
         type=float,
         default=None,
@@ -124,20 +131,20 @@ def _export_module() -> Any:
 
 def cmd_export(args: argparse.Namespace) -> int:
     _, load, bundle_writer = _export_module()
+    from sdrt.export import lora
+
     if args.source is None and args.random_weights is None:
-        raise UserError("give a model to export, or --random-weights tiny|sd15|sd21")
+        raise UserError("give a model to export, or --random-weights tiny|sd15|sd21|sdxl")
     bundle_writer.check_destination(Path(args.bundle))
+    loras = [lora.parse_lora_arg(arg) for arg in args.lora]
+    for path, _ in loras:  # fail on a typo before the slow model load
+        lora.check_lora_file(path)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)
     pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
+    records = lora.apply_loras(pipe, loras) if loras else []
     manifest = _export(
-        bundle_writer,
-        load,
-        pipe,
-        Path(args.bundle),
-        args.dtype,
-        args.tolerance,
-        args.random_weights,
+        bundle_writer, load, pipe, Path(args.bundle), args.dtype, args.tolerance, records
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
@@ -152,11 +159,12 @@ def _export(
     dtype: str,
     tolerance: float | None,
     preset: str | None,
+    loras: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     from sdrt.export.presets import PRESETS
 
     family = PRESETS[preset]["family"] if preset else load.family_of(pipe)
-    return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance)
+    return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance, loras=loras)
 
 
 def _print_parity(manifest: dict[str, Any]) -> None:

@@ -343,3 +343,30 @@ def test_lora_arg_with_bad_syntax_is_refused(arg):
 def test_lora_arg_with_non_finite_scale_is_refused(scale):
     with pytest.raises(UserError, match="is not a finite number"):
         parse_lora_arg(f"style.safetensors:{scale}")
+
+
+def test_export_command_bakes_the_lora_and_records_it(tmp_path):
+    import json
+
+    from sdrt.cli import main
+
+    lora = write_kohya_lora(tmp_path)
+    bundle = tmp_path / "bundle"
+    code = main(["export", "--random-weights", "tiny", str(bundle), "--lora", f"{lora.path}:0.5"])
+    assert code == 0
+    records = json.loads((bundle / "manifest.json").read_text())["loras"]
+    assert [(r["file"], r["scale"]) for r in records] == [(lora.path.name, 0.5)]
+    assert (
+        main(
+            [
+                "export",
+                "--random-weights",
+                "tiny",
+                str(tmp_path / "b2"),
+                "--lora",
+                str(tmp_path / "missing.safetensors"),
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "b2").exists()
