@@ -144,7 +144,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
     records = lora.apply_loras(pipe, loras) if loras else []
     manifest = _export(
-        bundle_writer, load, pipe, Path(args.bundle), args.dtype, args.tolerance, records
+        bundle_writer,
+        load,
+        pipe,
+        Path(args.bundle),
+        args.dtype,
+        args.tolerance,
+        args.random_weights,
+        records,
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
