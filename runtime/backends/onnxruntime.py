@@ -1,7 +1,30 @@
-"""ONNX Runtime backend: CPU provider everywhere, CUDA provider when onnxruntime-gpu has it."""
+"""ONNX Runtime backend: CPU provider everywhere, CUDA provider when onnxruntime-gpu has it.
+
+Every call runs through IO binding, on the CPU as on CUDA. Feeds are numpy arrays or device
+values (`ort.OrtValue`) returned by `run_on_device`; a device value is bound where it lies, so
+the prompt embeddings the text encoder leaves on the GPU are read there by every U-Net step.
+
+Where a bundle ships a static-shape copy of a graph for the requested sizes (manifest
+`static_variants`), the CUDA provider runs that copy with CUDA graph capture: its inputs and
+outputs are fixed device buffers, refilled each call and replayed as one graph launch.
+
+What crosses between host and device per U-Net step, on CUDA:
+- `sample` (B x 4 x h x w float32) and `timestep` (B floats) host -> device: the scheduler
+  and guidance arithmetic are numpy.
+- `noise_pred` (B x 4 x h x w float32) device -> host, for the same reason.
+- `encoder_hidden_states`: nothing when fed as the text encoder's device value. On the CUDA
+  graph path it is copied device -> device into the graph's buffer (ort.copy_tensors), or,
+  where this ORT build has no device copy, through the host (about 0.5 MB for SD 1.5).
+On the CPU every value is host memory and nothing is transferred.
+"""
 
 from __future__ import annotations
 
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +33,10 @@ from ..bundle import Bundle
 from ..errors import UserError
 from .base import io_table
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+STATIC_SHAPES = ("auto", "always", "never")
+
 
 def providers_for(device: str) -> list[str]:
     """Execution providers for `device` (cpu, cuda or auto), failing clearly when absent."""
@@ -17,37 +44,343 @@ def providers_for(device: str) -> list[str]:
 
     available = ort.get_available_providers()
     if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
     if device == "cuda":
         raise UserError(
             "device 'cuda' needs onnxruntime-gpu, which is not installed here; "
             "run `pip install 'sdrt[cuda]'` or use --device cpu"
         )
-    return ["CPUExecutionProvider"]
+    return [CPU]
+
+
+@dataclass(frozen=True)
+class CudaOptions:
+    """CUDA provider settings; each is a lever to measure, not a known best.
+
+    cudnn_conv_algo_search: EXHAUSTIVE times every cuDNN algorithm once per shape (slow first
+    call, fastest after); HEURISTIC starts faster. arena_extend_strategy: kSameAsRequested
+    grows the memory arena by what is asked, not to the next power of two, which matters when
+    a dynamic and several static sessions of one model share the GPU. prefer_nhwc: let ORT run
+    convolutions channels-last (off until measured on a graph exported for it).
+    """
+
+    device_id: int = 0
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    arena_extend_strategy: str = "kSameAsRequested"
+    prefer_nhwc: bool = False
+
+
+def cuda_provider_options(options: CudaOptions, cuda_graph: bool) -> dict[str, str]:
+    """The CUDA provider's option strings; keys off by default are left out, so an ORT build
+    that predates them still accepts the rest."""
+    values = {
+        "device_id": str(options.device_id),
+        "cudnn_conv_algo_search": options.cudnn_conv_algo_search,
+        "arena_extend_strategy": options.arena_extend_strategy,
+    }
+    if options.prefer_nhwc:
+        values["prefer_nhwc"] = "1"
+    if cuda_graph:
+        values["enable_cuda_graph"] = "1"
+    return values
+
+
+def session_providers(
+    providers: Sequence[str], options: CudaOptions, cuda_graph: bool = False
+) -> list[Any]:
+    """`providers` with the CUDA provider's options attached, as InferenceSession takes them."""
+    return [(p, cuda_provider_options(options, cuda_graph)) if p == CUDA else p for p in providers]
+
+
+@dataclass(frozen=True)
+class StaticVariant:
+    """A copy of a component's graph with every named dimension fixed to `dims`."""
+
+    path: Path
+    dims: dict[str, int]
+
+
+def static_variants(bundle: Bundle, component: str) -> list[StaticVariant]:
+    """The manifest's static variants of `component`, each checked to exist."""
+    entries = bundle.manifest["components"][component].get("static_variants") or []
+    variants = []
+    for entry in entries:
+        try:
+            variant = StaticVariant(
+                bundle.root / entry["file"], {k: int(v) for k, v in entry["dims"].items()}
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise UserError(
+                f"manifest entry for a static variant of {component} is malformed ({err!r}); "
+                "re-export the bundle"
+            ) from err
+        if not variant.path.is_file():
+            raise UserError(f"{variant.path} is missing from the bundle; re-export it")
+        variants.append(variant)
+    return variants
+
+
+def resolve_dims(
+    specs: Mapping[str, tuple[str, list[Any]]], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, int]:
+    """Sizes of the named dimensions, read from the feeds' shapes and checked for agreement."""
+    dims: dict[str, int] = {}
+    seen_in: dict[str, str] = {}
+    for name, (_, spec) in specs.items():
+        shape = tuple(shapes[name])
+        if len(shape) != len(spec):
+            raise UserError(f"input {name} has shape {shape}, expected rank {len(spec)} ({spec})")
+        for size, dim in zip(shape, spec, strict=True):
+            if isinstance(dim, str):
+                if dims.setdefault(dim, size) != size:
+                    raise UserError(
+                        f"input {name} has {dim}={size} but {seen_in[dim]} has "
+                        f"{dim}={dims[dim]}; feed inputs of matching sizes"
+                    )
+                seen_in.setdefault(dim, name)
+            elif size != dim:
+                raise UserError(f"input {name} has shape {shape}, expected {spec}")
+    return dims
+
+
+def match_static_variant(
+    variants: Sequence[StaticVariant], dims: Mapping[str, int]
+) -> StaticVariant | None:
+    """The variant fixed to exactly these sizes; it must fix every dimension the feeds name."""
+    for variant in variants:
+        if all(variant.dims.get(name) == size for name, size in dims.items()):
+            return variant
+    return None
+
+
+def use_static_variants(policy: str, provider: str) -> bool:
+    """Static copies pay off where a CUDA graph can be captured, so "auto" uses them on the
+    CUDA provider only; "always" also on the CPU (shape arithmetic folded), "never" nowhere."""
+    if policy not in STATIC_SHAPES:
+        raise UserError(f"static_shapes must be one of {', '.join(STATIC_SHAPES)}, got {policy!r}")
+    return policy == "always" or (policy == "auto" and provider == CUDA)
+
+
+def cuda_graph_usable(provider: str, cuda_graph: bool, variant: StaticVariant | None) -> bool:
+    """ORT captures a CUDA graph only for a graph whose shapes are all static, on CUDA."""
+    return cuda_graph and provider == CUDA and variant is not None
 
 
 class OnnxRuntimeEngine:
-    """One InferenceSession; feeds are cast to the dtypes the graph declares."""
+    """One component: a dynamic-shape session, plus one fixed-buffer session per static
+    variant in use. Not safe to call from several threads at once on the static path."""
 
-    def __init__(self, bundle: Bundle, component: str, device: str = "auto") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        component: str,
+        device: str = "auto",
+        *,
+        static_shapes: str = "auto",
+        cuda_graph: bool = True,
+        cuda_options: CudaOptions | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         info = bundle.components[component]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(bundle.path(component)), options, providers=providers_for(device)
-        )
+        self.component = component
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
+        self.cuda_options = cuda_options or CudaOptions()
+        self.cuda_graph = cuda_graph
+        self._providers = providers_for(device)
+        self.session = ort.InferenceSession(
+            str(bundle.path(component)),
+            session_options(),
+            providers=session_providers(self._providers, self.cuda_options),
+        )
         self.provider = self.session.get_providers()[0]
+        self.device_type = "cuda" if self.provider == CUDA else "cpu"
+        self.device_id = self.cuda_options.device_id if self.device_type == "cuda" else 0
+        variants = static_variants(bundle, component)
+        self.variants = variants if use_static_variants(static_shapes, self.provider) else []
+        self._static: dict[Path, StaticRunner | None] = {}
+        self._lock = threading.Lock()
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        cast = {
-            name: np.ascontiguousarray(feeds[name], dtype=dtype)
-            for name, (dtype, _) in self.inputs.items()
-        }
-        values = self.session.run(list(self.outputs), cast)
-        return dict(zip(self.outputs, values, strict=True))
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Named numpy arrays (or device values) in, named host numpy arrays out."""
+        runner = self.static_runner(feeds)
+        if runner is not None:
+            with self._lock:
+                values = runner.run(feeds)
+                # On the CPU, OrtValue.numpy() is a view of a buffer the next call overwrites.
+                return {k: to_host(values[k], copy=self.device_type == "cpu") for k in self.outputs}
+        binding, _held = self._bind(feeds, output_device="cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.outputs, binding.copy_outputs_to_cpu(), strict=True))
+
+    def run_on_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Like `run`, but outputs stay where the engine runs, as `ort.OrtValue`s to feed the
+        next engine. From a static variant they are its buffers, valid until the next call."""
+        runner = self.static_runner(feeds)
+        if runner is not None:
+            with self._lock:
+                values = runner.run(feeds)
+                return {k: values[k] for k in self.outputs}
+        binding, _held = self._bind(feeds, output_device=self.device_type)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.outputs, binding.get_outputs(), strict=True))
+
+    def static_runner(self, feeds: Mapping[str, Any]) -> StaticRunner | None:
+        """The fixed-buffer runner for these feeds' sizes, or None to use the dynamic graph."""
+        missing = [name for name in self.inputs if name not in feeds]
+        if missing:
+            raise UserError(f"{self.component} needs inputs {', '.join(missing)}; feed them")
+        if not self.variants:
+            return None
+        dims = resolve_dims(self.inputs, {name: shape_of(feeds[name]) for name in self.inputs})
+        variant = match_static_variant(self.variants, dims)
+        return None if variant is None else self._static_for(variant)
+
+    def preload(self) -> None:
+        """Load every static variant now rather than at the first request of its size, so a
+        server pays session creation at start-up (capture still happens on first use)."""
+        for variant in self.variants:
+            self._static_for(variant)
+
+    def _static_for(self, variant: StaticVariant) -> StaticRunner | None:
+        with self._lock:
+            if variant.path not in self._static:
+                self._static[variant.path] = self._load_static(variant)
+            return self._static[variant.path]
+
+    def _load_static(self, variant: StaticVariant) -> StaticRunner | None:
+        graph = cuda_graph_usable(self.provider, self.cuda_graph, variant)
+        try:
+            return StaticRunner(
+                variant.path,
+                session_providers(self._providers, self.cuda_options, cuda_graph=graph),
+                self.inputs,
+                self.device_type,
+                self.device_id,
+            )
+        except Exception as err:  # noqa: BLE001 - the dynamic graph computes the same thing
+            warnings.warn(
+                f"{self.component}: static variant {variant.path.name} could not be loaded "
+                f"({err}); using the dynamic-shape graph for sizes {variant.dims}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+    def _bind(self, feeds: Mapping[str, Any], output_device: str) -> tuple[Any, list[Any]]:
+        """An IO binding for one call, and the host arrays it points at, which the caller
+        holds until the run is over."""
+        binding = self.session.io_binding()
+        held = []
+        for name, (dtype, _) in self.inputs.items():
+            value = feeds[name]
+            if is_device_value(value):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                held.append(np.ascontiguousarray(value, dtype=dtype))
+                binding.bind_cpu_input(name, held[-1])
+        device_id = self.device_id if output_device != "cpu" else 0
+        for name in self.outputs:
+            binding.bind_output(name, output_device, device_id)
+        return binding, held
+
+
+class StaticRunner:
+    """A session over a static-shape graph whose inputs and outputs are bound once to fixed
+    buffers: what CUDA graph replay requires, since a replay reads and writes the addresses
+    seen at capture. Each call copies the feeds into the input buffers."""
+
+    def __init__(
+        self,
+        path: Path,
+        providers: list[Any],
+        specs: Mapping[str, tuple[str, list[Any]]],
+        device_type: str,
+        device_id: int,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
+        self.binding = self.session.io_binding()
+        self.inputs: dict[str, Any] = {}
+        self.outputs: dict[str, Any] = {}
+        for arg in self.session.get_inputs():
+            self.inputs[arg.name] = self._buffer(arg, specs[arg.name][0], device_type, device_id)
+            self.binding.bind_ortvalue_input(arg.name, self.inputs[arg.name])
+        for arg in self.session.get_outputs():
+            self.outputs[arg.name] = self._buffer(arg, arg.type, device_type, device_id)
+            self.binding.bind_ortvalue_output(arg.name, self.outputs[arg.name])
+        self.dtypes = {name: specs[name][0] for name in self.inputs}
+
+    @staticmethod
+    def _buffer(arg: Any, dtype: str, device_type: str, device_id: int) -> Any:
+        import onnxruntime as ort
+
+        if not all(isinstance(d, int) for d in arg.shape):
+            raise ValueError(f"{arg.name} has shape {arg.shape}, not static")
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            arg.shape, numpy_dtype(dtype), device_type, device_id
+        )
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        for name, buffer in self.inputs.items():
+            value = feeds[name]
+            if is_device_value(value):
+                copy_value(value, buffer)
+            else:
+                buffer.update_inplace(np.ascontiguousarray(value, dtype=self.dtypes[name]))
+        self.session.run_with_iobinding(self.binding)
+        return dict(self.outputs)
+
+
+def session_options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+def is_device_value(value: Any) -> bool:
+    import onnxruntime as ort
+
+    return isinstance(value, ort.OrtValue)
+
+
+def shape_of(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape()) if is_device_value(value) else tuple(np.shape(value))
+
+
+def to_host(value: Any, copy: bool = False) -> np.ndarray:
+    """A host numpy array; `copy` where the value is a buffer the next call overwrites (on the
+    CPU, OrtValue.numpy() is a view of it)."""
+    array = value.numpy() if is_device_value(value) else np.asarray(value)
+    return array.copy() if copy else array
+
+
+def copy_value(src: Any, dst: Any) -> None:
+    """Copy one OrtValue into another of the same shape, device to device where ORT can."""
+    import onnxruntime as ort
+
+    if tuple(src.shape()) != tuple(dst.shape()):
+        raise UserError(f"device value has shape {src.shape()}, expected {dst.shape()}")
+    try:
+        ort.copy_tensors([src], [dst])
+    except Exception:  # noqa: BLE001 - no data transfer registered for these devices
+        dst.update_inplace(np.ascontiguousarray(src.numpy()))
+
+
+def numpy_dtype(onnx_or_numpy: str) -> np.dtype:
+    """numpy dtype from a manifest name (float32) or an ORT type string (tensor(float))."""
+    names = {
+        "tensor(float)": "float32",
+        "tensor(float16)": "float16",
+        "tensor(double)": "float64",
+        "tensor(int32)": "int32",
+        "tensor(int64)": "int64",
+        "tensor(bool)": "bool",
+    }
+    return np.dtype(names.get(onnx_or_numpy, onnx_or_numpy))
