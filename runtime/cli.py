@@ -74,6 +74,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(handler=cmd_generate)
 
+    build = commands.add_parser(
+        "build", help="compile a bundle's ONNX graphs to TensorRT engines for this GPU"
+    )
+    build.add_argument("bundle")
+    build.add_argument("--batch", default="1-4", help="images per request, MIN-MAX (default 1-4)")
+    build.add_argument("--height", default="256-1024", help="pixels, MIN-MAX (default 256-1024)")
+    build.add_argument("--width", default="256-1024", help="pixels, MIN-MAX (default 256-1024)")
+    build.add_argument("--opt", help="HEIGHTxWIDTH to tune for (default 512x512 within range)")
+    build.add_argument("--static", help="one HEIGHTxWIDTH for min, opt and max")
+    build.add_argument("--opt-batch", type=int, help="batch to tune for (default: the minimum)")
+    build.add_argument(
+        "--guidance",
+        choices=("cfg", "none", "both"),
+        default="cfg",
+        help="U-Net batch: doubled for classifier-free guidance (cfg), plain, or both",
+    )
+    build.add_argument("--vae-precision", choices=("auto", "fp16", "fp32"), default="auto")
+    build.add_argument("--timing-cache", help="timing cache file, reused and updated")
+    build.add_argument("--workspace", type=float, help="builder workspace limit in GiB")
+    build.add_argument("--optimization-level", type=int, default=3, choices=range(6))
+    build.add_argument("--components", nargs="+", help="only these components")
+    build.add_argument("--force", action="store_true", help="rebuild even if engines exist")
+    build.set_defaults(handler=cmd_build)
+
     info = commands.add_parser("info", help="print what a bundle holds")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -255,6 +279,35 @@ def _print_timings(timings: dict[str, float]) -> None:
     ):
         if stage in timings:
             print(f"  {stage:16s} {timings[stage]:10.1f}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        from sdrt.export import tensorrt_build as trt_build
+    except ImportError as err:
+        raise UserError(
+            f"sdrt build needs the export extra ({err.name} is missing); "
+            "run `pip install 'sdrt[export,tensorrt]'`"
+        ) from err
+    started = time.perf_counter()
+    out = trt_build.build_engines(
+        args.bundle,
+        batch=trt_build.parse_range(args.batch, "--batch"),
+        height=trt_build.parse_range(args.height, "--height"),
+        width=trt_build.parse_range(args.width, "--width"),
+        opt=trt_build.parse_size(args.opt, "--opt") if args.opt else None,
+        static=trt_build.parse_size(args.static, "--static") if args.static else None,
+        opt_batch=args.opt_batch,
+        guidance=args.guidance,
+        vae_precision=args.vae_precision,
+        timing_cache=args.timing_cache,
+        workspace_gb=args.workspace,
+        optimization_level=args.optimization_level,
+        components=args.components,
+        force=args.force,
+    )
+    print(f"engines in {out} ({time.perf_counter() - started:.1f} s)")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -64,10 +64,17 @@ class Pipeline:
         backend: str = "onnxruntime",
         device: str = "auto",
         verify: bool = True,
+        **backend_options: Any,
     ) -> Pipeline:
-        """Validate the bundle and load each engine once; reuse the Pipeline across requests."""
+        """Validate the bundle and load each engine once; reuse the Pipeline across requests.
+
+        `backend_options` go to every engine (e.g. tensorrt's cuda_graph=True).
+        """
         loaded = Bundle.load(bundle, verify_hashes=verify)
-        engines = {name: load_engine(backend, loaded, name, device) for name in loaded.components}
+        engines = {
+            name: load_engine(backend, loaded, name, device, **backend_options)
+            for name in loaded.components
+        }
         tokenizers = {
             name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
         }

@@ -84,3 +84,12 @@ def test_generate_img2img_from_a_file_and_bad_image_path(tiny_bundle, tmp_path):
     assert main([*args, "--image", str(source), "--strength", "0.5", "--output", str(out)]) == 0
     assert Image.open(out).text["strength"] == "0.5"
     assert main([*args, "--image", str(tmp_path / "missing.png"), "--output", str(out)]) == 2
+
+
+def test_tensorrt_commands_fail_clearly_without_tensorrt(tiny_bundle, capsys):
+    assert main(["build", str(tiny_bundle), "--batch", "4-1"]) == 2
+    assert "minimum above its maximum" in capsys.readouterr().err
+    assert main(["build", str(tiny_bundle)]) == 2
+    assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err
+    assert main(["generate", str(tiny_bundle), "--prompt", "x", "--backend", "tensorrt"]) == 2
+    assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err

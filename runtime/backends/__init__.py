@@ -4,6 +4,7 @@ use needs to be installed."""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from ..bundle import Bundle
 from ..errors import UserError
@@ -16,7 +17,10 @@ BACKENDS = {
 }
 
 
-def load_engine(backend: str, bundle: Bundle, component: str, device: str) -> Engine:
+def load_engine(
+    backend: str, bundle: Bundle, component: str, device: str, **options: Any
+) -> Engine:
+    """The engine for `component`; `options` go to the backend (e.g. cuda_graph=True)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     module_name, class_name, extra = BACKENDS[backend]
@@ -27,7 +31,7 @@ def load_engine(backend: str, bundle: Bundle, component: str, device: str) -> En
             f"backend {backend!r} is not installed ({err.name} missing); "
             f"run `pip install '{extra}'`"
         ) from err
-    return getattr(module, class_name)(bundle, component, device)
+    return getattr(module, class_name)(bundle, component, device, **options)
 
 
 __all__ = ["BACKENDS", "Engine", "load_engine"]
