@@ -128,6 +128,18 @@ def test_device_values_feed_like_arrays_and_outputs_can_stay_on_the_device(bundl
     )
 
 
+def test_to_device_uploads_a_copy_in_the_declared_dtype(bundle):
+    engine = OnnxRuntimeEngine(bundle, "unet", "cpu")
+    feeds = feeds_for(DIMS, seed=11)
+    host = feeds["encoder_hidden_states"].astype(np.float64)
+    uploaded = engine.to_device("encoder_hidden_states", host)
+    assert uploaded.data_type() == "tensor(float)"
+    want = engine.run(feeds)["noise_pred"]
+    host[:] = 0  # the device value is a copy, not a view of the caller's array
+    got = engine.run({**feeds, "encoder_hidden_states": uploaded})["noise_pred"]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_default_cpu_engine_ignores_static_variants(bundle):
     engine = OnnxRuntimeEngine(bundle, "unet", "cpu")
     assert engine.variants == []

@@ -1,8 +1,9 @@
 """ONNX Runtime backend: CPU provider everywhere, CUDA provider when onnxruntime-gpu has it.
 
 Every call runs through IO binding, on the CPU as on CUDA. Feeds are numpy arrays or device
-values (`ort.OrtValue`) returned by `run_on_device`; a device value is bound where it lies, so
-the prompt embeddings the text encoder leaves on the GPU are read there by every U-Net step.
+values (`ort.OrtValue`) from `run_on_device` or `to_device`; a device value is bound where it
+lies, so the prompt embeddings the text encoder leaves on the GPU are read there by every
+U-Net step.
 
 Where a bundle ships a static-shape copy of a graph for the requested sizes (manifest
 `static_variants`), the CUDA provider runs that copy with CUDA graph capture: its inputs and
@@ -228,6 +229,14 @@ class OnnxRuntimeEngine:
         self.session.run_with_iobinding(binding)
         return dict(zip(self.outputs, binding.get_outputs(), strict=True))
 
+    def to_device(self, name: str, array: np.ndarray) -> Any:
+        """Upload `array` once as a device value for input `name`, to feed it on every call of
+        a loop (e.g. SDXL's embeddings, concatenated in numpy) without a copy per call."""
+        dtype = self.inputs[name][0]
+        return to_device_value(
+            np.ascontiguousarray(array, dtype=dtype), self.device_type, self.device_id
+        )
+
     def static_runner(self, feeds: Mapping[str, Any]) -> StaticRunner | None:
         """The fixed-buffer runner for these feeds' sizes, or None to use the dynamic graph."""
         missing = [name for name in self.inputs if name not in feeds]
@@ -348,6 +357,18 @@ def is_device_value(value: Any) -> bool:
     import onnxruntime as ort
 
     return isinstance(value, ort.OrtValue)
+
+
+def to_device_value(array: np.ndarray, device_type: str, device_id: int) -> Any:
+    """An OrtValue holding a copy of `array` on the device (on the CPU, ORT would otherwise
+    share the numpy memory, and a later change to the array would change the value)."""
+    import onnxruntime as ort
+
+    value = ort.OrtValue.ortvalue_from_shape_and_type(
+        array.shape, array.dtype, device_type, device_id
+    )
+    value.update_inplace(array)
+    return value
 
 
 def shape_of(value: Any) -> tuple[int, ...]:
