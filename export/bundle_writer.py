@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .onnx_export import (
     trace_dims,
     verify_onnx,
 )
+from .optimize import static_variant_file, write_static_variant
 
 # diffusers scheduler class -> the runtime's name for the same family
 SCHEDULER_NAMES = {
@@ -60,10 +62,14 @@ def export_bundle(
     tolerance: float | None = None,
     progress: bool = True,
     loras: list[dict[str, Any]] | None = None,
+    fused_attention: bool = False,
+    static_sizes: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
     `loras` are the records of LoRAs already fused into `pipe`, kept in the manifest.
+    `fused_attention` and `static_sizes` (HxW) target ONNX Runtime CUDA: fused attention
+    nodes, and fixed-shape copies of each graph so CUDA graphs can be captured.
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
@@ -82,6 +88,8 @@ def export_bundle(
             TOLERANCE[dtype] if tolerance is None else tolerance,
             progress,
             loras,
+            fused_attention,
+            list(static_sizes),
         )
         if out.exists():
             out.rmdir()
@@ -100,6 +108,8 @@ def _write_bundle(
     tolerance: float,
     progress: bool,
     loras: list[dict[str, Any]] | None,
+    fused_attention: bool,
+    static_sizes: list[tuple[int, int]],
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = pipe.unet.config.sample_size * vae_scale
@@ -107,6 +117,12 @@ def _write_bundle(
     # since the traced graph has no path for odd sizes.
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
     latent = 2 * unet_factor
+    for height, width in static_sizes:
+        if height % (vae_scale * unet_factor) or width % (vae_scale * unet_factor):
+            raise UserError(
+                f"static size {height}x{width} is not a multiple of "
+                f"{vae_scale * unet_factor} for this model"
+            )
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
@@ -124,8 +140,17 @@ def _write_bundle(
     for component in bar:
         bar.set_postfix_str(component.name)
         entries[component.name] = _export_component(
-            component, root, dims, check_dims, dtype, tolerance
+            component, root, dims, check_dims, dtype, tolerance, fused_attention, bool(static_sizes)
         )
+        if component.name in ("unet", "vae_decoder"):  # the per-step and the per-image graphs
+            entries[component.name]["static_variants"] = [
+                write_static_variant(
+                    root / entries[component.name]["file"],
+                    d,
+                    root / static_variant_file(component.name, d),
+                )
+                for d in (static_dims(size, vae_scale, component) for size in static_sizes)
+            ]
     pipe.tokenizer.save_pretrained(root / "tokenizer")
     if len(pairs) == 2:
         pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
@@ -148,6 +173,7 @@ def _write_bundle(
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
         "components": entries,
         # SDXL encodes an absent negative prompt as zeros rather than as ""
+        "fused_attention": fused_attention,
         "zero_negative_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "loras": loras or [],
         "export": _versions(dtype),
@@ -163,9 +189,16 @@ def _export_component(
     check_dims: dict[str, int],
     dtype: str,
     tolerance: float,
+    fused_attention: bool,
+    external_data: bool,
 ) -> dict[str, Any]:
     path = root / f"{component.name}.onnx"
-    export_onnx(component, dims, path, dtype)
+
+    def export(dtype: str) -> None:
+        fuse = fused_attention and component.name == "unet"  # where attention is the cost
+        export_onnx(component, dims, path, dtype, fuse, external_data)
+
+    export(dtype)
     parity = verify_onnx(component, path, check_dims)
     fallback = None
     if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
@@ -175,7 +208,7 @@ def _export_component(
             f"{parity['finite']}); kept in fp32"
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
-        export_onnx(component, dims, path, dtype)
+        export(dtype)
         parity = verify_onnx(component, path, check_dims)
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
@@ -200,6 +233,21 @@ def _export_component(
             "runtime": "ONNX Runtime CPU",
         },
     }
+
+
+def static_dims(size: tuple[int, int], vae_scale: int, component: Component) -> dict[str, int]:
+    """The component's dimension values for one image with guidance at HxW pixels."""
+    height, width = size
+    values = {
+        "batch": 1,
+        "unet_batch": 2,
+        "height": height,
+        "width": width,
+        "latent_height": height // vae_scale,
+        "latent_width": width // vae_scale,
+    }
+    named = {d for spec in component.inputs + component.outputs for d in spec.shape}
+    return {k: v for k, v in values.items() if k in named}
 
 
 def _passes(parity: dict[str, Any], tolerance: float) -> bool:

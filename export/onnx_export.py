@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+
+from sdrt.errors import UserError
+
+from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 
 OPSET = 17
 TWO_GB = 2**31
@@ -224,8 +229,20 @@ def trace_dims(latent_size: int, vocab: int, vae_scale: int) -> dict[str, int]:
     }
 
 
-def export_onnx(component: Component, dims: dict[str, int], path: Path, dtype: str) -> None:
-    """Trace `component` to `path` (plus `path.data` external weights when over 2 GB)."""
+def export_onnx(
+    component: Component,
+    dims: dict[str, int],
+    path: Path,
+    dtype: str,
+    fuse_attention: bool = False,
+    external_data: bool = False,
+) -> None:
+    """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
+    always with `external_data`, so static variants can share the weights).
+
+    `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
+    parse it). fp16 keeps in fp32 the nodes whose measured activations leave the fp16 range.
+    """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
     dynamic_axes = {
@@ -235,7 +252,8 @@ def export_onnx(component: Component, dims: dict[str, int], path: Path, dtype: s
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
         traced = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
+        with torch.no_grad(), fusing as fused:
             torch.onnx.export(
                 component.module.eval(),
                 args,
@@ -248,20 +266,19 @@ def export_onnx(component: Component, dims: dict[str, int], path: Path, dtype: s
                 dynamo=False,
             )
         model = onnx.load(str(traced))
+    if fuse_attention and count_nodes(model, "MultiHeadAttention", "com.microsoft") != len(fused):
+        raise UserError(
+            f"{component.name}: attention fusion missed some of its {len(fused)} "
+            "attention modules; export without --fused-attention"
+        )
     if dtype == "fp16":
-        model = to_fp16(model)
-    save_onnx(model, path)
+        model = convert_fp16(model, keep_fp32_nodes(model, feeds))
+    save_onnx(model, path, external_data)
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and arithmetic with fp32 graph inputs/outputs, so callers feed float32."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() > TWO_GB - 2**24 if _fits_bytesize(model) else True
+def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
+    too_big = model.ByteSize() > TWO_GB - 2**24 if _fits_bytesize(model) else True
+    external = external_data or too_big
     onnx.save_model(
         model,
         str(path),

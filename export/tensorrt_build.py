@@ -453,6 +453,11 @@ def build_engines(
     """
     log: Log = (lambda line: print(line, flush=True)) if progress else (lambda line: None)
     bundle = Bundle.load(bundle_dir)
+    if bundle.manifest.get("fused_attention"):
+        raise UserError(
+            f"{bundle.root} was exported with --fused-attention (ONNX Runtime's "
+            "MultiHeadAttention), which TensorRT cannot parse; export it again without that flag"
+        )
     sizes = size_ranges(
         batch=batch,
         height=height,

@@ -69,6 +69,8 @@ class Bundle:
             raise UserError(f"{root / MANIFEST} lists no {', '.join(missing)}; re-export it")
         for info in components.values():
             check_files(root, info, verify_hashes)
+            for variant in manifest["components"][info.name].get("static_variants", []):
+                check_files(root, _variant(info, variant), verify_hashes)
         bundle = cls(root, manifest, components)
         for folder in bundle.tokenizer_dirs().values():
             if not folder.is_dir():
@@ -118,6 +120,19 @@ def _component(name: str, info: Any) -> ComponentInfo:
         )
     except (KeyError, TypeError) as err:
         raise UserError(f"manifest entry for {name} lacks {err}; re-export the bundle") from err
+
+
+def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
+    """A static-shape copy of a component, checked like the component itself."""
+    return ComponentInfo(
+        info.name,
+        variant["file"],
+        variant["sha256"],
+        info.precision,
+        info.inputs,
+        info.outputs,
+        variant.get("external_data"),
+    )
 
 
 def check_files(root: Path, info: ComponentInfo, verify_hashes: bool) -> None:

@@ -41,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_source_options(export)
     export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
     export.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
+    )
+    export.add_argument(
+        "--static-size",
+        action="append",
+        default=[],
+        metavar="HxW",
+        help="also write fixed-shape graphs for this size (ORT CUDA graphs); repeatable",
+    )
+    export.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -161,6 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("give a model to export, or --random-weights tiny|sd15|sd21|sdxl")
     bundle_writer.check_destination(Path(args.bundle))
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
+    static_sizes = [_parse_size(size, "--static-size") for size in args.static_size]
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
     started = time.perf_counter()
@@ -176,6 +189,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.tolerance,
         args.random_weights,
         records,
+        fused_attention=args.fused_attention,
+        static_sizes=static_sizes,
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
@@ -191,11 +206,20 @@ def _export(
     tolerance: float | None,
     preset: str | None,
     loras: list[dict[str, Any]] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     from sdrt.export.presets import PRESETS
 
     family = PRESETS[preset]["family"] if preset else load.family_of(pipe)
-    return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance, loras=loras)
+    return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance, loras=loras, **options)
+
+
+def _parse_size(text: str, flag: str) -> tuple[int, int]:
+    """ "512x768" -> (512, 768), HEIGHTxWIDTH."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UserError(f"{flag} {text!r} is not HEIGHTxWIDTH, e.g. 512x512")
+    return int(parts[0]), int(parts[1])
 
 
 def _print_parity(manifest: dict[str, Any]) -> None:

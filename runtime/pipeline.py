@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Engine, load_engine
+from .backends.base import upload_constants
 from .bundle import Bundle
 from .errors import UserError
 from .image_inputs import (
@@ -122,7 +123,10 @@ class Pipeline:
         )
         timer, start = Timer(), time.perf_counter()
         guided = guidance_scale > 1.0 and not self.guidance_embedded
-        cond = self.conditioning(prompts, negatives, guided, guidance_scale, height, width)
+        unet = self.engines["unet"]
+        cond = upload_constants(
+            unet, self.conditioning(prompts, negatives, guided, guidance_scale, height, width)
+        )
         tick = timer("text_encoder_ms", start)
 
         sched = make_scheduler(scheduler, self.manifest["scheduler_config"])
@@ -144,7 +148,6 @@ class Pipeline:
             timesteps, latents = sched.timesteps[first * sched.order :], begin.latents
         tick = timer("vae_encode_ms" if image is not None else "scheduler_ms", tick)
 
-        unet = self.engines["unet"]
         for i, t in enumerate(_progress(timesteps, progress)):
             model_in = np.concatenate([latents] * 2) if guided else latents
             model_in = sched.scale_model_input(model_in, t)

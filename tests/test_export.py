@@ -75,3 +75,54 @@ def test_missing_model_and_unknown_preset_are_user_errors(tmp_path):
         load.load_pipeline(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="unknown random-weight preset"):
         load.load_pipeline(None, random_weights="sd99")
+
+
+def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
+    tiny_pipe, tiny_bundle, tmp_path
+):
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from sdrt import Pipeline
+    from sdrt.export.optimize import count_nodes
+    from sdrt.export.tensorrt_build import build_engines
+
+    out = tmp_path / "fast"
+    manifest = bundle_writer.export_bundle(
+        tiny_pipe,
+        out,
+        "sd1",
+        dtype="fp16",
+        progress=False,
+        fused_attention=True,
+        static_sizes=[(64, 96)],
+    )
+    assert manifest["fused_attention"] is True
+    unet = onnx.load(str(out / "unet.onnx"))
+    assert count_nodes(unet, "MultiHeadAttention", "com.microsoft") > 0
+    variants = manifest["components"]["unet"]["static_variants"]
+    assert [v["dims"] for v in variants] == [
+        {"unet_batch": 2, "latent_height": 8, "latent_width": 12}
+    ]
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 12), np.float32)
+    call = {
+        "num_inference_steps": 4,
+        "height": 64,
+        "width": 96,
+        "latents": latents,
+        "output_type": "np",
+        "scheduler": "ddim",
+    }
+    fast = Pipeline.load(out, device="cpu")("a cat", **call).images
+    plain = Pipeline.load(tiny_bundle, device="cpu")("a cat", **call).images
+    assert np.abs(fast - plain).max() < 2e-2
+    with pytest.raises(UserError, match="cannot parse"):
+        build_engines(out)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    with (broken / variants[0]["file"]).open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="does not match the sha256"):
+        Bundle.load(broken)

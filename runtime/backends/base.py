@@ -19,3 +19,12 @@ class Engine(Protocol):
 def io_table(specs: list[dict[str, Any]]) -> dict[str, tuple[str, list[Any]]]:
     """The manifest's list of {name, dtype, shape} as the Engine's name -> (dtype, shape)."""
     return {s["name"]: (s["dtype"], list(s["shape"])) for s in specs}
+
+
+def upload_constants(engine: Engine, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Feeds that stay fixed over a loop, moved to the engine's device once where the backend
+    can hold device values (ONNX Runtime's `to_device`); otherwise the arrays themselves."""
+    to_device = getattr(engine, "to_device", None)
+    if to_device is None:
+        return dict(feeds)
+    return {name: to_device(name, value) for name, value in feeds.items()}
