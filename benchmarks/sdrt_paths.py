@@ -1,0 +1,94 @@
+"""sdrt backends as benchmark runners: the numpy Pipeline driving one backend's engines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sdrt import Pipeline
+from sdrt.errors import UserError
+
+from .harness import Generated
+from .memory import MemoryProbe, engine_probe
+from .workload import Workload
+
+# Each backend at its fastest setting: ONNX Runtime captures CUDA graphs by default, TensorRT
+# only when asked.
+BACKEND_OPTIONS: dict[str, dict[str, Any]] = {"tensorrt": {"cuda_graph": True}}
+
+
+class SdrtRunner:
+    """Stages run the engines on the workload's inputs, the text stage the Pipeline's own
+    conditioning step; `generate` is the Pipeline call users make."""
+
+    def __init__(self, pipeline: Pipeline, workload: Workload, memory: MemoryProbe) -> None:
+        self.pipeline = pipeline
+        self.workload = workload
+        self.memory = memory
+        engines, negative = pipeline.engines, workload.negative_prompt
+        self.stages: dict[str, Callable[[], Any]] = {
+            "text_encoder": lambda: pipeline.conditioning(
+                [workload.prompt],
+                [negative] if negative else None,
+                workload.guided,
+                workload.guidance,
+                workload.height,
+                workload.width,
+            ),
+            "unet_step": lambda: engines["unet"].run(workload.unet_feeds),
+            "vae_decode": lambda: engines["vae_decoder"].run({"latent": workload.latent}),
+        }
+
+    def stage(self, name: str) -> Callable[[], Any]:
+        return self.stages[name]
+
+    def generate(self, batch: int) -> Generated:
+        out = self.pipeline(
+            **self.workload.call(batch),
+            scheduler=self.workload.scheduler,
+            latents=self.workload.latents[batch],
+            output_type="np",
+        )
+        return Generated(out.images, out.timings)
+
+    def synchronize(self) -> None:
+        pass  # engines return host arrays: a call has finished on the device when it returns
+
+
+def load_runner(
+    bundle: Path, backend: str, device: str, workload: Workload
+) -> tuple[SdrtRunner, float, dict[str, Any]]:
+    """Load the bundle's engines (raising UserError when the backend, its engines or the
+    device are missing); returns the runner, the seconds loading took and what it runs on."""
+    memory = engine_probe(device)
+    memory.start()  # before loading, so the engines' own allocations count
+    start = time.perf_counter()
+    options = BACKEND_OPTIONS.get(backend, {})
+    pipeline = Pipeline.load(bundle, backend=backend, device=device, **options)
+    seconds = time.perf_counter() - start
+    details = {
+        "precision": sorted({c.precision for c in pipeline.bundle.components.values()}),
+        "provider": sorted({getattr(e, "provider", backend) for e in pipeline.engines.values()}),
+        "options": options,
+    }
+    return SdrtRunner(pipeline, workload, memory), seconds, details
+
+
+def bundle_size(bundle: Path, height: int | None, width: int | None) -> tuple[int, int]:
+    """The size to benchmark: the bundle's native one unless given, and always one its engines
+    can run, checked before any timing starts."""
+    from sdrt.bundle import read_manifest
+
+    manifest = read_manifest(Path(bundle))
+    multiple = manifest.get("size_multiple", 8)
+    native_height, native_width = manifest["default_size"]
+    sizes = {"height": height or native_height, "width": width or native_width}
+    for name, value in sizes.items():
+        if value % multiple:
+            raise UserError(
+                f"--{name} {value} is not a multiple of {multiple}, which this model needs; "
+                "pick another size"
+            )
+    return sizes["height"], sizes["width"]

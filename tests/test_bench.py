@@ -1,0 +1,241 @@
+"""`sdrt bench` measures every path the same way and writes JSON, Markdown and a PNG chart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from sdrt.benchmarks.cli import add_options, main, run_bench
+from sdrt.benchmarks.harness import STAGES, loop_overhead, percentiles, time_calls
+from sdrt.benchmarks.memory import NvmlDeviceUse
+from sdrt.benchmarks.report import markdown
+from sdrt.benchmarks.settings import parse_batch_sizes, resolve_settings
+from sdrt.errors import UserError
+
+QUICK = ["--device", "cpu", "--steps", "2", "--warmup", "1", "--iterations", "2"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One full run on the tiny model: export, eager, ONNX Runtime CPU; progress collected."""
+    out = tmp_path_factory.mktemp("bench")
+    progress: list[str] = []
+    args = bench_args(*QUICK, "--batch-sizes", "1,2", "--out", str(out))
+    result = run_bench(args, report=progress.append)
+    return result, out, progress
+
+
+def paths_by_status(result, status):
+    return {p["name"]: p for p in result["paths"] if p["status"] == status}
+
+
+def test_json_on_disk_is_the_result_returned_and_records_how_it_was_made(bench):
+    result, out, _ = bench
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["schema"] == "sdrt-bench/1" and on_disk["complete"] is True
+    assert on_disk["machine"]["device"] == "cpu" and on_disk["machine"]["device_name"]
+    for package in ("sdrt", "torch", "diffusers", "onnxruntime"):
+        assert on_disk["versions"][package], package
+    assert on_disk["date"] and on_disk["command"]
+    assert on_disk["settings"]["steps"] == 2 and on_disk["settings"]["height"] == 64
+    assert on_disk["workload"]["guided"] and on_disk["workload"]["unet_batch"] == 2
+    assert [p["name"] for p in on_disk["paths"]] == [p["name"] for p in result["paths"]]
+
+
+def test_eager_and_onnxruntime_are_measured_and_tensorrt_skipped_with_a_reason_on_cpu(bench):
+    result, _, _ = bench
+    assert set(paths_by_status(result, "ok")) == {"eager", "sdrt_onnxruntime"}
+    skipped = paths_by_status(result, "skipped")
+    assert skipped["sdrt_tensorrt"]["reason"]
+    assert "torch_compile" not in {p["name"] for p in result["paths"]}  # off by default on cpu
+
+
+def test_every_stage_and_batch_has_ordered_positive_percentiles(bench):
+    result, _, _ = bench
+    for path in paths_by_status(result, "ok").values():
+        figures = [path["stages_ms"][stage] for stage in STAGES] + [path["end_to_end_ms"]]
+        figures += [t["end_to_end_ms"] for t in path["throughput"]]
+        for f in figures:
+            assert 0 < f["p50"] <= f["p90"] <= f["p99"], (path["name"], f)
+        assert [t["batch_size"] for t in path["throughput"]] == [1, 2]
+        assert all(t["images_per_s"] > 0 for t in path["throughput"])
+        assert path["first_call_ms"] > 0
+        assert path["memory"]["peak_bytes"] > 0 and "process-wide" in path["memory"]["method"]
+
+
+def test_sdrt_matches_eager_on_the_same_latents_and_reports_build_and_loop_overhead(bench):
+    result, _, _ = bench
+    sdrt = paths_by_status(result, "ok")["sdrt_onnxruntime"]
+    assert sdrt["diff_vs_eager"]["max_abs"] <= 1e-3 and sdrt["diff_vs_eager"]["psnr_db"] > 60
+    assert sdrt["speedup_vs_eager"] > 0
+    assert sdrt["build_s"] > 0 and sdrt["build_s"] == result["bundle"]["export_s"]
+    assert sdrt["load_s"] > 0
+    assert 0 < sdrt["loop_overhead"]["percent"] < 100
+    assert sdrt["details"]["provider"] == ["CPUExecutionProvider"]
+
+
+def test_markdown_has_a_row_per_measured_path_and_says_cpu_timings_are_relative(bench):
+    result, out, _ = bench
+    text = (out / "bench.md").read_text()
+    for name in ("eager", "sdrt_onnxruntime"):
+        assert sum(line.startswith(f"| {name} |") for line in text.splitlines()) == 2, name
+    assert "relative comparison" in text
+    assert "sdrt_tensorrt (skipped)" in text
+
+
+def test_markdown_warns_that_a_stochastic_scheduler_makes_the_diff_meaningless(bench):
+    result, _, _ = bench
+    assert "fresh noise" not in markdown(result)
+    stochastic = {**result, "workload": {**result["workload"], "stochastic_scheduler": True}}
+    assert "fresh noise every step" in markdown(stochastic)
+
+
+def test_chart_is_a_png(bench):
+    _, out, _ = bench
+    assert (out / "bench.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_progress_names_each_path_as_it_runs(bench):
+    _, _, progress = bench
+    assert any(m.startswith("eager") for m in progress)
+    assert any(m.startswith("sdrt_onnxruntime") for m in progress)
+    assert any("end to end" in m for m in progress)
+
+
+def test_a_given_bundle_is_reused_instead_of_exported(tiny_model_dir, tiny_bundle, tmp_path):
+    args = bench_args(
+        str(tiny_model_dir),
+        *QUICK,
+        "--bundle",
+        str(tiny_bundle),
+        "--batch-sizes",
+        "1",
+        "--backends",
+        "onnxruntime",
+        "--out",
+        str(tmp_path),
+    )
+    result = run_bench(args, report=lambda message: None)
+    sdrt = paths_by_status(result, "ok")["sdrt_onnxruntime"]
+    assert sdrt["build_s"] is None and result["bundle"]["path"] == str(tiny_bundle)
+    assert sdrt["diff_vs_eager"]["max_abs"] <= 1e-3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bench-bundle")]
+
+
+def test_unknown_preset_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
+    code = main(["--random-weights", "no-such-preset", *QUICK, "--out", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert error.startswith("sdrt: error:") and "no-such-preset" in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-sizes", "4,x"], "--batch-sizes"),
+        (["--batch-sizes", "0"], "--batch-sizes"),
+        (["--steps", "0"], "--steps"),
+        (["--iterations", "0"], "--iterations"),
+        (["--height", "60"], "--height"),
+        (["--scheduler", "nope"], "unknown scheduler"),
+        (["--backends", "nope"], "unknown sdrt backend"),
+        (["--device", "cuda"], "no CUDA device"),
+        (["model-dir", "--random-weights", "tiny"], "not both"),
+    ],
+)
+def test_bad_options_fail_before_anything_runs(argv, message):
+    with pytest.raises(UserError, match=message):
+        resolve_settings(bench_args(*argv), cuda_available=False)
+
+
+def test_defaults_follow_the_device():
+    cpu = resolve_settings(bench_args(), cuda_available=False)
+    cuda = resolve_settings(bench_args(), cuda_available=True)
+    assert (cpu.device, cpu.dtype, cpu.steps, cpu.torch_compile) == ("cpu", "fp32", 4, False)
+    assert (cuda.device, cuda.dtype, cuda.steps, cuda.torch_compile) == ("cuda", "fp16", 50, True)
+    assert cpu.random_weights == "tiny" and cpu.scheduler == "pndm"
+    assert cpu.batch_sizes == (1, 4, 8)
+
+
+def test_batch_1_is_always_measured_since_the_main_table_reports_it():
+    assert parse_batch_sizes("8,4") == (1, 4, 8)
+
+
+def test_percentiles_are_ordered_and_exact_on_a_known_sample():
+    figures = percentiles(list(range(101)))
+    assert figures == {"p50": 50.0, "p90": 90.0, "p99": 99.0}
+
+
+def test_time_calls_times_only_the_iterations_after_warmup_and_syncs_each():
+    calls, syncs = [], []
+    samples, results = time_calls(
+        lambda: calls.append(1) or len(calls), lambda: syncs.append(1), warmup=2, iterations=3
+    )
+    assert len(calls) == 5 and results == [3, 4, 5] and len(samples) == 3
+    assert len(syncs) == 4  # once after warm-up, once after each timed call
+
+
+def test_loop_overhead_is_the_time_outside_the_engines():
+    timings = {"total_ms": 100.0, "text_encoder_ms": 10.0, "unet_ms": 70.0, "vae_decode_ms": 15.0}
+    assert loop_overhead([timings]) == {"ms": 5.0, "percent": 5.0}
+    assert loop_overhead([None]) is None
+
+
+def test_registering_the_subcommand_imports_no_heavy_library():
+    code = (
+        "import argparse, sys\n"
+        "from sdrt.benchmarks.cli import register\n"
+        "register(argparse.ArgumentParser().add_subparsers())\n"
+        "heavy = {'torch', 'diffusers', 'transformers', 'matplotlib', 'onnxruntime'}\n"
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+class FakeNvml:
+    """Stands in for pynvml: device memory in use rises by 300 MiB, then falls back."""
+
+    def __init__(self, readings):
+        self.readings = iter(readings)
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=next(self.readings))
+
+
+def test_engine_memory_on_cuda_is_the_nvml_peak_above_what_was_used_before_loading(monkeypatch):
+    mib = 2**20
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([1000 * mib, 1300 * mib, 1100 * mib]))
+    probe = NvmlDeviceUse()
+    probe.start()
+    probe.sample()
+    probe.sample()
+    assert probe.result()["peak_bytes"] == 300 * mib
+
+
+def test_engine_memory_on_cuda_without_pynvml_is_null_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
+    probe = NvmlDeviceUse()
+    probe.start()
+    probe.sample()
+    result = probe.result()
+    assert result["peak_bytes"] is None and "nvidia-ml-py" in result["reason"]
