@@ -41,7 +41,7 @@ def load_pipeline(
     if source is None:
         raise UserError(
             "no model given: pass a diffusers folder or .safetensors file, "
-            "or --random-weights tiny|sd15|sd21"
+            "or --random-weights tiny|sd15|sd21|sdxl"
         )
     path = Path(source)
     if not path.exists():

@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if engines exist")
     build.set_defaults(handler=cmd_build)
 
+    from sdrt.benchmarks.cli import register as register_bench  # argparse only; cheap
+
+    register_bench(commands)
+
     info = commands.add_parser("info", help="print what a bundle holds")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
