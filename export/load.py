@@ -108,11 +108,13 @@ def _load_single_file(path: Path) -> Any:
         ) from err
 
 
-def random_pipeline(preset: str, seed: int = 0) -> Any:
-    """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary."""
+def random_pipeline(preset: str, seed: int = 0, device: str = "cpu") -> Any:
+    """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary.
+
+    device="meta" builds the modules without memory, to check a preset's shapes cheaply.
+    """
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     if preset not in PRESETS:
         raise UserError(
@@ -120,6 +122,21 @@ def random_pipeline(preset: str, seed: int = 0) -> Any:
         )
     spec = PRESETS[preset]
     torch.manual_seed(seed)
+    with torch.device(device):
+        parts = _random_modules(spec)
+    parts["scheduler"] = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(
+        spec["scheduler"]
+    )
+    if spec["family"] == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**parts)
+    return diffusers.StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def _random_modules(spec: dict[str, Any]) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     parts: dict[str, Any] = {}
     tokenizer, parts["text_encoder"] = _random_text_encoder(
         spec["text_encoder"], spec.get("pad_token", "<|endoftext|>"), projection=False
@@ -131,14 +148,7 @@ def random_pipeline(preset: str, seed: int = 0) -> Any:
         )
     parts["unet"] = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **spec["unet"]})
     parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
-    parts["scheduler"] = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(
-        spec["scheduler"]
-    )
-    if spec["family"] == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(**parts)
-    return diffusers.StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
+    return parts
 
 
 def _random_text_encoder(config: dict[str, Any], pad_token: str, projection: bool) -> Any:
@@ -153,8 +163,11 @@ def _random_text_encoder(config: dict[str, Any], pad_token: str, projection: boo
         vocab_size = write_byte_level_clip_vocab(tmp, pad_token=pad_token)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
     text_config = CLIPTextConfig(
-        **{"max_position_embeddings": 77, **config},
-        vocab_size=max(config.get("vocab_size", 0), vocab_size),
+        **{
+            "max_position_embeddings": 77,
+            **config,
+            "vocab_size": max(config.get("vocab_size", 0), vocab_size),
+        },
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

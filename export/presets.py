@@ -125,7 +125,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             **SD_SCHEDULER,
             "_class_name": "EulerDiscreteScheduler",
             "timestep_spacing": "trailing",
-            "steps_offset": 0,
         },
     },
     "sd15": {
