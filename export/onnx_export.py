@@ -291,9 +291,11 @@ def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -
 
 def _fits_bytesize(model: onnx.ModelProto) -> bool:
     """ByteSize() itself fails on protos past protobuf's 2 GB limit."""
+    from google.protobuf.message import EncodeError
+
     try:
         model.ByteSize()
-    except ValueError:
+    except (ValueError, EncodeError):
         return False
     return True
 

@@ -146,13 +146,15 @@ class Pipeline:
                 image, mask_image, height, width, noise, first, sched, rng
             )
             timesteps, latents = sched.timesteps[first * sched.order :], begin.latents
+        extra = None if begin is None else begin.unet_extra  # 9-channel inpainting inputs
+        if extra is not None and guided:
+            extra = np.concatenate([extra] * 2)
         tick = timer("vae_encode_ms" if image is not None else "scheduler_ms", tick)
 
         for i, t in enumerate(_progress(timesteps, progress)):
             model_in = np.concatenate([latents] * 2) if guided else latents
             model_in = sched.scale_model_input(model_in, t)
-            if begin is not None and begin.unet_extra is not None:
-                extra = np.concatenate([begin.unet_extra] * 2) if guided else begin.unet_extra
+            if extra is not None:
                 model_in = np.concatenate([model_in, extra], axis=1)
             tick = timer("scheduler_ms", tick)
             noise_pred = unet.run(
