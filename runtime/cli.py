@@ -346,13 +346,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    print(f"bundle      {bundle.root}")
-    print(f"family      {manifest['family']}  ({manifest['prediction_type']})")
+    print(f"bundle         {bundle.root}")
+    print(f"family         {manifest['family']}  ({manifest['prediction_type']})")
     print(
-        f"size        default {manifest['default_size'][0]}x{manifest['default_size'][1]}, "
+        f"size           default {manifest['default_size'][0]}x{manifest['default_size'][1]}, "
         f"multiples of {manifest.get('size_multiple', 8)}"
     )
-    print(f"scheduler   {manifest['scheduler']}")
+    print(f"scheduler      {manifest['scheduler']}")
+    loras = ", ".join(f"{r['file']}:{r['scale']}" for r in manifest.get("loras", [])) or "none"
+    print(f"loras          {loras}")
+    print(
+        f"attention   {'fused (ONNX Runtime only)' if manifest.get('fused_attention') else 'plain'}"
+    )
+    engines = sorted(p.name for p in (bundle.root / "engines").glob("*") if p.is_dir())
+    print(f"engines        {', '.join(engines) or 'none (sdrt build makes TensorRT engines)'}")
     for name, entry in manifest["components"].items():
         size = sum(
             (bundle.root / f).stat().st_size
@@ -360,8 +367,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             if f
         )
         print(
-            f"{name:11s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB  "
+            f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB  "
             f"parity max rel {entry['parity']['max_rel']:.1e}"
+            + (
+                f"  static shapes: {len(entry['static_variants'])}"
+                if entry.get("static_variants")
+                else ""
+            )
         )
     return 0
 
