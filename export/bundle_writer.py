@@ -91,6 +91,7 @@ def export_bundle(
             fused_attention,
             list(static_sizes),
         )
+        _normal_permissions(staging)
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -233,6 +234,15 @@ def _export_component(
             "runtime": "ONNX Runtime CPU",
         },
     }
+
+
+def _normal_permissions(root: Path) -> None:
+    """Files as the user's umask would make them: onnx writes external data as 0600, which a
+    serving account other than the exporting one could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def static_dims(size: tuple[int, int], vae_scale: int, component: Component) -> dict[str, int]:

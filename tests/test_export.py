@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -100,6 +101,9 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
         static_sizes=[(64, 96)],
     )
     assert manifest["fused_attention"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "unet.onnx.data").stat().st_mode & 0o777 == 0o666 & ~umask
     unet = onnx.load(str(out / "unet.onnx"))
     assert count_nodes(unet, "MultiHeadAttention", "com.microsoft") > 0
     variants = manifest["components"]["unet"]["static_variants"]
