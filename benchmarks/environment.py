@@ -70,4 +70,5 @@ def now() -> str:
 
 
 def command_line() -> str:
-    return shlex.join(sys.argv)
+    """The command as a user would retype it: the program's name, not its install path."""
+    return shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
