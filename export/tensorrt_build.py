@@ -63,26 +63,6 @@ MAX_OPTIMIZATION_LEVEL = 5
 Log = Callable[[str], None]
 
 
-# ---- user input ---------------------------------------------------------------------------
-
-
-def parse_range(text: str, what: str) -> tuple[int, int]:
-    """ "1-4" -> (1, 4); "4" -> (4, 4)."""
-    parts = [p.strip() for p in text.strip().split("-")]
-    if len(parts) in (1, 2) and all(p.isascii() and p.isdigit() for p in parts):
-        low, high = int(parts[0]), int(parts[-1])
-        return low, high
-    raise UserError(f"{what} {text!r} is not a range; write MIN-MAX (e.g. 1-4) or one number")
-
-
-def parse_size(text: str, what: str) -> tuple[int, int]:
-    """ "512x768" -> (512, 768), as HEIGHTxWIDTH."""
-    parts = [p.strip() for p in text.strip().lower().split("x")]
-    if len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts):
-        return int(parts[0]), int(parts[1])
-    raise UserError(f"{what} {text!r} is not a size; write HEIGHTxWIDTH (e.g. 512x768)")
-
-
 def size_ranges(
     *,
     batch: tuple[int, int] = DEFAULT_BATCH,

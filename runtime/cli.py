@@ -177,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError("give a model to export, or --random-weights tiny|sd15|sd21|sdxl")
     bundle_writer.check_destination(Path(args.bundle))
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
-    static_sizes = [_parse_size(size, "--static-size") for size in args.static_size]
+    static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
     started = time.perf_counter()
@@ -218,12 +218,21 @@ def _export(
     return bundle_writer.export_bundle(pipe, out, family, dtype, tolerance, loras=loras, **options)
 
 
-def _parse_size(text: str, flag: str) -> tuple[int, int]:
-    """ "512x768" -> (512, 768), HEIGHTxWIDTH."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise UserError(f"{flag} {text!r} is not HEIGHTxWIDTH, e.g. 512x512")
-    return int(parts[0]), int(parts[1])
+def parse_range(text: str, what: str) -> tuple[int, int]:
+    """ "1-4" -> (1, 4); "4" -> (4, 4)."""
+    parts = [p.strip() for p in text.strip().split("-")]
+    if len(parts) in (1, 2) and all(p.isascii() and p.isdigit() for p in parts):
+        low, high = int(parts[0]), int(parts[-1])
+        return low, high
+    raise UserError(f"{what} {text!r} is not a range; write MIN-MAX (e.g. 1-4) or one number")
+
+
+def parse_size(text: str, what: str) -> tuple[int, int]:
+    """ "512x768" -> (512, 768), as HEIGHTxWIDTH."""
+    parts = [p.strip() for p in text.strip().lower().split("x")]
+    if len(parts) == 2 and all(p.isascii() and p.isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise UserError(f"{what} {text!r} is not a size; write HEIGHTxWIDTH (e.g. 512x768)")
 
 
 def _print_parity(manifest: dict[str, Any]) -> None:
@@ -320,11 +329,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = trt_build.build_engines(
         args.bundle,
-        batch=trt_build.parse_range(args.batch, "--batch"),
-        height=trt_build.parse_range(args.height, "--height"),
-        width=trt_build.parse_range(args.width, "--width"),
-        opt=trt_build.parse_size(args.opt, "--opt") if args.opt else None,
-        static=trt_build.parse_size(args.static, "--static") if args.static else None,
+        batch=parse_range(args.batch, "--batch"),
+        height=parse_range(args.height, "--height"),
+        width=parse_range(args.width, "--width"),
+        opt=parse_size(args.opt, "--opt") if args.opt else None,
+        static=parse_size(args.static, "--static") if args.static else None,
         opt_batch=args.opt_batch,
         guidance=args.guidance,
         vae_precision=args.vae_precision,

@@ -19,6 +19,7 @@ import pytest
 from sdrt.backends import load_engine
 from sdrt.backends import tensorrt as trt_backend
 from sdrt.bundle import Bundle, file_sha256
+from sdrt.cli import parse_range, parse_size
 from sdrt.engine_cache import (
     ENGINES_DIR,
     RECORD,
@@ -223,15 +224,15 @@ def test_a_size_off_the_multiple_suggests_the_neighbours() -> None:
 
 
 def test_range_and_size_strings_parse_and_garbage_is_refused() -> None:
-    assert tb.parse_range("1-4", "batch") == (1, 4)
-    assert tb.parse_range(" 2 ", "batch") == (2, 2)
-    assert tb.parse_size("512x768", "opt") == (512, 768)
+    assert parse_range("1-4", "batch") == (1, 4)
+    assert parse_range(" 2 ", "batch") == (2, 2)
+    assert parse_size("512x768", "opt") == (512, 768)
     for bad in ("1-", "a-4", "1-2-3", "-1"):
         with pytest.raises(UserError, match="MIN-MAX"):
-            tb.parse_range(bad, "batch")
+            parse_range(bad, "batch")
     for bad in ("512*512", "512", "x512", "512x512x3"):
         with pytest.raises(UserError, match="HEIGHTxWIDTH"):
-            tb.parse_size(bad, "opt")
+            parse_size(bad, "opt")
 
 
 def test_a_dimension_the_builder_cannot_size_is_refused(bundle: Bundle) -> None:
