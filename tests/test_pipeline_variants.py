@@ -221,3 +221,37 @@ def test_sdxl_two_encoders_pooled_and_time_ids_match(preset_bundle, negative):
     )
     eager = run_diffusers(pipe, "euler", latents, prompt=PROMPT, negative_prompt=negative, **call)
     assert np.abs(ours.images - eager).max() <= TOLERANCE
+
+
+def test_sdxl_img2img_matches(preset_bundle, monkeypatch):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+
+    pipe, bundle = preset_bundle("tiny-sdxl")
+    runtime = Pipeline.load(bundle, device="cpu")
+    image, seed, shape = random_image(2), 8, (1, 4, 8, 8)
+    rng = np.random.default_rng(seed)
+    start_noise, vae_noise = (rng.standard_normal(shape, np.float32) for _ in range(2))
+    patch_vae_sampling(monkeypatch, [vae_noise])
+    monkeypatch.setattr(pipeline_stable_diffusion_xl_img2img, "randn_tensor", queued([start_noise]))
+    call = {"num_inference_steps": 6, "guidance_scale": 5.0, "strength": 0.5}
+    ours = runtime(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        image=image,
+        scheduler="euler",
+        seed=seed,
+        output_type="np",
+        **call,
+    )
+    eager_pipe = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    eager_pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
+    eager_pipe.set_progress_bar_config(disable=True)
+    eager = eager_pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        image=image.astype(np.float32)[None] / 255.0,
+        output_type="np",
+        **call,
+    ).images
+    assert np.abs(ours.images - eager).max() <= TOLERANCE
