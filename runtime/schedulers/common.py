@@ -25,6 +25,13 @@ BASE_DEFAULTS: dict[str, Any] = {
     "rescale_betas_zero_snr": False,
 }
 
+# The keys `limit_predicted_original` reads for dynamic thresholding, at diffusers' defaults.
+THRESHOLDING_DEFAULTS: dict[str, Any] = {
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+}
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -51,9 +58,7 @@ class Scheduler(Protocol):
         noise: np.ndarray | None = None,
     ) -> np.ndarray: ...
 
-    def add_noise(
-        self, original: np.ndarray, noise: np.ndarray, timestep: float
-    ) -> np.ndarray: ...
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray: ...
 
 
 def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,6 +140,12 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 def alphas_cumprod_for(config: Mapping[str, Any]) -> np.ndarray:
     return _cumprod_f32(1.0 - betas_for(config))
+
+
+def final_alpha_cumprod(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> np.float32:
+    """alphas_cumprod past the last step, which has no previous timestep: a clean image (1) with
+    `set_alpha_to_one`, else the first training alpha."""
+    return np.float32(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]
 
 
 def spaced_timesteps(config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
@@ -231,6 +242,18 @@ def forward_diffuse(
     alpha_prod = alphas_cumprod[int(timestep)]
     noisy = alpha_prod**0.5 * original + (1 - alpha_prod) ** 0.5 * noise
     return noisy.astype(original.dtype, copy=False)
+
+
+def vp_forward_diffuse(original: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarray:
+    """x = alpha_t x_0 + sigma_t noise at noise level `sigma`: img2img noising of the multistep
+    solvers, which diffusers computes from their sigmas rather than from alphas_cumprod."""
+    alpha_t, sigma_t = vp_alpha_sigma(sigma)
+    return (alpha_t * original + sigma_t * noise).astype(original.dtype, copy=False)
+
+
+def sigma_forward_diffuse(original: np.ndarray, noise: np.ndarray, sigma: float) -> np.ndarray:
+    """x = x_0 + sigma noise: img2img noising of the families that keep samples unscaled."""
+    return (original + noise * sigma).astype(original.dtype, copy=False)
 
 
 def training_sigmas(config: Mapping[str, Any]) -> np.ndarray:
@@ -360,6 +383,32 @@ def sigma_predicted_original(
     if prediction_type == "v_prediction":
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     return model_output
+
+
+def sigma_scaled_input(sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+    """x / sqrt(sigma^2 + 1): an unscaled sample brought back to the unit variance the model saw
+    in training (the sigma families)."""
+    return sample / ((sigma**2 + 1) ** 0.5)
+
+
+def solver_data_prediction(
+    config: Mapping[str, Any], model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
+) -> np.ndarray:
+    """x0 from a model output at noise level `sigma`, thresholded if the config asks.
+
+    For the multistep solvers: written in alpha_t and sigma_t, not alphas_cumprod, so that it
+    rounds as diffusers' solvers do; they have no clip_sample option.
+    """
+    alpha_t, sigma_t = vp_alpha_sigma(sigma)
+    if config["prediction_type"] == "epsilon":
+        x0 = (sample - sigma_t * model_output) / alpha_t
+    elif config["prediction_type"] == "v_prediction":
+        x0 = alpha_t * sample - sigma_t * model_output
+    else:
+        x0 = model_output
+    if config["thresholding"]:
+        x0 = limit_predicted_original(x0, {**config, "clip_sample": False})
+    return x0
 
 
 def check_num_inference_steps(config: Mapping[str, Any], num_inference_steps: int) -> None:

@@ -12,8 +12,10 @@ import numpy as np
 
 from .common import (
     BASE_DEFAULTS,
+    THRESHOLDING_DEFAULTS,
     alphas_cumprod_for,
     check_num_inference_steps,
+    final_alpha_cumprod,
     forward_diffuse,
     limit_predicted_original,
     predicted_noise,
@@ -29,9 +31,7 @@ class DDIMScheduler:
         "clip_sample": True,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLDING_DEFAULTS,
     }
     order = 1
     stochastic = False
@@ -40,10 +40,7 @@ class DDIMScheduler:
     def __init__(self, config: Mapping[str, Any]):
         self.config = resolve_config(self.DEFAULTS, config)
         self.alphas_cumprod = alphas_cumprod_for(self.config)
-        # The last step has no previous alpha: a clean image (1) or the first training alpha.
-        self.final_alpha_cumprod = (
-            np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        )
+        self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(self.config["num_train_timesteps"])[::-1].copy()
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .common import (
     BASE_DEFAULTS,
+    THRESHOLDING_DEFAULTS,
     alphas_cumprod_for,
     check_num_inference_steps,
     forward_diffuse,
@@ -31,9 +32,7 @@ class DDPMScheduler:
         "variance_type": "fixed_small",
         "clip_sample": True,
         "clip_sample_range": 1.0,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLDING_DEFAULTS,
     }
     order = 1
     stochastic = True

@@ -18,8 +18,10 @@ from .common import (
     img2img_index,
     karras_sigmas,
     resolve_config,
+    sigma_forward_diffuse,
     sigma_init_noise,
     sigma_predicted_original,
+    sigma_scaled_input,
     sigma_to_t,
     spaced_timesteps,
     start_index,
@@ -123,7 +125,7 @@ class EulerScheduler:
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         sigma = self.sigmas[self._current_index(timestep)]
-        return (sample / (sigma**2 + 1) ** 0.5).astype(sample.dtype, copy=False)
+        return sigma_scaled_input(sample, sigma).astype(sample.dtype, copy=False)
 
     def step(
         self,
@@ -143,4 +145,4 @@ class EulerScheduler:
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
         index = img2img_index(self.timesteps, timestep, self._begin_index, self._step_index)
-        return (original + noise * self.sigmas[index]).astype(original.dtype, copy=False)
+        return sigma_forward_diffuse(original, noise, self.sigmas[index])

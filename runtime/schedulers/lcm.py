@@ -14,7 +14,9 @@ import numpy as np
 
 from .common import (
     BASE_DEFAULTS,
+    THRESHOLDING_DEFAULTS,
     alphas_cumprod_for,
+    final_alpha_cumprod,
     forward_diffuse,
     limit_predicted_original,
     predicted_original,
@@ -35,9 +37,7 @@ class LCMScheduler:
         "clip_sample": False,
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        **THRESHOLDING_DEFAULTS,
         "timestep_scaling": 10.0,
     }
     order = 1
@@ -47,9 +47,7 @@ class LCMScheduler:
     def __init__(self, config: Mapping[str, Any]):
         self.config = resolve_config(self.DEFAULTS, config)
         self.alphas_cumprod = alphas_cumprod_for(self.config)
-        self.final_alpha_cumprod = (
-            np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        )
+        self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
         self.num_inference_steps: int | None = None
         self.timesteps = np.arange(self.config["num_train_timesteps"])[::-1].copy()
         self._step_index: int | None = None

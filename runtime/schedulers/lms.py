@@ -18,8 +18,10 @@ from .common import (
     interpolated_sigmas,
     reject_unsupported,
     resolve_config,
+    sigma_forward_diffuse,
     sigma_init_noise,
     sigma_predicted_original,
+    sigma_scaled_input,
     start_index,
 )
 
@@ -63,8 +65,7 @@ class LMSDiscreteScheduler:
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
-        sigma = self.sigmas[self._index(timestep)]
-        return sample / ((sigma**2 + 1) ** 0.5)
+        return sigma_scaled_input(sample, self.sigmas[self._index(timestep)])
 
     def step(
         self,
@@ -89,7 +90,7 @@ class LMSDiscreteScheduler:
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
         i = img2img_index(self.timesteps, timestep, self._begin_index, self._step_index)
-        return (original + noise * self.sigmas[i]).astype(original.dtype, copy=False)
+        return sigma_forward_diffuse(original, noise, self.sigmas[i])
 
     def _index(self, timestep: float) -> int:
         if self._step_index is None:

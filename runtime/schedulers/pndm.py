@@ -17,6 +17,7 @@ from .common import (
     BASE_DEFAULTS,
     alphas_cumprod_for,
     check_num_inference_steps,
+    final_alpha_cumprod,
     forward_diffuse,
     predicted_noise,
     resolve_config,
@@ -45,9 +46,7 @@ class PNDMScheduler:
                 "use epsilon or v_prediction, or pick another scheduler"
             )
         self.alphas_cumprod = alphas_cumprod_for(self.config)
-        self.final_alpha_cumprod = (
-            np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        )
+        self.final_alpha_cumprod = final_alpha_cumprod(self.config, self.alphas_cumprod)
         self.num_inference_steps: int | None = None
         self.prk_timesteps = np.array([], dtype=np.int64)
         self.timesteps = np.array([], dtype=np.int64)

@@ -14,17 +14,19 @@ import numpy as np
 
 from .common import (
     BASE_DEFAULTS,
+    THRESHOLDING_DEFAULTS,
     check_num_inference_steps,
     img2img_index,
     karras_sigmas,
-    limit_predicted_original,
     reject_unsupported,
     resolve_config,
     sigma_to_t,
+    solver_data_prediction,
     solver_timesteps,
     start_index,
     training_sigmas,
     vp_alpha_sigma,
+    vp_forward_diffuse,
     vp_lambda,
 )
 
@@ -38,9 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "disable_corrector": [],
     "use_karras_sigmas": False,
     "final_sigmas_type": "zero",
-    "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995,
-    "sample_max_value": 1.0,
+    **THRESHOLDING_DEFAULTS,
 }
 
 # Options of diffusers' class that this port leaves out, with the only value it accepts.
@@ -148,25 +148,16 @@ class UniPCMultistepScheduler:
 
     def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
         i = img2img_index(self.timesteps, timestep, self._begin_index, self._step_index)
-        alpha_t, sigma_t = vp_alpha_sigma(self.sigmas[i])
-        return (alpha_t * original + sigma_t * noise).astype(original.dtype, copy=False)
+        return vp_forward_diffuse(original, noise, self.sigmas[i])
 
     def _convert(
         self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32
     ) -> np.ndarray:
         """The model output as the solver's variable: x0 (predict_x0) or noise."""
         c = self.config
-        alpha_t, sigma_t = vp_alpha_sigma(sigma)
         if c["predict_x0"]:
-            if c["prediction_type"] == "epsilon":
-                x0 = (sample - sigma_t * model_output) / alpha_t
-            elif c["prediction_type"] == "v_prediction":
-                x0 = alpha_t * sample - sigma_t * model_output
-            else:
-                x0 = model_output
-            if c["thresholding"]:
-                x0 = limit_predicted_original(x0, {**c, "clip_sample": False})
-            return x0
+            return solver_data_prediction(c, model_output, sample, sigma)
+        alpha_t, sigma_t = vp_alpha_sigma(sigma)
         if c["prediction_type"] == "epsilon":
             return model_output
         if c["prediction_type"] == "v_prediction":
