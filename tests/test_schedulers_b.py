@@ -10,6 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from scheduler_parity import SD15_PNDM_CONFIG, SD_CONFIG
 
 from sdrt.schedulers import SCHEDULERS, make_scheduler
 
@@ -18,28 +19,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 )
 
-SD_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "steps_offset": 1,
-}
-# Stable Diffusion 1.5's own scheduler_config.json: a PNDM config that every other class must
-# read like diffusers' from_config does (class defaults for absent keys, unknown keys ignored).
-SD15_PNDM_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 
 DPM = diffusers.DPMSolverMultistepScheduler
 DIFFUSERS_SCHEDULERS = {
