@@ -8,12 +8,11 @@ import textwrap
 
 import numpy as np
 import pytest
+from pipeline_parity import txt2img_difference
 
 from sdrt import Pipeline
 from sdrt.errors import UserError
-from sdrt.export.parity import run_diffusers
 
-PROMPT = "a photo of an astronaut riding a horse on mars"
 NEGATIVE = "blurry, low quality"
 
 
@@ -27,19 +26,7 @@ def test_matches_diffusers_on_the_same_latents(runtime, tiny_pipe, scheduler):
     height, width = 64, 96  # non-square
     latents = np.random.default_rng(3).standard_normal((1, 4, height // 8, width // 8), np.float32)
     call = {"num_inference_steps": 8, "guidance_scale": 7.5, "height": height, "width": width}
-    ours = runtime(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        scheduler=scheduler,
-        latents=latents,
-        output_type="np",
-        **call,
-    )
-    eager = run_diffusers(
-        tiny_pipe, scheduler, latents, prompt=PROMPT, negative_prompt=NEGATIVE, **call
-    )
-    assert ours.images.shape == eager.shape == (1, height, width, 3)
-    assert np.abs(ours.images - eager).max() <= 1e-3
+    assert txt2img_difference(runtime, tiny_pipe, scheduler, latents, NEGATIVE, **call) <= 1e-3
 
 
 def test_no_guidance_runs_the_unet_on_an_undoubled_batch(runtime, monkeypatch):

@@ -10,10 +10,13 @@ import torch
 from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionXLImg2ImgPipeline,
 )
 from diffusers.models.autoencoders import vae as diffusers_vae
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
 from diffusers.schedulers import scheduling_lcm
+from pipeline_parity import txt2img_difference
 
 from sdrt import Pipeline
 from sdrt.export.parity import diffusers_scheduler, run_diffusers
@@ -51,21 +54,12 @@ def test_sd2_v_prediction_matches(preset_bundle):
     pipe, bundle = preset_bundle("tiny-sd2")
     runtime = Pipeline.load(bundle, device="cpu")
     assert runtime.manifest["prediction_type"] == "v_prediction"
-    latents = noise((1, 4, 8, 12), 0)
+    call = {"num_inference_steps": 6, "guidance_scale": 5.0, "height": 64, "width": 96}
     for scheduler in ("ddim", "euler"):
-        call = {"num_inference_steps": 6, "guidance_scale": 5.0, "height": 64, "width": 96}
-        ours = runtime(
-            PROMPT,
-            negative_prompt=NEGATIVE,
-            scheduler=scheduler,
-            latents=latents,
-            output_type="np",
-            **call,
+        difference = txt2img_difference(
+            runtime, pipe, scheduler, noise((1, 4, 8, 12), 0), NEGATIVE, **call
         )
-        eager = run_diffusers(
-            pipe, scheduler, latents, prompt=PROMPT, negative_prompt=NEGATIVE, **call
-        )
-        assert np.abs(ours.images - eager).max() <= TOLERANCE, scheduler
+        assert difference <= TOLERANCE, scheduler
 
 
 def test_lcm_guidance_embedding_matches(preset_bundle, monkeypatch):
@@ -114,15 +108,26 @@ def random_image(seed, size=(64, 64)):
     return (rng.uniform(0, 1, (*size, 3)) * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
-def test_img2img_matches(tiny_pipe, tiny_bundle, monkeypatch, scheduler):
-    runtime = Pipeline.load(tiny_bundle, device="cpu")
+IMG2IMG_CASES = [
+    ("tiny", "ddim", 7.5),
+    ("tiny", "euler", 7.5),
+    ("tiny", "dpmpp_2m", 7.5),
+    ("tiny-sdxl", "euler", 5.0),
+]
+
+
+@pytest.mark.parametrize(("preset", "scheduler", "guidance"), IMG2IMG_CASES)
+def test_img2img_matches(preset_bundle, monkeypatch, preset, scheduler, guidance):
+    pipe, bundle = preset_bundle(preset)
+    runtime = Pipeline.load(bundle, device="cpu")
+    xl = runtime.manifest["family"] == "sdxl"
     image, seed, shape = random_image(0), 4, (1, 4, 8, 8)
     rng = np.random.default_rng(seed)
     start_noise, vae_noise = (rng.standard_normal(shape, np.float32) for _ in range(2))
     patch_vae_sampling(monkeypatch, [vae_noise])
-    monkeypatch.setattr(pipeline_stable_diffusion_img2img, "randn_tensor", queued([start_noise]))
-    call = {"num_inference_steps": 10, "guidance_scale": 7.5, "strength": 0.6}
+    module = pipeline_stable_diffusion_xl_img2img if xl else pipeline_stable_diffusion_img2img
+    monkeypatch.setattr(module, "randn_tensor", queued([start_noise]))
+    call = {"num_inference_steps": 10, "guidance_scale": guidance, "strength": 0.6}
     ours = runtime(
         PROMPT,
         negative_prompt=NEGATIVE,
@@ -132,15 +137,13 @@ def test_img2img_matches(tiny_pipe, tiny_bundle, monkeypatch, scheduler):
         output_type="np",
         **call,
     )
-    eager_pipe = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    eager_pipe.scheduler = diffusers_scheduler(scheduler, dict(tiny_pipe.scheduler.config))
+    eager_class = StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline
+    eager_pipe = eager_class(**pipe.components)
+    eager_pipe.scheduler = diffusers_scheduler(scheduler, dict(pipe.scheduler.config))
     eager_pipe.set_progress_bar_config(disable=True)
+    pixels = image.astype(np.float32)[None] / 255.0
     eager = eager_pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image.astype(np.float32)[None] / 255.0,
-        output_type="np",
-        **call,
+        PROMPT, negative_prompt=NEGATIVE, image=pixels, output_type="np", **call
     ).images
     assert np.abs(ours.images - eager).max() <= TOLERANCE
 
@@ -209,49 +212,8 @@ def test_sdxl_two_encoders_pooled_and_time_ids_match(preset_bundle, negative):
     assert set(runtime.engines) >= {"text_encoder", "text_encoder_2"}
     assert runtime.manifest["family"] == "sdxl"
     assert runtime.manifest["zero_negative_prompt"] is True
-    latents = noise((1, 4, 8, 12), 5)
     call = {"num_inference_steps": 5, "guidance_scale": 6.0, "height": 64, "width": 96}
-    ours = runtime(
-        PROMPT,
-        negative_prompt=negative,
-        scheduler="euler",
-        latents=latents,
-        output_type="np",
-        **call,
+    difference = txt2img_difference(
+        runtime, pipe, "euler", noise((1, 4, 8, 12), 5), negative, **call
     )
-    eager = run_diffusers(pipe, "euler", latents, prompt=PROMPT, negative_prompt=negative, **call)
-    assert np.abs(ours.images - eager).max() <= TOLERANCE
-
-
-def test_sdxl_img2img_matches(preset_bundle, monkeypatch):
-    from diffusers import StableDiffusionXLImg2ImgPipeline
-    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
-
-    pipe, bundle = preset_bundle("tiny-sdxl")
-    runtime = Pipeline.load(bundle, device="cpu")
-    image, seed, shape = random_image(2), 8, (1, 4, 8, 8)
-    rng = np.random.default_rng(seed)
-    start_noise, vae_noise = (rng.standard_normal(shape, np.float32) for _ in range(2))
-    patch_vae_sampling(monkeypatch, [vae_noise])
-    monkeypatch.setattr(pipeline_stable_diffusion_xl_img2img, "randn_tensor", queued([start_noise]))
-    call = {"num_inference_steps": 6, "guidance_scale": 5.0, "strength": 0.5}
-    ours = runtime(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image,
-        scheduler="euler",
-        seed=seed,
-        output_type="np",
-        **call,
-    )
-    eager_pipe = StableDiffusionXLImg2ImgPipeline(**pipe.components)
-    eager_pipe.scheduler = diffusers_scheduler("euler", dict(pipe.scheduler.config))
-    eager_pipe.set_progress_bar_config(disable=True)
-    eager = eager_pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=image.astype(np.float32)[None] / 255.0,
-        output_type="np",
-        **call,
-    ).images
-    assert np.abs(ours.images - eager).max() <= TOLERANCE
+    assert difference <= TOLERANCE
