@@ -93,3 +93,11 @@ def test_tensorrt_commands_fail_clearly_without_tensorrt(tiny_bundle, capsys):
     assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err
     assert main(["generate", str(tiny_bundle), "--prompt", "x", "--backend", "tensorrt"]) == 2
     assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err
+
+
+def test_demo_exports_generates_and_matches_diffusers(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--output", str(out), "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "max abs difference vs eager diffusers" in printed
+    assert Image.open(out).size == (64, 64)

@@ -130,3 +130,26 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
         f.write(b"\0")
     with pytest.raises(UserError, match="does not match the sha256"):
         Bundle.load(broken)
+
+
+def test_fp16_vae_that_fails_verification_is_kept_in_fp32(tiny_pipe, tmp_path, monkeypatch):
+    real_verify = bundle_writer.verify_onnx
+
+    def overflowing_fp16_vae(component, path, dims):
+        parity = real_verify(component, path, dims)
+        graph = onnx.load(str(path), load_external_data=False).graph
+        fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
+        if component.name == "vae_decoder" and fp16:
+            return {**parity, "finite": False}  # what an overflowing SDXL VAE reports
+        return parity
+
+    import onnx
+
+    monkeypatch.setattr(bundle_writer, "verify_onnx", overflowing_fp16_vae)
+    manifest = bundle_writer.export_bundle(
+        tiny_pipe, tmp_path / "b", "sd1", dtype="fp16", progress=False
+    )
+    decoder = manifest["components"]["vae_decoder"]
+    assert decoder["precision"] == "fp32"
+    assert "kept in fp32" in decoder["precision_note"]
+    assert manifest["components"]["unet"]["precision"] == "fp16"
