@@ -1,4 +1,4 @@
-"""The `sdrt` command: export, generate, info, demo.
+"""The `sdrt` command: export, generate, info, demo, build (TensorRT), bench.
 
 User mistakes end as one line on stderr and exit code 2; everything else is a bug and keeps
 its traceback.
