@@ -98,12 +98,15 @@ class LMSDiscreteScheduler:
         return self._step_index
 
     def _coefficient(self, order: int, t: int, j: int) -> float:
-        """Integral over [sigma_t, sigma_t+1] of the Lagrange basis polynomial of node t - j."""
+        """Integral over [sigma_t, sigma_t+1] of the Lagrange basis polynomial of node t - j.
+
+        Plain coefficient arrays (np.poly/polyint/polyval) rather than Polynomial objects: this
+        runs `order` times per step, inside the denoising loop.
+        """
         sigmas = self.sigmas.astype(np.float64)
-        node = sigmas[t - j]
-        others = [sigmas[t - k] for k in range(order) if k != j]
-        basis = np.polynomial.Polynomial([1.0])
-        for other in others:
-            basis = basis * np.polynomial.Polynomial([-other, 1.0]) / (node - other)
-        antiderivative = basis.integ()
-        return float(antiderivative(sigmas[t + 1]) - antiderivative(sigmas[t]))
+        others = np.array([sigmas[t - k] for k in range(order) if k != j])
+        basis = np.poly(others) / np.prod(sigmas[t - j] - others)
+        antiderivative = np.polyint(np.atleast_1d(basis))
+        return float(
+            np.polyval(antiderivative, sigmas[t + 1]) - np.polyval(antiderivative, sigmas[t])
+        )
