@@ -239,3 +239,13 @@ def test_engine_memory_on_cuda_without_pynvml_is_null_with_the_install_command(m
     probe.sample()
     result = probe.result()
     assert result["peak_bytes"] is None and "nvidia-ml-py" in result["reason"]
+
+
+def test_loop_overhead_reports_every_scheduler(tiny_bundle, capsys):
+    from sdrt.benchmarks.loop_overhead import main as loop_overhead
+    from sdrt.schedulers import SCHEDULERS
+
+    assert loop_overhead([str(tiny_bundle), "--size", "64", "--steps", "2", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == list(SCHEDULERS)
+    assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
