@@ -177,6 +177,11 @@ class Pipeline:
         return PipelineOutput(numpy_to_pil(images) if output_type == "pil" else images, timer.ms)
 
     @property
+    def inpainting_unet(self) -> bool:
+        """9-channel U-Nets take the mask and masked-image latents beside the latents."""
+        return self.manifest.get("unet_in_channels", 4) > self.manifest["latent_channels"]
+
+    @property
     def guidance_embedded(self) -> bool:
         """Guidance-distilled U-Nets (LCM) take the scale as an input instead of a 2x batch."""
         return "timestep_cond" in self.engines["unet"].inputs
@@ -263,9 +268,8 @@ class Pipeline:
         pixels = image_to_pixels(image, height, width)
         sched.set_begin_index(first * sched.order)
         t_first = sched.timesteps[first * sched.order]
-        inpaint_unet = self.manifest.get("unet_in_channels", 4) > self.manifest["latent_channels"]
         image_latents = None
-        if mask_image is None or first > 0 or not inpaint_unet:  # skip an unused encode
+        if mask_image is None or first > 0 or not self.inpainting_unet:  # skip an unused encode
             image_latents = np.repeat(self.encode_image(pixels, rng), batch, axis=0)
         if mask_image is None:
             return ImageStart(sched.add_noise(image_latents, noise, t_first))
@@ -275,7 +279,7 @@ class Pipeline:
             latents = noise * np.float32(sched.init_noise_sigma)
         else:
             latents = sched.add_noise(image_latents, noise, t_first)
-        if not inpaint_unet:
+        if not self.inpainting_unet:
             return ImageStart(latents, blend_mask=small_mask, image_latents=image_latents)
         masked = np.repeat(self.encode_image(pixels * (mask < 0.5), rng), batch, axis=0)
         return ImageStart(latents, unet_extra=np.concatenate([small_mask, masked], axis=1))
@@ -319,8 +323,7 @@ class Pipeline:
                 "this bundle has no vae_encoder, so it cannot do img2img or "
                 "inpainting; re-export it"
             )
-        inpaint_unet = self.manifest.get("unet_in_channels", 4) > self.manifest["latent_channels"]
-        if inpaint_unet and mask_image is None:
+        if self.inpainting_unet and mask_image is None:
             raise UserError("this is an inpainting model: pass image and mask_image")
 
 
