@@ -571,9 +571,13 @@ def write_static_variant(src: Path, dims: Mapping[str, int], dst: Path) -> dict[
         else dst.with_name(dst.name + ".data")
     )
     data = data if data.exists() else None
+    shared = shares and data is not None
     return {
         "file": dst.name,
         "external_data": data.name if data else None,
-        "sha256": file_sha256(dst, data),
+        # Shared weights are hashed with the component itself; hashing them again per variant
+        # would only add seconds to every bundle load.
+        "sha256": file_sha256(dst, None if shared else data),
+        "shares_external_data": shared,
         "dims": wanted,
     }

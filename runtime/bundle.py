@@ -123,7 +123,9 @@ def _component(name: str, info: Any) -> ComponentInfo:
 
 
 def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
-    """A static-shape copy of a component, checked like the component itself."""
+    """A static-shape copy of a component, checked like the component itself; weights it
+    shares with the component were checked with the component."""
+    shared = variant.get("shares_external_data", False)
     return ComponentInfo(
         info.name,
         variant["file"],
@@ -131,7 +133,7 @@ def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
         info.precision,
         info.inputs,
         info.outputs,
-        variant.get("external_data"),
+        None if shared else variant.get("external_data"),
     )
 
 

@@ -107,6 +107,8 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
     unet = onnx.load(str(out / "unet.onnx"))
     assert count_nodes(unet, "MultiHeadAttention", "com.microsoft") > 0
     variants = manifest["components"]["unet"]["static_variants"]
+    assert variants[0]["shares_external_data"] is True
+    assert variants[0]["sha256"] == file_sha256(out / variants[0]["file"])  # graph alone
     assert [v["dims"] for v in variants] == [
         {"unet_batch": 2, "latent_height": 8, "latent_width": 12}
     ]
