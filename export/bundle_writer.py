@@ -46,6 +46,11 @@ SCHEDULER_NAMES = {
 }
 
 
+# the per-step and the per-image graphs: where convolutions and GroupNorms are the cost, and
+# where static shapes (CUDA graphs) pay
+CUDA_FUSED = ("unet", "vae_decoder")
+
+
 def check_destination(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
@@ -64,12 +69,14 @@ def export_bundle(
     loras: list[dict[str, Any]] | None = None,
     fused_attention: bool = False,
     static_sizes: Sequence[tuple[int, int]] = (),
+    cuda_fusions: bool = False,
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
     `loras` are the records of LoRAs already fused into `pipe`, kept in the manifest.
-    `fused_attention` and `static_sizes` (HxW) target ONNX Runtime CUDA: fused attention
-    nodes, and fixed-shape copies of each graph so CUDA graphs can be captured.
+    `fused_attention`, `cuda_fusions` and `static_sizes` (HxW) target ONNX Runtime CUDA: fused
+    attention nodes, NHWC convolutions with fused normalisations in the U-Net and VAE decoder,
+    and fixed-shape copies of those graphs so CUDA graphs can be captured.
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
@@ -90,6 +97,7 @@ def export_bundle(
             loras,
             fused_attention,
             list(static_sizes),
+            cuda_fusions,
         )
         _normal_permissions(staging)
         if out.exists():
@@ -111,6 +119,7 @@ def _write_bundle(
     loras: list[dict[str, Any]] | None,
     fused_attention: bool,
     static_sizes: list[tuple[int, int]],
+    cuda_fusions: bool,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = pipe.unet.config.sample_size * vae_scale
@@ -141,9 +150,17 @@ def _write_bundle(
     for component in bar:
         bar.set_postfix_str(component.name)
         entries[component.name] = _export_component(
-            component, root, dims, check_dims, dtype, tolerance, fused_attention, bool(static_sizes)
+            component,
+            root,
+            dims,
+            check_dims,
+            dtype,
+            tolerance,
+            fused_attention,
+            cuda_fusions,
+            bool(static_sizes),
         )
-        if component.name in ("unet", "vae_decoder"):  # the per-step and the per-image graphs
+        if component.name in CUDA_FUSED:
             entries[component.name]["static_variants"] = [
                 write_static_variant(
                     root / entries[component.name]["file"],
@@ -175,6 +192,7 @@ def _write_bundle(
         "components": entries,
         # SDXL encodes an absent negative prompt as zeros rather than as ""
         "fused_attention": fused_attention,
+        "cuda_fusions": cuda_fusions,
         "zero_negative_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "loras": loras or [],
         "export": _versions(dtype),
@@ -191,15 +209,17 @@ def _export_component(
     dtype: str,
     tolerance: float,
     fused_attention: bool,
+    cuda_fusions: bool,
     external_data: bool,
 ) -> dict[str, Any]:
     path = root / f"{component.name}.onnx"
 
-    def export(dtype: str) -> None:
+    def export(dtype: str) -> dict[str, int]:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
-        export_onnx(component, dims, path, dtype, fuse, external_data)
+        nhwc = cuda_fusions and component.name in CUDA_FUSED
+        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc)
 
-    export(dtype)
+    cuda_only = export(dtype)
     parity = verify_onnx(component, path, check_dims)
     fallback = None
     if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
@@ -209,7 +229,7 @@ def _export_component(
             f"{parity['finite']}); kept in fp32"
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
-        export(dtype)
+        cuda_only = export(dtype)
         parity = verify_onnx(component, path, check_dims)
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
@@ -225,13 +245,16 @@ def _export_component(
         "sha256": file_sha256(path, data if data.exists() else None),
         "precision": dtype,
         "precision_note": fallback,
+        # ORT contrib ops with CUDA kernels only: such a graph loads on ORT CUDA alone
+        "cuda_only_ops": cuda_only,
         "inputs": [vars(s) for s in component.inputs],
         "outputs": [vars(s) for s in component.outputs],
         "parity": {
             "max_abs": parity["max_abs"],
             "max_rel": parity["max_rel"],
             "reference": "PyTorch fp32, CPU",
-            "runtime": "ONNX Runtime CPU",
+            "runtime": "ONNX Runtime CPU"
+            + (", CUDA-only ops as standard ONNX" if cuda_only else ""),
         },
     }
 

@@ -21,6 +21,13 @@ import torch
 
 from sdrt.errors import UserError
 
+from .cuda_fusions import (
+    cuda_only_ops,
+    cuda_ops_lowered,
+    fuse_for_cuda,
+    fused_node_names,
+    lower_cuda_ops,
+)
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 
 OPSET = 17
@@ -236,12 +243,16 @@ def export_onnx(
     dtype: str,
     fuse_attention: bool = False,
     external_data: bool = False,
-) -> None:
+    cuda_fusions: bool = False,
+) -> dict[str, int]:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
-    always with `external_data`, so static variants can share the weights).
+    always with `external_data`, so static variants can share the weights); returns the
+    count of each ONNX Runtime CUDA-only op in the graph written.
 
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
-    parse it). fp16 keeps in fp32 the nodes whose measured activations leave the fp16 range.
+    parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
+    graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
+    measured on the fused graph written back as standard ops (`cuda_ops_lowered`).
     """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
@@ -271,9 +282,14 @@ def export_onnx(
             f"{component.name}: attention fusion missed some of its {len(fused)} "
             "attention modules; export without --fused-attention"
         )
+    if cuda_fusions:
+        model = fuse_for_cuda(model)
     if dtype == "fp16":
-        model = convert_fp16(model, keep_fp32_nodes(model, feeds))
+        with cuda_ops_lowered(model) as standard:
+            keep = fused_node_names(keep_fp32_nodes(standard, feeds))
+        model = convert_fp16(model, keep)
     save_onnx(model, path, external_data)
+    return cuda_only_ops(model)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
@@ -301,12 +317,19 @@ def _fits_bytesize(model: onnx.ModelProto) -> bool:
 
 
 def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[str, float]:
-    """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch."""
+    """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch; CUDA-only
+    ops are run as their standard-ONNX lowering (see `cuda_fusions`)."""
     import onnxruntime as ort
 
     feeds = component.sample_inputs(dims, seed=1)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, feeds)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        runnable = path
+        if cuda_only_ops(onnx.load(str(path), load_external_data=False)):
+            runnable = Path(tmp) / path.name
+            save_onnx(lower_cuda_ops(onnx.load(str(path))), runnable)
+        session = ort.InferenceSession(str(runnable), providers=["CPUExecutionProvider"])
+        got = session.run(None, feeds)
+        del session
     with torch.no_grad():
         want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
     want = [want] if isinstance(want, torch.Tensor) else list(want)

@@ -226,6 +226,7 @@ def tensor_stats(
             for name, value in zip(wanted, session.run(wanted, dict(feeds)), strict=True):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                     stats[name] = summarise(value)
+            del session  # before the next chunk: two live sessions hold the weights twice
     return stats
 
 

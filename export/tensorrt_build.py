@@ -433,10 +433,18 @@ def build_engines(
     """
     log: Log = (lambda line: print(line, flush=True)) if progress else (lambda line: None)
     bundle = Bundle.load(bundle_dir)
-    if bundle.manifest.get("fused_attention"):
+    ort_only = [
+        flag
+        for flag, key in (
+            ("--fused-attention", "fused_attention"),
+            ("--cuda-fusions", "cuda_fusions"),
+        )
+        if bundle.manifest.get(key)
+    ]
+    if ort_only:
         raise UserError(
-            f"{bundle.root} was exported with --fused-attention (ONNX Runtime's "
-            "MultiHeadAttention), which TensorRT cannot parse; export it again without that flag"
+            f"{bundle.root} was exported with {' and '.join(ort_only)} (ONNX Runtime contrib "
+            "ops), which TensorRT cannot parse; export it again without them"
         )
     sizes = size_ranges(
         batch=batch,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class ComponentInfo:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     external_data: str | None
+    # ONNX Runtime contrib ops only its CUDA provider runs (op -> count), from --cuda-fusions
+    cuda_only_ops: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ def _component(name: str, info: Any) -> ComponentInfo:
             inputs=info["inputs"],
             outputs=info["outputs"],
             external_data=info.get("external_data"),
+            cuda_only_ops=dict(info.get("cuda_only_ops") or {}),
         )
     except (KeyError, TypeError) as err:
         raise UserError(f"manifest entry for {name} lacks {err}; re-export the bundle") from err
@@ -134,6 +137,7 @@ def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
         info.inputs,
         info.outputs,
         None if shared else variant.get("external_data"),
+        info.cuda_only_ops,
     )
 
 

@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
     )
     export.add_argument(
+        "--cuda-fusions",
+        action="store_true",
+        help="NHWC convolutions and fused GroupNorm/GEGLU in the U-Net and VAE decoder "
+        "(ONNX Runtime CUDA only)",
+    )
+    export.add_argument(
         "--static-size",
         action="append",
         default=[],
@@ -195,6 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         records,
         fused_attention=args.fused_attention,
         static_sizes=static_sizes,
+        cuda_fusions=args.cuda_fusions,
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
@@ -364,8 +371,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"scheduler      {manifest['scheduler']}")
     loras = ", ".join(f"{r['file']}:{r['scale']}" for r in manifest.get("loras", [])) or "none"
     print(f"loras          {loras}")
+    attention = "fused (ONNX Runtime only)" if manifest.get("fused_attention") else "plain"
+    print(f"attention      {attention}")
     print(
-        f"attention   {'fused (ONNX Runtime only)' if manifest.get('fused_attention') else 'plain'}"
+        "cuda fusions   "
+        + ("yes (runs on ONNX Runtime CUDA only)" if manifest.get("cuda_fusions") else "no")
     )
     engines = sorted(p.name for p in (bundle.root / "engines").glob("*") if p.is_dir())
     print(f"engines        {', '.join(engines) or 'none (sdrt build makes TensorRT engines)'}")

@@ -192,6 +192,12 @@ class OnnxRuntimeEngine:
         self.cuda_options = cuda_options or CudaOptions()
         self.cuda_graph = cuda_graph
         self._providers = providers_for(device)
+        if info.cuda_only_ops and CUDA not in self._providers:
+            raise UserError(
+                f"{bundle.path(component)} holds ONNX Runtime ops that only its CUDA provider "
+                f"runs ({', '.join(info.cuda_only_ops)}; exported with --cuda-fusions); run it "
+                "with --device cuda and onnxruntime-gpu, or export without --cuda-fusions"
+            )
         self.session = ort.InferenceSession(
             str(bundle.path(component)),
             session_options(),
