@@ -90,6 +90,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="add a torch.compile row (default: on for cuda, off for cpu)",
     )
+    timing.add_argument(
+        "--ort-fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export the bundle for ONNX Runtime CUDA: --fused-attention --cuda-fusions and a "
+        "static shape at the benchmark size (default: on for cuda, off for cpu)",
+    )
     timing.add_argument("--backends", help="sdrt backends to time, comma-separated (default: all)")
     parser.add_argument(
         "--out", default="bench-results", help="folder for bench.json/md/png (default: %(default)s)"
@@ -136,7 +143,7 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
         bundle, export_s = settings.bundle, None
         if bundle is None:
             bundle = Path(tmp) / "bundle"
-            export_s = _export(pipe, bundle, settings.dtype, report)
+            export_s = _export(pipe, bundle, settings, report)
             settings = _sized(settings, bundle)
         plan = Plan(settings.warmup, settings.iterations, settings.batch_sizes)
         workload = _workload(pipe, settings)
@@ -193,14 +200,20 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
-def _export(pipe: Any, bundle: Path, dtype: str, report: Callable[[str], None]) -> float:
+def _export(pipe: Any, bundle: Path, settings: Settings, report: Callable[[str], None]) -> float:
     """Export `pipe` to `bundle`; the seconds it takes are the sdrt rows' build time."""
     from sdrt.export.bundle_writer import export_bundle
     from sdrt.export.load import family_of
 
-    report(f"exporting a {dtype} bundle (timed as the sdrt build)")
+    fast: dict[str, Any] = {}
+    if settings.ort_fast_path:
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = (settings.height or native, settings.width or native)
+        fast = {"fused_attention": True, "cuda_fusions": True, "static_sizes": [size]}
+    what = "ONNX Runtime CUDA fast-path " if fast else ""
+    report(f"exporting a {settings.dtype} {what}bundle (timed as the sdrt build)")
     start = time.perf_counter()
-    export_bundle(pipe, bundle, family_of(pipe), dtype, None, progress=True)
+    export_bundle(pipe, bundle, family_of(pipe), settings.dtype, None, progress=True, **fast)
     seconds = time.perf_counter() - start
     report(f"  exported in {seconds:.1f} s")
     return seconds

@@ -37,6 +37,7 @@ class Settings:
     iterations: int
     batch_sizes: tuple[int, ...]  # always starts with 1, the batch of the main table
     torch_compile: bool
+    ort_fast_path: bool  # export with fused attention, CUDA fusions and a static shape
     backends: tuple[str, ...]
     out: Path
 
@@ -50,6 +51,10 @@ def resolve_settings(args: argparse.Namespace, cuda_available: bool) -> Settings
         raise UserError(
             "--device cuda, but PyTorch sees no CUDA device here; "
             "install a CUDA build of torch or use --device cpu"
+        )
+    if args.ort_fast_path and device != "cuda":
+        raise UserError(
+            "--ort-fast-path makes a bundle for ONNX Runtime CUDA only; use it with --device cuda"
         )
     steps = DEFAULT_STEPS[device] if args.steps is None else args.steps
     _check_at_least("--steps", steps, 1)
@@ -83,6 +88,7 @@ def resolve_settings(args: argparse.Namespace, cuda_available: bool) -> Settings
         iterations=args.iterations,
         batch_sizes=parse_batch_sizes(args.batch_sizes),
         torch_compile=device == "cuda" if args.torch_compile is None else args.torch_compile,
+        ort_fast_path=device == "cuda" if args.ort_fast_path is None else args.ort_fast_path,
         backends=parse_backends(args.backends),
         out=Path(args.out),
     )

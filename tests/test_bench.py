@@ -153,6 +153,7 @@ def test_unknown_preset_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
         (["--backends", "nope"], "unknown sdrt backend"),
         (["--device", "cuda"], "no CUDA device"),
         (["model-dir", "--random-weights", "tiny"], "not both"),
+        (["--ort-fast-path"], "ONNX Runtime CUDA only"),
     ],
 )
 def test_bad_options_fail_before_anything_runs(argv, message):
@@ -165,6 +166,7 @@ def test_defaults_follow_the_device():
     cuda = resolve_settings(bench_args(), cuda_available=True)
     assert (cpu.device, cpu.dtype, cpu.steps, cpu.torch_compile) == ("cpu", "fp32", 4, False)
     assert (cuda.device, cuda.dtype, cuda.steps, cuda.torch_compile) == ("cuda", "fp16", 50, True)
+    assert (cpu.ort_fast_path, cuda.ort_fast_path) == (False, True)
     assert cpu.random_weights == "tiny" and cpu.scheduler == "pndm"
     assert cpu.batch_sizes == (1, 4, 8)
 
