@@ -21,6 +21,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto
+from onnx.external_data_helper import load_external_data_for_model
 
 from sdrt.bundle import file_sha256
 
@@ -193,41 +194,58 @@ def tensor_stats(
     """Summarise every floating-point tensor of `model` on `feeds`: graph inputs, initializers
     and each node output. Intermediate outputs are exposed `chunk` at a time, trading runs for
     memory; ORT's graph optimisations are off so the tensors are the graph's own."""
-    import onnxruntime as ort
-
     stats = {name: summarise(np.asarray(v)) for name, v in feeds.items()}
     for init in model.graph.initializer:
         if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             stats[init.name] = summarise(onnx.numpy_helper.to_array(init))
     produced = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
+    with tempfile.TemporaryDirectory() as tmp:
+        # Weights go to one external file once; each chunk is a small graph proto pointing at
+        # it. Saving that way strips `model` of its weights (a copy would double gigabytes);
+        # they are read back into it at the end.
+        base = Path(tmp) / "model.onnx"
+        onnx.save_model(
+            model, base, save_as_external_data=True, location="model.onnx.data", size_threshold=0
+        )
+        try:
+            skeleton = onnx.load_model(base, load_external_data=False)
+            for start in range(0, len(produced), chunk):
+                names = produced[start : start + chunk]
+                stats |= _output_stats(skeleton, names, feeds, Path(tmp), providers)
+        finally:
+            load_external_data_for_model(model, tmp)
+    return stats
+
+
+def _output_stats(
+    skeleton: onnx.ModelProto,
+    names: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    folder: Path,
+    providers: Sequence[str],
+) -> dict[str, TensorStats]:
+    """Stats of the graph outputs and of `names`, exposed as extra outputs of `skeleton`
+    (whose weights lie in `folder`)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    with tempfile.TemporaryDirectory() as tmp:
-        # Weights go to one external file once; each chunk is a small graph proto pointing at
-        # it. Saving that way strips the proto it is given, hence the copy.
-        base = Path(tmp) / "model.onnx"
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-        onnx.save_model(
-            work, base, save_as_external_data=True, location="model.onnx.data", size_threshold=0
-        )
-        del work
-        skeleton = onnx.load_model(base, load_external_data=False)
-        declared = [o.name for o in skeleton.graph.output]
-        for start in range(0, len(produced), chunk):
-            names = [n for n in produced[start : start + chunk] if n not in declared]
-            del skeleton.graph.output[len(declared) :]
-            skeleton.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-            path = Path(tmp) / "chunk.onnx"
-            onnx.save_model(skeleton, path)
-            session = ort.InferenceSession(str(path), options, providers=list(providers))
-            wanted = declared + names
-            for name, value in zip(wanted, session.run(wanted, dict(feeds)), strict=True):
-                if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-                    stats[name] = summarise(value)
-            del session  # before the next chunk: two live sessions hold the weights twice
-    return stats
+    graph = onnx.ModelProto()
+    graph.CopyFrom(skeleton)  # a skeleton: no weights in it
+    declared = [o.name for o in graph.graph.output]
+    extra = [n for n in names if n not in declared]
+    graph.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra)
+    path = folder / "chunk.onnx"
+    onnx.save_model(graph, path)
+    session = ort.InferenceSession(str(path), options, providers=list(providers))
+    wanted = declared + extra
+    values = session.run(wanted, dict(feeds))
+    return {
+        name: summarise(value)
+        for name, value in zip(wanted, values, strict=True)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f"
+    }
 
 
 def summarise(values: np.ndarray) -> TensorStats:

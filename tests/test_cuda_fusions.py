@@ -190,6 +190,8 @@ def test_fusion_pass_rewrites_the_export_and_computes_the_same(fused_graphs, nam
     assert set(expected) <= set(counts), counts
     convs = sum(n.op_type == "Conv" for n in plain.graph.node)
     assert counts["NhwcConv"] == convs  # every convolution went channels-last
+    casts = sum(n.op_type == "Cast" for n in fused.graph.node)
+    assert casts <= sum(n.op_type == "Cast" for n in plain.graph.node)  # no-op casts go
     # the domain is imported even where the export had no contrib op before (the VAE)
     assert "com.microsoft" in {o.domain for o in fused.opset_import}
     feeds = component.sample_inputs({**dims, "batch": 2, "unet_batch": 2}, seed=3)
