@@ -51,6 +51,11 @@ SCHEDULER_NAMES = {
 CUDA_FUSED = ("unet", "vae_decoder")
 
 
+def native_size(pipe: Any) -> int:
+    """The image side the model was trained at: its U-Net's latent size times the VAE's scale."""
+    return int(pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+
+
 def check_destination(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
@@ -122,7 +127,7 @@ def _write_bundle(
     cuda_fusions: bool,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    default_size = pipe.unet.config.sample_size * vae_scale
+    default_size = native_size(pipe)
     # The U-Net halves the latent once per down block but the last; sizes must divide evenly,
     # since the traced graph has no path for odd sizes.
     unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)

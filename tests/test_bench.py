@@ -251,3 +251,15 @@ def test_loop_overhead_reports_every_scheduler(tiny_bundle, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == list(SCHEDULERS)
     assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
+
+
+def test_cuda_bench_exports_the_ort_fast_path_bundle_at_the_native_size(tiny_pipe, tmp_path):
+    from sdrt.benchmarks.cli import _export
+
+    settings = resolve_settings(bench_args(), cuda_available=True)
+    assert settings.ort_fast_path
+    _export(tiny_pipe, tmp_path / "b", settings, lambda line: None)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["fused_attention"] and manifest["cuda_fusions"]
+    (variant,) = manifest["components"]["unet"]["static_variants"]
+    assert variant["dims"] == {"unet_batch": 2, "latent_height": 8, "latent_width": 8}
