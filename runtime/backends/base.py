@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
+
+from ..errors import UserError
 
 
 class Engine(Protocol):
@@ -28,3 +30,22 @@ def upload_constants(engine: Engine, feeds: dict[str, np.ndarray]) -> dict[str, 
     if to_device is None:
         return dict(feeds)
     return {name: to_device(name, value) for name, value in feeds.items()}
+
+
+class Device(NamedTuple):
+    """Where an engine runs: kind "auto", "cpu" or "cuda", and the CUDA device index."""
+
+    kind: str
+    index: int = 0
+
+
+def parse_device(device: str) -> Device:
+    """"auto", "cpu", "cuda" or "cuda:N" as a Device; every backend reads devices through this,
+    so "cuda:1" means the second GPU everywhere and a typo is refused rather than run on the
+    CPU."""
+    if device in ("auto", "cpu", "cuda"):
+        return Device(device)
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return Device("cuda", int(index))
+    raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
