@@ -830,6 +830,29 @@ def test_a_driver_older_than_the_cuda_runtime_is_refused_naming_both_and_the_fix
     assert "pip install 'sdrt[tensorrt-cu12]'" in message and "nvidia-smi" in message
 
 
+def test_a_cuda_11_driver_is_told_to_update(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    fake_gpu(driver=11080, runtime=12080)
+    with pytest.raises(UserError, match=r"CUDA 11\.8, older .* update the driver \(TensorRT 10"):
+        trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+
+
+def test_each_tensorrt_extra_pins_cuda_python_to_its_cuda_major_version() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    for major in trt_backend.CUDA_EXTRAS:
+        requirements = {Requirement(r).name: Requirement(r) for r in extras[f"tensorrt-cu{major}"]}
+        assert f"tensorrt-cu{major}" in requirements
+        cuda_python = requirements["cuda-python"].specifier
+        assert cuda_python.contains(f"{major}.9") and not cuda_python.contains(f"{major + 1}.0")
+        assert not cuda_python.contains(f"{major - 1}.9")
+    assert extras["tensorrt"] == ["sdrt[tensorrt-cu13]"]
+
+
 def test_an_older_driver_of_the_same_major_version_runs_with_a_warning(
     bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
 ) -> None:

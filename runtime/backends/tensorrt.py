@@ -76,6 +76,7 @@ TENSORRT_MODULES = {
     "tensorrt_rtx": "tensorrt-rtx",
     "tensorrt_rtx_bindings": "tensorrt-rtx",
 }
+CUDA_EXTRAS = (12, 13)  # CUDA major versions with an sdrt[tensorrt-cuXX] extra
 CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")  # cuda-python >= 12.6, then older
 SHAPES_KEPT = 4  # input shapes whose device buffers (and CUDA graph) an engine keeps
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -221,11 +222,15 @@ def check_driver(cudart: Any) -> None:
             "driver (use --backend onnxruntime otherwise)"
         )
     if driver // 1000 < runtime // 1000:
+        fix = (
+            f"install the build for this driver, `pip install 'sdrt[tensorrt-cu{driver // 1000}]'`"
+            f" (`nvidia-smi` shows the driver's CUDA Version), or update the driver"
+            if driver // 1000 in CUDA_EXTRAS
+            else "update the driver (TensorRT 10 and later need CUDA 12 or newer)"
+        )
         raise UserError(
             f"the NVIDIA driver here supports CUDA {cuda_version(driver)}, older than the CUDA "
-            f"{cuda_version(runtime)} runtime cuda-python was built for; install the build for "
-            f"this driver, `pip install 'sdrt[tensorrt-cu{driver // 1000}]'` (`nvidia-smi` "
-            "shows the driver's CUDA Version), or update the driver"
+            f"{cuda_version(runtime)} runtime cuda-python was built for; {fix}"
         )
     if driver < runtime:
         warnings.warn(
