@@ -317,13 +317,13 @@ class FakeBuildAPI:
 
     def __init__(
         self,
-        inputs: list[str],
+        inputs: list[str] | None,
         major: str = "10",
         timing_cache_valid: bool = True,
         build_ok: bool = True,
     ):
         self.calls: list[tuple[Any, ...]] = []
-        self.inputs = inputs
+        self.inputs = inputs  # the network's inputs; None: those of the ONNX parsed
         self.major = major
         self.timing_cache_valid = timing_cache_valid
         self.build_ok = build_ok
@@ -355,6 +355,17 @@ class FakeBuildAPI:
             def add_optimization_profile(self, profile: Any) -> int:
                 return 0
 
+        class Network:
+            def __init__(self, inputs: list[str]) -> None:
+                self.inputs = inputs
+
+            @property
+            def num_inputs(self) -> int:
+                return len(self.inputs)
+
+            def get_input(self, index: int) -> Any:
+                return ns(name=self.inputs[index])
+
         class Profile:
             def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
                 api.calls.append(("shape", name, low, opt, high))
@@ -363,12 +374,9 @@ class FakeBuildAPI:
             def __init__(self, logger: Any) -> None:
                 pass
 
-            def create_network(self, flags: int) -> Any:
+            def create_network(self, flags: int) -> Network:
                 api.calls.append(("network flags", flags))
-                return ns(
-                    num_inputs=len(api.inputs),
-                    get_input=lambda i: ns(name=api.inputs[i]),
-                )
+                return Network(list(api.inputs or []))
 
             def create_builder_config(self) -> Config:
                 return Config()
@@ -383,12 +391,17 @@ class FakeBuildAPI:
         class Parser:
             num_errors = 0
 
-            def __init__(self, network: Any, logger: Any) -> None:
-                pass
+            def __init__(self, network: Network, logger: Any) -> None:
+                self.network = network
 
             def parse_from_file(self, path: str) -> bool:
                 with open(path, "rb") as graph:  # as TensorRT does: the file must exist
                     api.parsed.append((path, graph.read()))
+                if api.inputs is None:
+                    import onnx
+
+                    model = onnx.load(path, load_external_data=False)
+                    self.network.inputs = [i.name for i in model.graph.input]
                 return True
 
         return ns(

@@ -1083,3 +1083,59 @@ def test_engine_json_and_sdrt_info_say_where_each_fp16_engine_came_from(
     assert "  unet           fp16  converted at build time, 12 nodes kept fp32" in lines
     assert "  text_encoder   fp16  builder flag (TensorRT 10 weak typing)" in lines
     assert "  vae_decoder    fp32" in lines
+
+
+def test_calibration_ids_for_text_encoders_are_prompts_from_the_bundle_tokenizer(
+    tmp_path: Path,
+) -> None:
+    from sdrt.export.fp16_onnx import calibration_feeds
+    from sdrt.export.tokenizer_files import write_byte_level_clip_vocab
+
+    write_byte_level_clip_vocab(tmp_path / "tokenizer")
+    profile = {"input_ids": ShapeRange((2, 77), (2, 77), (8, 77))}
+    ids = calibration_feeds(profile, {"input_ids": "int32"}, tmp_path / "tokenizer")["input_ids"]
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    assert ids[0, 0] == ids[1, 0] and not np.array_equal(ids[0], ids[1])  # BOS, two prompts
+    with pytest.raises(UserError, match="without the component's tokenizer.*--dtype fp16"):
+        calibration_feeds(profile, {"input_ids": "int32"}, None)
+
+
+@pytest.mark.parametrize("major", sorted(TRT_VERSIONS))
+def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
+    tiny_bundle: Path,
+    tmp_path: Path,
+    major: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The whole build on a real fp32 export: weak typing on 10; on 11 every fp16 engine comes
+    from an fp16 copy of its ONNX, converted with the measured policy and gone afterwards."""
+    import shutil
+
+    import onnx
+
+    root = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    exported = Bundle.load(root)
+    api = FakeBuildAPI(None, major)
+    trt_api = trt_backend.TensorRT(api.module(), "tensorrt", "tensorrt")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart())
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+    directory = tb.build_engines(root, batch=(1, 1), static=(64, 64), progress=False)
+    sources = read_entry(directory).fp16_sources
+    assert set(sources) == set(exported.components)  # tiny VAEs stay fp16 ("auto")
+    for name, source in sources.items():
+        if major == "10":
+            assert source == "builder flag (TensorRT 10 weak typing)"
+            continue
+        assert source.startswith("converted at build time, ") and source.endswith(" kept fp32")
+        [data] = [d for path, d in api.parsed if Path(path).name == f"{name}.onnx"]
+        floats = {t.data_type for t in onnx.load_model_from_string(data).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in floats, name
+    assert sorted(p.name for p in (root / ENGINES_DIR).iterdir() if p.is_dir()) == [directory.name]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [RECORD, *(f"{name}.engine" for name in exported.components)]
+    )
+    assert main(["info", str(root)]) == 0
+    assert f"  unet           fp16  {sources['unet']}" in capsys.readouterr().out.splitlines()
