@@ -314,7 +314,7 @@ def write_engines(
             log(
                 f"{step}: done in {time.perf_counter() - start:.1f} s "
                 f"({written[name] / 2**20:.1f} MiB)"
-                + (f"; fp16 from {built.fp16_source}" if built.fp16_source else "")
+                + (f"; fp16: {built.fp16_source}" if built.fp16_source else "")
             )
         record = json.dumps(record_json(spec, written, fp16_sources), indent=2) + "\n"
         write_atomic(staging / RECORD, record.encode())
