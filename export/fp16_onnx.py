@@ -68,6 +68,7 @@ def write_fp16_onnx(
         import onnxruntime as ort
 
         from . import optimize
+        from .onnx_export import save_onnx
     except ImportError as err:
         raise UserError(
             f"converting {source.name} to fp16 at build time needs the export extra ({err.name} "
@@ -82,12 +83,5 @@ def write_fp16_onnx(
         raise UserError(f"{source.name}: {err}; or export the bundle with --dtype fp16") from err
     converted = optimize.convert_fp16(model, keep)
     target = folder / source.name
-    onnx.save_model(
-        converted,
-        str(target),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=f"{source.name}.data",
-        size_threshold=1024,
-    )
+    save_onnx(converted, target, external_data=True)
     return target, len(keep)
