@@ -1,14 +1,16 @@
 """Fakes of cuda-python's runtime API and of TensorRT, as far as sdrt's backend and builder use
 them, for tests without a GPU.
 
-FakeCudart follows `cuda.bindings.runtime` (cuda-python 12.6+/13.x; every call returns an
-(error, values...) tuple): device memory is bytes at integer addresses, freed memory is gone
-(using it fails), pinned host memory is real host memory, and there is one stream whose async
-copies and kernel launches are queued and run in order only when the stream is synchronized
-(or memory is freed, which synchronizes in CUDA). Stream capture records work instead of
-queueing it; a launched graph queues the recorded work, which reads and writes the addresses
-bound when it was captured. Memory, streams, engines and contexts belong to the device current
-when they were made, and using them from another device fails, as it does on a GPU.
+FakeCudart follows `cuda.bindings.runtime` as cuda-bindings 12.9.4's runtime.pyx defines it
+(every call returns an (error, values...) tuple; cudaMallocHost gives an int address,
+cudaDriverGetVersion / cudaRuntimeGetVersion an int like 12080). Device memory is bytes at
+integer addresses, freed memory is gone (using it fails), pinned host memory is real host
+memory, and there is one stream whose async copies and kernel launches are queued and run in
+order only when the stream is synchronized (or memory is freed, which synchronizes in CUDA).
+Stream capture records work instead of queueing it; a launched graph queues the recorded work,
+which reads and writes the addresses bound when it was captured. Memory, streams, engines and
+contexts belong to the device current when they were made, and using them from another device
+fails, as it does on a GPU.
 
 The TensorRT fakes follow the 10.x API (tensorrt-stubs 10.13) and the 11.x API (the names in
 the tensorrt-cu12-bindings 11.4 wheel, see `tensorrt_api.py`): 11.x has no BuilderFlag.FP16.
