@@ -191,6 +191,11 @@ def _check_image_inputs(
     if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
         raise UserError(f"strength must be in (0, 1], got {strength!r}")
     strength_start(steps, float(strength))  # raises when no step would run
+    if mask_image is not None and image_size(mask_image) != image_size(image):
+        raise UserError(
+            f"mask_image is {image_size(mask_image)} (height, width) but image is "
+            f"{image_size(image)}; pass a mask of the image's size"
+        )
     return float(strength)
 
 
