@@ -81,7 +81,8 @@ def check_arguments(
             f"{len(prompts)} images asked for, at most {limits.max_images} per request; "
             "ask for fewer"
         )
-    _check_steps(num_inference_steps, limits.max_steps)
+    trained = manifest["scheduler_config"].get("num_train_timesteps", 1000)
+    _check_steps(num_inference_steps, min(limits.max_steps or trained, trained))
     _check_guidance(guidance_scale)
     default = image_size(image) if image is not None else manifest["default_size"]
     height, width = height or default[0], width or default[1]

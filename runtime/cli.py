@@ -117,10 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=cmd_build)
 
     from sdrt.benchmarks.cli import register as register_bench  # argparse only; cheap
+    from sdrt.benchmarks.serve_load import register as register_bench_serve
 
     from .serve.command import register as register_serve
 
     register_serve(commands)
+    register_bench_serve(commands)
 
     register_bench(commands)
 
