@@ -27,11 +27,13 @@ variant fixes. Each session created is logged at DEBUG on the "sdrt" logger.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,42 @@ log = logging.getLogger("sdrt")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 STATIC_SHAPES = ("auto", "always", "never")
+FLAVOURS = ("onnxruntime", "onnxruntime-gpu")  # both install the `onnxruntime` package
+GPU_INSTALL = (
+    "`pip install 'sdrt[cuda13]'` (CUDA 13 driver; 'sdrt[cuda12]' for CUDA 12, see README)"
+)
+
+
+def installed_flavours(
+    version: Callable[[str], str] = importlib.metadata.version,
+) -> dict[str, str]:
+    """The ONNX Runtime distributions installed, name -> version."""
+    found = {}
+    for name in FLAVOURS:
+        try:
+            found[name] = version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def check_one_flavour(found: Mapping[str, str]) -> None:
+    """Refuse two flavours at once: they overwrite each other's files, and which provider
+    then loads depends on install order (microsoft/onnxruntime#26996)."""
+    if len(found) > 1:
+        listed = " and ".join(f"{name}=={version}" for name, version in found.items())
+        gpu = found["onnxruntime-gpu"]
+        raise UserError(
+            f"{listed} are both installed and overwrite each other's files; run "
+            f"`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu=={gpu}` "
+            "(or, for the CPU build, `pip uninstall -y onnxruntime onnxruntime-gpu && "
+            "pip install 'sdrt[cpu]'`)"
+        )
+
+
+if importlib.util.find_spec("onnxruntime") is None:  # `pip install sdrt` without an extra
+    raise ImportError("onnxruntime is not installed", name="onnxruntime")
+check_one_flavour(installed_flavours())
 
 
 def providers_for(device: str) -> list[str]:
@@ -60,8 +98,8 @@ def providers_for(device: str) -> list[str]:
         return [CUDA, CPU]
     if kind == "cuda":
         raise UserError(
-            f"device {device!r} needs onnxruntime-gpu, which is not installed here; "
-            "run `pip install 'sdrt[cuda]'` or use --device cpu"
+            f"device {device!r} needs onnxruntime-gpu, and this is the CPU build; run "
+            f"`pip uninstall -y onnxruntime` then {GPU_INSTALL}, or use --device cpu"
         )
     return [CPU]
 
