@@ -29,6 +29,7 @@ from sdrt.export.optimize import (
     sort_topologically,
     static_variant_file,
     tensor_stats,
+    timestep_embedding_nodes,
     write_static_variant,
 )
 
@@ -286,6 +287,79 @@ def test_fused_unet_converts_to_fp16_under_the_policy(fused_unet, unet_component
     assert count_nodes(converted, "MultiHeadAttention", "com.microsoft") == 8
     got = run_ort(converted, feeds)
     assert relative_error(got, torch_reference(unet_component, feeds)) <= 3e-2
+
+
+@pytest.fixture(scope="module")
+def fp16_unet(unet_component, trace, tmp_path_factory):
+    """The tiny U-Net exported in fp32 and in fp16 through export_onnx."""
+    folder = tmp_path_factory.mktemp("fp16")
+    for dtype in ("fp32", "fp16"):
+        export_onnx(unet_component, trace, folder / f"{dtype}.onnx", dtype)
+    return onnx.load(folder / "fp32.onnx"), onnx.load(folder / "fp16.onnx")
+
+
+def test_timestep_embedding_chain_is_found_up_to_the_first_linear(fp16_unet):
+    fp32, _ = fp16_unet
+    chain = timestep_embedding_nodes(fp32)
+    ops = {n.op_type for n in fp32.graph.node if n.name in chain}
+    assert {"Sin", "Cos", "Mul", "Concat"} <= ops
+    assert not ops & {"Gemm", "MatMul", "Conv"}
+    # the frequencies: a constant read by the Mul of the timestep
+    assert any(n.op_type == "Constant" for n in fp32.graph.node if n.name in chain)
+
+
+def test_fp16_export_computes_the_timestep_embedding_in_fp32(fp16_unet):
+    fp32, fp16 = fp16_unet
+    chain = timestep_embedding_nodes(fp32)
+    typed = onnx.shape_inference.infer_shapes(fp16)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*typed.graph.value_info, *typed.graph.input, *typed.graph.output)
+    }
+    types |= {t.name: t.data_type for t in typed.graph.initializer}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    constants = [n for n in typed.graph.node if n.op_type == "Constant" and n.name in chain]
+    assert {n.attribute[0].t.data_type for n in constants} & floats == {TensorProto.FLOAT}
+    on_chain = [n for n in typed.graph.node if n.name in chain]
+    assert len(on_chain) == len(chain)  # every node of the chain survives conversion by name
+    for node in on_chain:
+        for name in [*node.input, *node.output]:
+            if types.get(name) in floats:
+                assert types[name] == TensorProto.FLOAT, f"{node.name}: {name} is fp16"
+
+
+def embedding_node(fp32: onnx.ModelProto) -> str:
+    """The node whose output the first Linear of the timestep embedding reads: the last of the
+    chain, diffusers' `.to(sample.dtype)`, which in an fp16 graph is followed by a cast."""
+    chain = timestep_embedding_nodes(fp32)
+    made = {o: n.name for n in fp32.graph.node if n.name in chain for o in n.output}
+    return next(
+        made[n.input[0]] for n in fp32.graph.node if n.op_type == "Gemm" and n.input[0] in made
+    )
+
+
+def node_output(model: onnx.ModelProto, node_name: str, feeds) -> np.ndarray:
+    (name,) = [n.output[0] for n in model.graph.node if n.name == node_name]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=CPU)
+    return session.run([name], feeds)[0].astype(np.float64)
+
+
+def test_fp16_timestep_embedding_matches_fp32_for_fractional_timesteps(
+    fp16_unet, unet_component, trace
+):
+    fp32, fp16 = fp16_unet
+    feeds = unet_component.sample_inputs(trace, seed=4)
+    # Karras / Euler schedules put the U-Net at fractional timesteps; 999.37 is where fp16
+    # is coarsest (a step of 0.5).
+    last = embedding_node(fp32)
+    for timestep in ([999.37, 981.62], [500.5, 0.77]):
+        fed = {**feeds, "timestep": np.array(timestep, np.float32)}
+        got, want = node_output(fp16, last, fed), node_output(fp32, last, fed)
+        # measured 0.0 (the same fp32 arithmetic); with the chain in fp16, 0.22 near t=999
+        assert np.abs(got - want).max() <= 1e-6
 
 
 # ----- static-shape variants -----------------------------------------------------------------
