@@ -24,6 +24,7 @@ from .onnx_export import (
     OPSET,
     TOLERANCE,
     Component,
+    ExportedOps,
     components,
     export_onnx,
     trace_dims,
@@ -219,12 +220,12 @@ def _export_component(
 ) -> dict[str, Any]:
     path = root / f"{component.name}.onnx"
 
-    def export(dtype: str) -> dict[str, int]:
+    def export(dtype: str) -> ExportedOps:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
         return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc)
 
-    cuda_only = export(dtype)
+    ops = export(dtype)
     parity = verify_onnx(component, path, check_dims)
     fallback = None
     if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
@@ -234,7 +235,7 @@ def _export_component(
             f"{parity['finite']}); kept in fp32"
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
-        cuda_only = export(dtype)
+        ops = export(dtype)
         parity = verify_onnx(component, path, check_dims)
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
@@ -251,7 +252,9 @@ def _export_component(
         "precision": dtype,
         "precision_note": fallback,
         # ORT contrib ops with CUDA kernels only: such a graph loads on ORT CUDA alone
-        "cuda_only_ops": cuda_only,
+        "cuda_only_ops": ops.cuda_only,
+        # fused nodes ORT's CUDA kernels would refuse, written back as standard ONNX, by reason
+        "cuda_unfused": ops.unfused,
         "inputs": [vars(s) for s in component.inputs],
         "outputs": [vars(s) for s in component.outputs],
         "parity": {
@@ -259,7 +262,7 @@ def _export_component(
             "max_rel": parity["max_rel"],
             "reference": "PyTorch fp32, CPU",
             "runtime": "ONNX Runtime CPU"
-            + (", CUDA-only ops as standard ONNX" if cuda_only else ""),
+            + (", CUDA-only ops as standard ONNX" if ops.cuda_only else ""),
         },
     }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .cuda_fusions import (
     fuse_for_cuda,
     fused_node_names,
     lower_cuda_ops,
+    unfuse_unsupported,
 )
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 
@@ -236,6 +238,15 @@ def trace_dims(latent_size: int, vocab: int, vae_scale: int) -> dict[str, int]:
     }
 
 
+@dataclass
+class ExportedOps:
+    """What the CUDA fusions left in a written graph: the count of each CUDA-only op, and how
+    many fused nodes each reason wrote back as standard ONNX (their CUDA kernels refuse them)."""
+
+    cuda_only: dict[str, int] = field(default_factory=dict)
+    unfused: dict[str, int] = field(default_factory=dict)
+
+
 def export_onnx(
     component: Component,
     dims: dict[str, int],
@@ -244,10 +255,10 @@ def export_onnx(
     fuse_attention: bool = False,
     external_data: bool = False,
     cuda_fusions: bool = False,
-) -> dict[str, int]:
+) -> ExportedOps:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
     always with `external_data`, so static variants can share the weights); returns the
-    count of each ONNX Runtime CUDA-only op in the graph written.
+    ONNX Runtime CUDA-only ops in the graph written.
 
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
@@ -282,14 +293,18 @@ def export_onnx(
             f"{component.name}: attention fusion missed some of its {len(fused)} "
             "attention modules; export without --fused-attention"
         )
+    unfused: Counter[str] = Counter()
     if cuda_fusions:
         model = fuse_for_cuda(model)
+        unfused.update(unfuse_unsupported(model))
     if dtype == "fp16":
+        present = {n.name for n in model.graph.node}
         with cuda_ops_lowered(model) as standard:
-            keep = fused_node_names(keep_fp32_nodes(standard, feeds))
+            keep = fused_node_names(keep_fp32_nodes(standard, feeds), present)
         model = convert_fp16(model, keep)
+        unfused.update(unfuse_unsupported(model))
     save_onnx(model, path, external_data)
-    return cuda_only_ops(model)
+    return ExportedOps(cuda_only_ops(model), dict(unfused))
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:

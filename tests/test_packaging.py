@@ -121,27 +121,47 @@ def test_each_extra_resolves_to_exactly_one_onnxruntime_flavour(wheelhouse, extr
     assert flavours(installed) == expected
 
 
-def test_two_flavours_installed_are_refused_with_the_command_that_repairs_it():
-    check_one_flavour({"onnxruntime": "1.32.0"})  # one is fine
-    check_one_flavour({"onnxruntime-gpu": "1.31.1"})
+def test_two_flavours_in_one_folder_are_refused_with_the_command_that_repairs_it(tmp_path):
+    site, other = tmp_path / "site-packages", tmp_path / "elsewhere"
+    cpu, gpu = ("onnxruntime", "1.32.0", site), ("onnxruntime-gpu", "1.31.1", site)
+    check_one_flavour([cpu])  # one is fine
+    check_one_flavour([gpu])
+    # on a PYTHONPATH before the other: the first one found is imported, nothing overwritten
+    check_one_flavour([cpu, ("onnxruntime-gpu", "1.31.1", other)])
     with pytest.raises(UserError) as err:
-        check_one_flavour({"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"})
+        check_one_flavour([cpu, gpu])
     assert (
         "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu==1.31.1`"
         in str(err.value)
     )
 
 
-def test_installed_flavours_reads_the_distributions_metadata():
-    from importlib.metadata import PackageNotFoundError
+class FakeDistribution:
+    """importlib.metadata.Distribution (Python 3.10-3.13) as far as installed_flavours reads
+    it: metadata["Name"], version, locate_file(path)."""
 
-    def version(name: str) -> str:
-        if name == "onnxruntime-gpu":
-            raise PackageNotFoundError(name)
-        return "1.32.0"
+    def __init__(self, name: str, version: str, root: Path):
+        self.metadata, self.version, self.root = {"Name": name}, version, root
 
-    assert installed_flavours(version) == {"onnxruntime": "1.32.0"}
-    assert set(installed_flavours()) <= {"onnxruntime", "onnxruntime-gpu"}
+    def locate_file(self, path: str) -> Path:
+        return self.root / path
+
+
+def test_installed_flavours_reads_name_version_and_folder_of_each_distribution(tmp_path):
+    dists = [
+        FakeDistribution("onnxruntime", "1.32.0", tmp_path),
+        FakeDistribution("numpy", "2.0", tmp_path),
+        FakeDistribution("onnxruntime-gpu", "1.31.1", tmp_path),
+    ]
+    found = installed_flavours(lambda: dists)
+    assert found == [
+        ("onnxruntime", "1.32.0", (tmp_path / "onnxruntime").resolve()),
+        ("onnxruntime-gpu", "1.31.1", (tmp_path / "onnxruntime").resolve()),
+    ]
+    with pytest.raises(UserError, match="both installed"):
+        check_one_flavour(found)
+    # this environment: at most one flavour per folder, or the backend would not have imported
+    assert {name for name, _, _ in installed_flavours()} <= {"onnxruntime", "onnxruntime-gpu"}
 
 
 def test_without_onnxruntime_loading_a_bundle_names_the_extras(tiny_bundle, monkeypatch):

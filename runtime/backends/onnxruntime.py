@@ -33,7 +33,7 @@ import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,30 +55,35 @@ GPU_INSTALL = (
 
 
 def installed_flavours(
-    version: Callable[[str], str] = importlib.metadata.version,
-) -> dict[str, str]:
-    """The ONNX Runtime distributions installed, name -> version."""
-    found = {}
-    for name in FLAVOURS:
-        try:
-            found[name] = version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    distributions: Callable[[], Iterable[Any]] = importlib.metadata.distributions,
+) -> list[tuple[str, str, Path]]:
+    """The ONNX Runtime distributions installed: (name, version, the folder it installed its
+    `onnxruntime` package into)."""
+    found = []
+    for dist in distributions():
+        name = str(dist.metadata["Name"] or "").lower()
+        if name in FLAVOURS:
+            found.append((name, dist.version, Path(dist.locate_file("onnxruntime")).resolve()))
     return found
 
 
-def check_one_flavour(found: Mapping[str, str]) -> None:
-    """Refuse two flavours at once: they overwrite each other's files, and which provider
-    then loads depends on install order (microsoft/onnxruntime#26996)."""
-    if len(found) > 1:
-        listed = " and ".join(f"{name}=={version}" for name, version in found.items())
-        gpu = found["onnxruntime-gpu"]
-        raise UserError(
-            f"{listed} are both installed and overwrite each other's files; run "
-            f"`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu=={gpu}` "
-            "(or, for the CPU build, `pip uninstall -y onnxruntime onnxruntime-gpu && "
-            "pip install 'sdrt[cpu]'`)"
-        )
+def check_one_flavour(found: Iterable[tuple[str, str, Path]]) -> None:
+    """Refuse two flavours installed into one folder: they overwrite each other's files, and
+    which provider then loads depends on install order (microsoft/onnxruntime#26996). One
+    shadowing another from an earlier `sys.path` entry is fine: it is the one imported."""
+    by_folder: dict[Path, dict[str, str]] = {}
+    for name, version, folder in found:
+        by_folder.setdefault(folder, {})[name] = version
+    for folder, names in by_folder.items():
+        if len(names) > 1:
+            listed = " and ".join(f"{name}=={version}" for name, version in sorted(names.items()))
+            gpu = names["onnxruntime-gpu"]
+            raise UserError(
+                f"{listed} are both installed in {folder.parent} and overwrite each other's "
+                "files; run `pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                f"onnxruntime-gpu=={gpu}` (or, for the CPU build, `pip uninstall -y onnxruntime "
+                "onnxruntime-gpu && pip install 'sdrt[cpu]'`)"
+            )
 
 
 if importlib.util.find_spec("onnxruntime") is None:  # `pip install sdrt` without an extra
