@@ -321,32 +321,52 @@ def nonfinite_origins(
     return origins
 
 
+def calibration_stats(
+    model: onnx.ModelProto,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    providers: Sequence[str],
+    chunk: int,
+) -> dict[str, TensorStats]:
+    """`tensor_stats` over several calibration feeds: each tensor's largest peak, and finite
+    only where it was finite on every feed."""
+    merged: dict[str, TensorStats] = {}
+    for feeds in calibration:
+        for name, s in tensor_stats(model, feeds, providers, chunk).items():
+            old = merged.get(name, s)
+            merged[name] = TensorStats(max(old.peak, s.peak), old.finite and s.finite)
+    return merged
+
+
 def keep_fp32_nodes(
     model: onnx.ModelProto,
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     range_fraction: float = 0.25,
     providers: Sequence[str] = CPU,
     rounds: int = 2,
     chunk: int = 512,
+    always: Iterable[str] = (),
 ) -> list[str]:
     """Names of the nodes to leave in fp32 when converting `model` (fp32) to fp16.
 
-    Always the timestep embedding (`timestep_embedding_nodes`). Then by range: any node
-    touching a tensor whose fp32 values on `feeds` exceed
+    `feeds` is one set of inputs or several (calibration: prompts, timesteps); a tensor's
+    range is its largest over them. Always the timestep embedding (`timestep_embedding_nodes`)
+    and the `always` nodes. Then by range: any node touching a tensor whose fp32 values exceed
     `range_fraction` * 65504 (calibration inputs do not show the worst case, hence the margin).
     Then up to `rounds` times: convert, run in fp16, and add the nodes where inf/nan first
-    appear. That second check needs real fp16 kernels (the CUDA provider); ORT's CPU provider
-    computes most fp16 ops in fp32, so on the CPU it mostly confirms the first.
+    appear (values that fit fp16 but whose fp16 rounding breaks a later node, e.g. a divisor
+    that underflows to 0). ORT's CPU provider computes many fp16 ops in fp32, so on the CPU
+    that check sees the conversions' own roundings; the CUDA provider sees the kernels' too.
     """
-    stats = tensor_stats(model, feeds, providers, chunk)
+    calibration = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    stats = calibration_stats(model, calibration, providers, chunk)
     nodes = list(model.graph.node)
     keep = {nodes[i].name for i in overflow_nodes(model, stats, FP16_MAX * range_fraction)}
-    keep |= timestep_embedding_nodes(model)
+    keep |= timestep_embedding_nodes(model) | set(always)
     for _ in range(rounds):
         if "" in keep:
             break
         fp16 = convert_fp16(model, sorted(keep))
-        fp16_stats = tensor_stats(fp16, feeds, providers, chunk)
+        fp16_stats = calibration_stats(fp16, calibration, providers, chunk)
         found = nonfinite_origins(fp16, fp16_stats, stats, {n.name for n in nodes})
         if found <= keep:
             break

@@ -78,9 +78,7 @@ def test_missing_model_and_unknown_preset_are_user_errors(tmp_path):
         load.load_pipeline(None, random_weights="sd99")
 
 
-def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
-    tiny_pipe, tiny_bundle, tmp_path
-):
+def test_ort_cuda_options_fused_attention_fp16_and_static_variants(tiny_pipe, tmp_path):
     import shutil
 
     import numpy as np
@@ -88,6 +86,7 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
 
     from sdrt import Pipeline
     from sdrt.export.optimize import count_nodes
+    from sdrt.export.parity import run_diffusers
     from sdrt.export.tensorrt_build import build_engines
 
     out = tmp_path / "fast"
@@ -122,8 +121,12 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
         "scheduler": "ddim",
     }
     fast = Pipeline.load(out, device="cpu")("a cat", **call).images
-    plain = Pipeline.load(tiny_bundle, device="cpu")("a cat", **call).images
-    assert np.abs(fast - plain).max() < 2e-2
+    eager = run_diffusers(
+        tiny_pipe, "ddim", latents, prompt="a cat", **{k: call[k] for k in ("height", "width")},
+        num_inference_steps=4,
+    )  # fmt: skip
+    # measured 1.1e-3 against fp32 diffusers (ORT CPU, 2026-12-01); images are in [0, 1]
+    assert np.abs(fast - eager).max() <= 3e-3
     with pytest.raises(UserError, match="cannot parse"):
         build_engines(out)
     broken = tmp_path / "broken"

@@ -274,6 +274,75 @@ def test_inf_is_charged_to_the_node_where_it_first_appears_and_casts_to_their_ne
     assert nonfinite_origins(model, fp16, fp32_broken, names) == set()
 
 
+def underflowing_graph() -> onnx.ModelProto:
+    """ratio = x / y with x, y ~ 1e-8: fine in fp32 (ratio ~ 1), but both round to 0 in fp16."""
+    graph = oh.make_graph(
+        [oh.make_node("Div", ["x", "y"], ["ratio"], name="divide"),
+         oh.make_node("Relu", ["ratio"], ["out"], name="relu")],
+        "underflow",
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("x", "y")],
+        [oh.make_tensor_value_info("out", TensorProto.FLOAT, [4])],
+    )  # fmt: skip
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+UNDERFLOW_FEEDS = {"x": np.full(4, 2e-8, np.float32), "y": np.full(4, 1e-8, np.float32)}
+
+
+def fp16_kernel_stats(model, feeds, providers, chunk):
+    """tensor_stats computed as a GPU's fp16 kernels compute: onnx's reference evaluator runs
+    fp16 ops in fp16 (ORT's CPU provider runs Div in fp32 and drops the casts around it)."""
+    from sdrt.export.optimize import summarise
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    names = [o for n in model.graph.node for o in n.output if o]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    with np.errstate(all="ignore"):
+        values = ReferenceEvaluator(exposed).run(names, dict(feeds))
+    stats = {k: summarise(np.asarray(v)) for k, v in feeds.items()}
+    return stats | {k: summarise(np.asarray(v)) for k, v in zip(names, values, strict=True)}
+
+
+def test_fp16_rounds_keep_what_fp16_breaks_inside_the_fp16_range(monkeypatch):
+    from sdrt.export import optimize
+
+    monkeypatch.setattr(optimize, "tensor_stats", fp16_kernel_stats)
+    model = underflowing_graph()
+    assert keep_fp32_nodes(model, UNDERFLOW_FEEDS, rounds=0) == []  # the range rule sees ~2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        naive = ReferenceEvaluator(convert_fp16(model, [])).run(None, UNDERFLOW_FEEDS)[0]
+    assert not np.isfinite(naive).all()
+    keep = keep_fp32_nodes(model, UNDERFLOW_FEEDS)
+    assert keep == ["divide"]
+    kept = ReferenceEvaluator(convert_fp16(model, keep)).run(None, UNDERFLOW_FEEDS)[0]
+    np.testing.assert_allclose(kept, 2.0)
+
+
+def test_range_margin_keeps_values_a_quarter_of_the_way_to_the_fp16_limit():
+    """Calibration peaks at 20 000 (fits fp16); a deployment input twice as large overflows.
+    The margin (a quarter of 65504) keeps the node fp32 on the calibration alone."""
+    model = overflowing_graph()
+    scale = 20_000 / tensor_stats(model, OVERFLOW_FEEDS)["y"].peak
+    calibration = {"x": OVERFLOW_FEEDS["x"] * scale}
+    deployment = {"x": calibration["x"] * 4}
+    assert "project" in keep_fp32_nodes(model, calibration, rounds=0)
+    assert "project" not in keep_fp32_nodes(model, calibration, range_fraction=1.0, rounds=0)
+    unguarded = convert_fp16(model, keep_fp32_nodes(model, calibration, range_fraction=1.0))
+    guarded = convert_fp16(model, keep_fp32_nodes(model, calibration))
+    want = ReferenceEvaluator(model).run(None, deployment)[0]
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(ReferenceEvaluator(unguarded).run(None, deployment)[0]).all()
+    assert relative_error(ReferenceEvaluator(guarded).run(None, deployment)[0], want) <= 1e-2
+
+
+def test_calibration_over_several_feeds_takes_each_tensors_worst():
+    model = overflowing_graph()
+    small = {"x": OVERFLOW_FEEDS["x"] / 100}
+    assert keep_fp32_nodes(model, [small], rounds=0) == []
+    assert keep_fp32_nodes(model, [small, OVERFLOW_FEEDS], rounds=0) == ["project", "scale_down"]
+
+
 def test_stats_do_not_depend_on_how_many_tensors_are_exposed_per_run():
     model = overflowing_graph()
     assert tensor_stats(model, OVERFLOW_FEEDS, chunk=1) == tensor_stats(model, OVERFLOW_FEEDS)
