@@ -20,6 +20,7 @@ from tqdm import tqdm
 from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
 from sdrt.errors import UserError
 
+from .calibration import CUDA, calibration_feeds, calibration_providers
 from .onnx_export import (
     OPSET,
     TOLERANCE,
@@ -155,6 +156,9 @@ def _write_bundle(
     bar = tqdm(components(pipe), desc="export", unit="component", disable=not progress)
     for component in bar:
         bar.set_postfix_str(component.name)
+        if dtype == "fp16":
+            size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
+            component.calibration = calibration_feeds(pipe, component, dims, size)
         entries[component.name] = _export_component(
             component,
             root,
@@ -274,6 +278,18 @@ def _normal_permissions(root: Path) -> None:
     os.umask(umask)
     for path in root.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def calibration_latent_size(
+    static_sizes: Sequence[tuple[int, int]], default_size: int, vae_scale: int, dims: dict[str, int]
+) -> tuple[int, int]:
+    """Latent size for the fp16 measurement: the deployment size (the first static size, else
+    the model's native one) where the CUDA provider measures; on the CPU, the trace size, since
+    a full-size measurement there takes tens of minutes per component."""
+    if CUDA not in calibration_providers():
+        return dims["latent_height"], dims["latent_width"]
+    height, width = static_sizes[0] if static_sizes else (default_size, default_size)
+    return height // vae_scale, width // vae_scale
 
 
 def static_dims(size: tuple[int, int], vae_scale: int, component: Component) -> dict[str, int]:

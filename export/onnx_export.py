@@ -22,6 +22,7 @@ import torch
 
 from sdrt.errors import UserError
 
+from .calibration import attention_score_nodes, calibration_providers
 from .cuda_fusions import (
     cuda_only_ops,
     cuda_ops_lowered,
@@ -54,6 +55,10 @@ class Component:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dims: dict[str, int] = field(default_factory=dict)  # sizes of the named dims for tracing
+    # for the fp16 policy: inputs like deployment's (see calibration.py; default: sample
+    # inputs at the trace size), and whether attention scores must stay fp32 (SD 2.x)
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    upcast_attention: bool = False
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -177,6 +182,7 @@ def components(pipe: Any) -> list[Component]:
                     ["unet_batch", pipe.unet.config.out_channels, "latent_height", "latent_width"],
                 )
             ],
+            upcast_attention=bool(getattr(pipe.unet.config, "upcast_attention", False)),
         ),
         Component(
             "vae_decoder",
@@ -298,13 +304,29 @@ def export_onnx(
         model = fuse_for_cuda(model)
         unfused.update(unfuse_unsupported(model))
     if dtype == "fp16":
+        calibration = component.calibration or [feeds]
         present = {n.name for n in model.graph.node}
         with cuda_ops_lowered(model) as standard:
-            keep = fused_node_names(keep_fp32_nodes(standard, feeds), present)
+            always = attention_score_nodes(standard) if component.upcast_attention else set()
+            measured = keep_fp32_nodes(
+                standard,
+                calibration,
+                providers=calibration_providers(),
+                chunk=stats_chunk(feeds, calibration),
+                always=always,
+            )
+            keep = fused_node_names(measured, present)
         model = convert_fp16(model, keep)
         unfused.update(unfuse_unsupported(model))
     save_onnx(model, path, external_data)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
+
+
+def stats_chunk(traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]]) -> int:
+    """Tensors exposed per measuring run: 512 at the trace size, fewer in proportion where the
+    calibration inputs are larger, so host memory stays what it is at the trace size."""
+    largest = max(sum(v.size for v in feeds.values()) for feeds in calibration)
+    return max(16, int(512 * sum(v.size for v in traced.values()) / largest))
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:

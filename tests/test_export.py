@@ -78,17 +78,28 @@ def test_missing_model_and_unknown_preset_are_user_errors(tmp_path):
         load.load_pipeline(None, random_weights="sd99")
 
 
-def test_ort_cuda_options_fused_attention_fp16_and_static_variants(tiny_pipe, tmp_path):
+def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
+    tiny_pipe, tmp_path, monkeypatch
+):
     import shutil
 
     import numpy as np
     import onnx
 
     from sdrt import Pipeline
+    from sdrt.export import onnx_export
+    from sdrt.export.calibration import TIMESTEPS
     from sdrt.export.optimize import count_nodes
     from sdrt.export.parity import run_diffusers
     from sdrt.export.tensorrt_build import build_engines
 
+    calibrated = []
+    measure = onnx_export.keep_fp32_nodes
+    monkeypatch.setattr(
+        onnx_export,
+        "keep_fp32_nodes",
+        lambda model, feeds, **kw: calibrated.append(len(feeds)) or measure(model, feeds, **kw),
+    )
     out = tmp_path / "fast"
     manifest = bundle_writer.export_bundle(
         tiny_pipe,
@@ -100,6 +111,8 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(tiny_pipe, tm
         static_sizes=[(64, 96)],
     )
     assert manifest["fused_attention"] is True
+    # text encoder: one batch of prompts; U-Net: one feed per calibration timestep; VAEs
+    assert calibrated == [1, len(TIMESTEPS), 1, 1]
     umask = os.umask(0)
     os.umask(umask)
     assert (out / "unet.onnx.data").stat().st_mode & 0o777 == 0o666 & ~umask
