@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
 
     demo = commands.add_parser(
-        "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export])"
+        "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export,cpu])"
     )
     demo.add_argument("--output", default="sdrt-demo.png")
     demo.add_argument("--steps", type=int, default=10)
