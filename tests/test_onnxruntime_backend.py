@@ -466,6 +466,12 @@ def test_plain_cuda_and_auto_mean_gpu_0(bundle, fake_gpu_ort):
     assert {providers[0][1]["device_id"] for _, providers in fake_gpu_ort.sessions} == {"0"}
 
 
+def test_a_cuda_provider_that_falls_back_to_the_cpu_is_a_user_error(bundle, fake_gpu_ort):
+    fake_gpu_ort.InferenceSession.get_providers = lambda self: ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
+        OnnxRuntimeEngine(bundle, "unet", "cuda", static_shapes="never")
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda1", "cuda:x", "CUDA"])
 def test_unknown_device_names_are_refused_not_run_on_the_cpu(bundle, device):
     with pytest.raises(UserError, match="unknown device"):

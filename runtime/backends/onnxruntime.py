@@ -430,6 +430,16 @@ def create_session(path: Path, providers: list[Any], engine: OnnxRuntimeEngine) 
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), session_options(), providers=providers)
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if session.get_providers()[0] != wanted:
+        # ORT falls back to the CPU when the CUDA provider cannot load its libraries, and
+        # buffers allocated on the GPU would then feed a CPU session.
+        raise UserError(
+            f"{path.name}: ONNX Runtime could not start {wanted} (it fell back to "
+            f"{session.get_providers()[0]}); check that the CUDA and cuDNN libraries "
+            "onnxruntime-gpu needs are installed (ORT's log names the missing one), or use "
+            "--device cpu"
+        )
     log.debug(
         "%s: created a session for %s on %s (device %s)",
         engine.component,
