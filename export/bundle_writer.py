@@ -11,7 +11,9 @@ import datetime
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from .onnx_export import (
     verify_onnx,
 )
 from .optimize import static_variant_file, write_static_variant
+from .stages import GIB, StageFn, StageWatch
 
 # diffusers scheduler class -> the runtime's name for the same family
 SCHEDULER_NAMES = {
@@ -77,13 +80,15 @@ def export_bundle(
     fused_attention: bool = False,
     static_sizes: Sequence[tuple[int, int]] = (),
     cuda_fusions: bool = False,
+    watch: StageWatch | None = None,
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
     `loras` are the records of LoRAs already fused into `pipe`, kept in the manifest.
     `fused_attention`, `cuda_fusions` and `static_sizes` (HxW) target ONNX Runtime CUDA: fused
     attention nodes, NHWC convolutions with fused normalisations in the U-Net and VAE decoder,
-    and fixed-shape copies of those graphs so CUDA graphs can be captured.
+    and fixed-shape copies of those graphs so CUDA graphs can be captured. `watch` records
+    each stage's time and peak RSS (the memory benchmark reads it).
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
@@ -105,6 +110,7 @@ def export_bundle(
             fused_attention,
             list(static_sizes),
             cuda_fusions,
+            watch or StageWatch(),
         )
         _normal_permissions(staging)
         if out.exists():
@@ -127,6 +133,7 @@ def _write_bundle(
     fused_attention: bool,
     static_sizes: list[tuple[int, int]],
     cuda_fusions: bool,
+    watch: StageWatch,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = native_size(pipe)
@@ -154,11 +161,14 @@ def _write_bundle(
     }
     entries = {}
     bar = tqdm(components(pipe), desc="export", unit="component", disable=not progress)
+    if progress:
+        watch.on_change = _show_stage(bar)
     for component in bar:
-        bar.set_postfix_str(component.name)
+        stage = watch.for_component(component.name)
         if dtype == "fp16":
             size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
-            component.calibration = calibration_feeds(pipe, component, dims, size)
+            with stage("fp16 calibrate"):
+                component.calibration = calibration_feeds(pipe, component, dims, size)
         entries[component.name] = _export_component(
             component,
             root,
@@ -169,16 +179,18 @@ def _write_bundle(
             fused_attention,
             cuda_fusions,
             bool(static_sizes),
+            stage,
         )
         if component.name in CUDA_FUSED:
-            entries[component.name]["static_variants"] = [
-                write_static_variant(
-                    root / entries[component.name]["file"],
-                    d,
-                    root / static_variant_file(component.name, d),
-                )
-                for d in (static_dims(size, vae_scale, component) for size in static_sizes)
-            ]
+            with stage("write static") if static_sizes else nullcontext():
+                entries[component.name]["static_variants"] = [
+                    write_static_variant(
+                        root / entries[component.name]["file"],
+                        d,
+                        root / static_variant_file(component.name, d),
+                    )
+                    for d in (static_dims(size, vae_scale, component) for size in static_sizes)
+                ]
     pipe.tokenizer.save_pretrained(root / "tokenizer")
     if len(pairs) == 2:
         pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
@@ -221,16 +233,21 @@ def _export_component(
     fused_attention: bool,
     cuda_fusions: bool,
     external_data: bool,
+    stage: StageFn,
 ) -> dict[str, Any]:
     path = root / f"{component.name}.onnx"
 
     def export(dtype: str) -> ExportedOps:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
-        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc)
+        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc, stage)
+
+    def verify() -> dict[str, Any]:
+        with stage("verify"):
+            return verify_onnx(component, path, check_dims)
 
     ops = export(dtype)
-    parity = verify_onnx(component, path, check_dims)
+    parity = verify()
     fallback = None
     if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
         # Some VAEs overflow fp16 (SDXL's does); measured, not assumed: keep this one fp32.
@@ -240,7 +257,7 @@ def _export_component(
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
         ops = export(dtype)
-        parity = verify_onnx(component, path, check_dims)
+        parity = verify()
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
         raise UserError(
@@ -269,6 +286,19 @@ def _export_component(
             + (", CUDA-only ops as standard ONNX" if ops.cuda_only else ""),
         },
     }
+
+
+def _show_stage(bar: tqdm) -> Callable[[str, str, int], None]:
+    """Progress-bar postfix "unet: verify, RSS 6.1 GiB", redrawn at most twice a second."""
+    shown = [0.0, ""]
+
+    def show(component: str, stage: str, rss: int) -> None:
+        now = time.monotonic()
+        if stage != shown[1] or now - shown[0] >= 0.5:
+            shown[:] = [now, stage]
+            bar.set_postfix_str(f"{component}: {stage}, RSS {rss / GIB:.1f} GiB")
+
+    return show
 
 
 def _normal_permissions(root: Path) -> None:

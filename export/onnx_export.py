@@ -32,6 +32,7 @@ from .cuda_fusions import (
     unfuse_unsupported,
 )
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
+from .stages import StageFn, no_stages
 
 OPSET = 17
 TWO_GB = 2**31
@@ -261,6 +262,7 @@ def export_onnx(
     fuse_attention: bool = False,
     external_data: bool = False,
     cuda_fusions: bool = False,
+    stage: StageFn = no_stages,
 ) -> ExportedOps:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
     always with `external_data`, so static variants can share the weights); returns the
@@ -269,7 +271,8 @@ def export_onnx(
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
     graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
-    measured on the fused graph written back as standard ops (`cuda_ops_lowered`).
+    measured on the fused graph written back as standard ops (`cuda_ops_lowered`). `stage`
+    brackets each step (trace, fuse, fp16 measure, fp16 convert, write).
     """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
@@ -277,7 +280,11 @@ def export_onnx(
         spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
         for spec in component.inputs + component.outputs
     }
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+    with (
+        stage("trace"),
+        tempfile.TemporaryDirectory(dir=path.parent) as tmp,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
         traced = Path(tmp) / "model.onnx"
         fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
@@ -301,12 +308,13 @@ def export_onnx(
         )
     unfused: Counter[str] = Counter()
     if cuda_fusions:
-        model = fuse_for_cuda(model)
-        unfused.update(unfuse_unsupported(model))
+        with stage("fuse"):
+            model = fuse_for_cuda(model)
+            unfused.update(unfuse_unsupported(model))
     if dtype == "fp16":
         calibration = component.calibration or [feeds]
         present = {n.name for n in model.graph.node}
-        with cuda_ops_lowered(model) as standard:
+        with stage("fp16 measure"), cuda_ops_lowered(model) as standard:
             always = attention_score_nodes(standard) if component.upcast_attention else set()
             measured = keep_fp32_nodes(
                 standard,
@@ -316,9 +324,11 @@ def export_onnx(
                 always=always,
             )
             keep = fused_node_names(measured, present)
-        model = convert_fp16(model, keep)
-        unfused.update(unfuse_unsupported(model))
-    save_onnx(model, path, external_data)
+        with stage("fp16 convert"):
+            model = convert_fp16(model, keep)
+            unfused.update(unfuse_unsupported(model))
+    with stage("write"):
+        save_onnx(model, path, external_data)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
 
 

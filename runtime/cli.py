@@ -40,37 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("source", nargs="?", help="diffusers folder or .safetensors file")
     export.add_argument("bundle", help="new bundle directory to write")
     _add_model_source_options(export)
-    export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    export.add_argument(
-        "--fused-attention",
-        action="store_true",
-        help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
-    )
-    export.add_argument(
-        "--cuda-fusions",
-        action="store_true",
-        help="NHWC convolutions and fused GroupNorm/GEGLU in the U-Net and VAE decoder "
-        "(ONNX Runtime CUDA only)",
-    )
-    export.add_argument(
-        "--static-size",
-        action="append",
-        default=[],
-        metavar="HxW",
-        help="also write fixed-shape graphs for this size (ORT CUDA graphs); repeatable",
-    )
+    add_graph_options(export)
     export.add_argument(
         "--lora",
         action="append",
         default=[],
         metavar="PATH[:SCALE]",
         help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
-    )
-    export.add_argument(
-        "--tolerance",
-        type=float,
-        default=None,
-        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
     )
     export.set_defaults(handler=cmd_export)
 
@@ -140,6 +116,35 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--scheduler", default="dpmpp_2m")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def add_graph_options(parser: argparse.ArgumentParser) -> None:
+    """How export writes and checks the graphs (shared with the export memory benchmark)."""
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
+    )
+    parser.add_argument(
+        "--cuda-fusions",
+        action="store_true",
+        help="NHWC convolutions and fused GroupNorm/GEGLU in the U-Net and VAE decoder "
+        "(ONNX Runtime CUDA only)",
+    )
+    parser.add_argument(
+        "--static-size",
+        action="append",
+        default=[],
+        metavar="HxW",
+        help="also write fixed-shape graphs for this size (ORT CUDA graphs); repeatable",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+    )
 
 
 def _add_model_source_options(parser: argparse.ArgumentParser) -> None:
