@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.cli import add_graph_options, parse_size
-from sdrt.export.stages import GIB, StageWatch, peak_bytes, rss_bytes
+from sdrt.export.stages import GIB, StageRecord, StageWatch, peak_bytes, rss_bytes
 
 
 def measure(preset: str, options: argparse.Namespace, progress: bool = False) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def measure(preset: str, options: argparse.Namespace, progress: bool = False) ->
     from sdrt.export.load import load_pipeline
     from sdrt.export.presets import PRESETS
 
-    watch = StageWatch()
+    watch = StageWatch(on_record=_print_record)
     started = time.perf_counter()
     start_rss = rss_bytes()
     with watch.stage("pipeline", "load"):
@@ -58,6 +58,15 @@ def measure(preset: str, options: argparse.Namespace, progress: bool = False) ->
         "stages": [vars(r) for r in watch.records],
         "component_peaks": watch.component_peaks(),
     }
+
+
+def _print_record(r: StageRecord) -> None:
+    mark = "" if r.exact else "~"
+    print(
+        f"{r.component}: {r.stage} {mark}{r.peak_bytes / GIB:.2f} GiB {r.seconds:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def table(result: dict[str, Any]) -> str:

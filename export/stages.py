@@ -68,15 +68,18 @@ class StageRecord:
 class StageWatch:
     """Samples RSS every `interval` seconds on a daemon thread while a stage runs and keeps one
     `StageRecord` per stage; `on_change(component, stage, rss)` is called at each stage start
-    and on every sample (the progress bar's postfix)."""
+    and on every sample (the progress bar's postfix); `on_record` gets each record as its stage
+    ends (so a run killed for memory still shows where it got to)."""
 
     def __init__(
         self,
         on_change: Callable[[str, str, int], None] | None = None,
         interval: float = 0.02,
+        on_record: Callable[[StageRecord], None] | None = None,
     ) -> None:
         self.records: list[StageRecord] = []
         self.on_change = on_change
+        self.on_record = on_record
         self.interval = interval
         self.component = ""
 
@@ -116,7 +119,10 @@ class StageWatch:
             hwm_after = peak_bytes()
             exact = hwm_after > hwm_before  # this stage set the process's new high
             peak = hwm_after if exact else max(sampled[0], rss_bytes())
-            self.records.append(StageRecord(component, name, peak, seconds, exact))
+            record = StageRecord(component, name, peak, seconds, exact)
+            self.records.append(record)
+            if self.on_record:
+                self.on_record(record)
 
     def component_peaks(self) -> dict[str, int]:
         """Largest stage peak per component, in export order."""

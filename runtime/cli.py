@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH[:SCALE]",
         help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
     )
+    export.add_argument(
+        "--max-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="refuse to start when the estimated peak RAM exceeds this many GiB "
+        "(default: the memory available now; 0 turns the check off)",
+    )
     export.set_defaults(handler=cmd_export)
 
     generate = commands.add_parser("generate", help="generate images from a bundle")
@@ -200,6 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
+    _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)
     pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
@@ -220,6 +229,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
     return 0
+
+
+def _check_export_memory(args: argparse.Namespace) -> None:
+    """Refuse an export whose estimated peak RAM exceeds --max-memory before loading anything."""
+    from sdrt.export import memory_estimate as mem
+
+    if args.max_memory is not None and args.max_memory < 0:
+        raise UserError(f"--max-memory {args.max_memory} is negative; give GiB, or 0 for no check")
+    limit = mem.available_bytes() if args.max_memory is None else int(args.max_memory * mem.GIB)
+    sizes = mem.source_component_bytes(args.source, args.random_weights)
+    estimate = mem.estimate_peak_bytes(sizes, args.dtype, args.cuda_fusions)
+    mem.check_fits(estimate, limit or None)
 
 
 def _export(

@@ -76,3 +76,78 @@ def test_benchmark_reports_every_stage_of_every_component(tiny_run):
 def test_progress_bar_shows_the_stage_and_rss(tiny_run):
     _, done = tiny_run
     assert "unet: trace, RSS" in done.stderr and "vae_encoder: verify, RSS" in done.stderr
+
+
+def test_weights_streamed_into_one_file_give_the_same_outputs(tmp_path):
+    """The exporter's per-weight files (as torch writes a model over 2 GB) gathered into one
+    page-aligned file: ONNX Runtime computes exactly what the original graph computes."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from sdrt.export.external_data import ALIGN, external_tensors, gather_external_data
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"])]
+    nodes += [helper.make_node("MatMul", [f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in (1, 2)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("h2", onnx.TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    traced = tmp_path / "traced"
+    traced.mkdir()
+    onnx.save_model(
+        model,
+        traced / "m.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    skeleton = onnx.load(str(traced / "m.onnx"), load_external_data=False)
+    assert len({t.external_data[0].value for t in external_tensors(skeleton)}) == 3
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    gather_external_data(skeleton, traced, out / "m.onnx.data")
+    onnx.save_model(skeleton, str(out / "m.onnx"))
+    offsets = [
+        int(e.value)
+        for t in external_tensors(skeleton)
+        for e in t.external_data
+        if e.key == "offset"
+    ]
+    assert len(offsets) == 3 and all(o % ALIGN == 0 for o in offsets)
+
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    want = x @ weights[0] @ weights[1] @ weights[2]
+    (got,) = ort.InferenceSession(str(out / "m.onnx")).run(None, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_export_refuses_in_one_line_when_the_estimate_exceeds_max_memory(tmp_path, capsys):
+    from sdrt.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--random-weights", "tiny", str(out), "--max-memory", "0.05"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-memory" in err and "GiB" in err
+    assert not out.exists()
+
+
+def test_estimate_reads_the_same_weights_from_a_folder_as_from_the_loaded_pipeline(
+    tiny_model_dir, tiny_pipe
+):
+    from sdrt.export import memory_estimate as mem
+
+    loaded = mem.pipeline_component_bytes(tiny_pipe)
+    on_disk = mem.folder_component_bytes(tiny_model_dir)
+    assert on_disk == loaded and loaded["unet"] > 0
+    largest = max(loaded.values())
+    fp32 = mem.estimate_peak_bytes(loaded, "fp32", False)
+    assert fp32 > sum(loaded.values()) + largest // 2
+    assert mem.estimate_peak_bytes(loaded, "fp16", True) > fp32
