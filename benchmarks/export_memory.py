@@ -45,6 +45,7 @@ def measure(preset: str, options: argparse.Namespace, progress: bool = False) ->
             static_sizes=[parse_size(s, "--static-size") for s in options.static_size],
             cuda_fusions=options.cuda_fusions,
             watch=watch,
+            release_weights=True,  # as `sdrt export` does
         )
     return {
         "preset": preset,

@@ -8,9 +8,11 @@ height/width (pixels).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +322,8 @@ def export_onnx(
             if external_tensors(model):
                 gather_external_data(model, Path(tmp), path.with_name(f"{path.name}.data"))
                 onnx.save_model(model, str(path))
+            elif not passes and not external_data:
+                os.replace(traced, path)  # the exporter's file is the graph wanted: no re-save
             else:
                 save_onnx(model, path, external_data)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
@@ -391,12 +395,23 @@ def _lean_session_options(ort: Any) -> Any:
     return options
 
 
-def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[str, float]:
+def verify_onnx(
+    component: Component,
+    path: Path,
+    dims: dict[str, int],
+    release: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch; CUDA-only
-    ops are run as their standard-ONNX lowering (see `cuda_fusions`)."""
+    ops are run as their standard-ONNX lowering (see `cuda_fusions`). PyTorch runs first, and
+    `release` (freeing its weights) before ONNX Runtime loads its own copy."""
     import onnxruntime as ort
 
     feeds = component.sample_inputs(dims, seed=1)
+    with torch.no_grad():
+        want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    if release:
+        release()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         runnable = path
         if cuda_only_ops(onnx.load(str(path), load_external_data=False)):
@@ -407,9 +422,6 @@ def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[
         )
         got = session.run(None, feeds)
         del session
-    with torch.no_grad():
-        want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
     max_abs = max_ref = 0.0
     for g, w in zip(got, want, strict=True):
         w64 = w.double().numpy()

@@ -225,6 +225,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fused_attention=args.fused_attention,
         static_sizes=static_sizes,
         cuda_fusions=args.cuda_fusions,
+        release_weights=True,  # the pipeline is not used again: hold one model at a time
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
