@@ -18,10 +18,13 @@ GIB = 2**30
 # interpreter with torch, onnx and ONNX Runtime imported (measured: 0.23 GiB)
 BASE_BYTES = GIB // 4
 # peak above the loaded pipeline, in units of the largest component's fp32 weights:
-# (dtype, cuda_fusions) -> factor
+# (dtype, cuda_fusions) -> factor. fp32: SD 1.5 measured 0.52 (5.90 GiB peak; weights 3.97 GiB,
+# U-Net 3.20 GiB). fp16 and the fusions load the whole graph for their passes: 4.3 measured
+# before the streaming changes (SD 1.5 fp16 fused-attention static, 19.3 GB), past 5.7 with
+# --cuda-fusions (beyond 24 GB); not measured since, so kept as upper bounds.
 EXTRA_FACTOR = {
-    ("fp32", False): 1.0,
-    ("fp32", True): 4.5,
+    ("fp32", False): 0.6,
+    ("fp32", True): 6.0,
     ("fp16", False): 4.5,
     ("fp16", True): 6.0,
 }
