@@ -1,0 +1,1 @@
+"""Serving sdrt bundles: the batcher, the HTTP app, and the Triton and Ray Serve adapters."""
