@@ -1,40 +1,42 @@
 """Start and stop a local Triton Inference Server on a model repository (tests, benchmarks).
 
-Uses the `tritonserver` binary that the nvidia-pytriton wheel ships (scripts/install.sh puts it
-in .venv-triton): it runs python-backend models on the CPU. Its python backend starts a stub
-process per model instance; the stub embeds the Python this process runs on, so the stub finds
-sdrt, numpy and onnxruntime in this interpreter's site-packages (added with `site.addsitedir`
-from a sitecustomize, so editable installs' .pth files work too). Production servers build an
-execution environment instead (README, "Serving at scale").
+Uses the `tritonserver` binary that the nvidia-pytriton wheel ships, from the venv that
+scripts/install.sh builds (.venv-triton): it runs python-backend models on the CPU. The python
+backend starts a stub process per model instance that embeds libpython, found through
+LD_LIBRARY_PATH (this interpreter's LIBDIR). The stub is built against numpy 1, so the model
+runs in .venv-triton too (numpy<2, the runtime's wheels, sdrt): pass `triton_venv()` as
+`sdrt triton-repo --python-env`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from sdrt.errors import UserError
 
-TRITON_HOME_ENV = "SDRT_TRITON_HOME"  # .../pytriton/tritonserver; default: the repo's .venv-triton
+TRITON_VENV_ENV = "SDRT_TRITON_VENV"  # default: the repository's .venv-triton
 READY_TIMEOUT_S = 120.0
+
+
+def triton_venv() -> Path:
+    """The venv holding nvidia-pytriton and the model's runtime (numpy<2, sdrt)."""
+    if os.environ.get(TRITON_VENV_ENV):
+        return Path(os.environ[TRITON_VENV_ENV])
+    return Path(__file__).resolve().parents[1] / ".venv-triton"
 
 
 def triton_home() -> Path:
     """The folder holding bin/tritonserver and backends/ (with the python stub copied in)."""
-    if os.environ.get(TRITON_HOME_ENV):
-        return Path(os.environ[TRITON_HOME_ENV])
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    root = Path(__file__).resolve().parents[1]
-    return root / ".venv-triton" / "lib" / version / "site-packages" / "pytriton" / "tritonserver"
+    return triton_venv() / "lib" / version / "site-packages" / "pytriton" / "tritonserver"
 
 
 def find_tritonserver() -> Path:
@@ -44,7 +46,7 @@ def find_tritonserver() -> Path:
     if not binary.is_file() or not stub.is_file():
         raise UserError(
             f"no tritonserver with a python backend stub under {home}; run scripts/install.sh "
-            f"(it builds .venv-triton) or set {TRITON_HOME_ENV}"
+            f"(it builds .venv-triton) or set {TRITON_VENV_ENV}"
         )
     return binary
 
@@ -63,7 +65,6 @@ class TritonServer:
         self.log_path = Path(log)
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen | None = None
-        self._site_dir = Path(tempfile.mkdtemp(prefix="sdrt-triton-site-"))
 
     @property
     def http_url(self) -> str:
@@ -107,7 +108,6 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        shutil.rmtree(self._site_dir, ignore_errors=True)
         return None if self.process is None else self.process.returncode
 
     def __enter__(self) -> TritonServer:
@@ -120,15 +120,11 @@ class TritonServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def _environment(self) -> dict[str, str]:
-        (self._site_dir / "sitecustomize.py").write_text(
-            f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
-        )
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p
         )
-        env["PYTHONPATH"] = str(self._site_dir)
         return env
 
     def _wait_ready(self, timeout_s: float) -> None:

@@ -51,6 +51,7 @@ class RepoOptions:
     max_batch_rows: int | None = None  # None: the batcher's default for the backend
     max_queue: int = 64
     request_timeout_s: float = 600.0
+    python_env: str | None = None  # a venv with sdrt installed, for the python backend's stub
 
 
 def write_repository(bundle_dir: str | Path, out: str | Path, options: RepoOptions) -> Path:
@@ -110,6 +111,11 @@ def config_pbtxt(
     }
     if options.max_batch_rows is not None:
         parameters["max_batch_rows"] = str(options.max_batch_rows)
+    if options.python_env is not None:
+        # Triton sources DIR/bin/activate before starting the stub: with the venv's bin first on
+        # PATH the stub's embedded Python takes the venv as its prefix (pyvenv.cfg) and imports
+        # sdrt from it. PYTHONPATH is not read: the stub runs an isolated interpreter.
+        parameters["EXECUTION_ENV_PATH"] = str(Path(options.python_env).resolve())
     params = ",\n".join(
         f"  {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}"
         for key, value in parameters.items()
@@ -150,6 +156,14 @@ def _check_options(options: RepoOptions) -> None:
         raise UserError(f"--backend must be onnxruntime or tensorrt, got {options.backend!r}")
     if options.max_batch_rows is not None and options.max_batch_rows < 1:
         raise UserError(f"--max-batch-rows must be >= 1, got {options.max_batch_rows}")
+    if (
+        options.python_env is not None
+        and not (Path(options.python_env) / "bin" / "activate").is_file()
+    ):
+        raise UserError(
+            f"--python-env {options.python_env} has no bin/activate; give a virtualenv made with "
+            "the server's Python version in which sdrt is installed"
+        )
     if options.max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {options.max_queue}")
 
@@ -175,6 +189,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds per request (default 600)"
     )
+    parser.add_argument(
+        "--python-env",
+        metavar="VENV",
+        help="virtualenv (server's Python version, sdrt installed) the model runs in; "
+        "default: the server's own Python",
+    )
     parser.set_defaults(handler=_command)
 
 
@@ -188,6 +208,7 @@ def _command(args: argparse.Namespace) -> int:
         max_batch_rows=args.max_batch_rows,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
+        python_env=args.python_env,
     )
     model_dir = write_repository(args.bundle, args.out, options)
     print(f"wrote {model_dir} (start: tritonserver --model-repository={Path(args.out)})")
