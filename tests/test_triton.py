@@ -154,6 +154,7 @@ def test_health_ready_and_model_config_over_http(triton):
 def test_concurrent_mixed_requests_over_grpc_equal_pipeline(triton, tiny_bundle):
     import tritonclient.grpc as grpcclient
 
+    shared_before = _metric(triton, "sdrt_unet_shared_calls")
     requests = [
         _inputs(
             grpcclient,
@@ -181,6 +182,8 @@ def test_concurrent_mixed_requests_over_grpc_equal_pipeline(triton, tiny_bundle)
         assert image.dtype == np.uint8 and image.shape == (*alone.shape[:2], 3)
         # uint8 rounding of an image within 1e-5 of Pipeline's (float [0, 1])
         assert np.abs(image - alone * 255.0).max() <= 0.5 + 255 * 1e-5, f"request {i}"
+    # decoupled: requests met inside the batcher and shared U-Net calls
+    assert _metric(triton, "sdrt_unet_shared_calls") > shared_before
 
 
 @pytest.mark.parametrize(

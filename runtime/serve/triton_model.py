@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from .batcher import Batcher, QueueFull, ShuttingDown, Stats
 
 Reader = Callable[[str], "np.ndarray | None"]  # input name -> its tensor, None when absent
 
@@ -60,6 +61,19 @@ def image_tensor(image: np.ndarray) -> np.ndarray:
     return (np.asarray(image) * 255).round().astype(np.uint8)
 
 
+# Batcher figures exported beside Triton's own metrics: gauge name -> (description, reader)
+GAUGES: dict[str, tuple[str, Callable[[Stats], float]]] = {
+    "sdrt_unet_calls": ("U-Net calls run by the batcher", lambda s: s.unet_calls),
+    "sdrt_unet_rows": ("U-Net rows (images x guidance) run", lambda s: s.unet_rows),
+    "sdrt_unet_shared_calls": (
+        "U-Net calls that carried more than one request (step-level batching at work)",
+        lambda s: sum(n for k, n in s.requests_per_call.items() if k > 1),
+    ),
+    "sdrt_active_requests": ("requests between admission and decode", lambda s: s.active),
+    "sdrt_queued_requests": ("requests waiting for rows", lambda s: s.queued),
+}
+
+
 def _text(value: Any, name: str) -> str:
     if isinstance(value, bytes):
         try:
@@ -93,12 +107,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from ..arguments import check_arguments
         from ..pipeline import Pipeline
-        from .batcher import Batcher
 
         self.pb = pb_utils
-        self.check_arguments = check_arguments
         params = {
             key: value["string_value"]
             for key, value in json.loads(args["model_config"])["parameters"].items()
@@ -120,18 +131,25 @@ class TritonPythonModel:
             options["max_batch_rows"] = int(params["max_batch_rows"])
         self.batcher = Batcher(self.pipe, mode="continuous", **options)
         self.batcher.start()
+        labels = {"model": args["model_name"], "instance": args["model_instance_name"]}
+        # the families must outlive their metrics, so both are kept
+        self.metric_families = {
+            name: pb_utils.MetricFamily(name, text, pb_utils.MetricFamily.GAUGE)
+            for name, (text, _) in GAUGES.items()
+        }
+        self.gauges = {name: family.Metric(labels) for name, family in self.metric_families.items()}
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             sender = request.get_response_sender()
             try:
                 kwargs = request_arguments(lambda name, r=request: _tensor(self.pb, r, name))
-                generation = self.check_arguments(
-                    self.pipe.manifest, self.pipe.engines, output_type="np", **kwargs
-                )
-                future = self.batcher.submit(generation)
+                future = self.batcher.submit({**kwargs, "output_type": "np"})
             except UserError as err:
                 self._send_error(sender, str(err), self.pb.TritonError.INVALID_ARG)
+                continue
+            except (QueueFull, ShuttingDown) as err:
+                self._send_error(sender, str(err), self.pb.TritonError.UNAVAILABLE)
                 continue
             future.add_done_callback(lambda f, s=sender: self._respond(s, f))
         return None
@@ -141,8 +159,11 @@ class TritonPythonModel:
 
     def _respond(self, sender: Any, future: Future) -> None:
         """Runs on the batcher's thread when the request's image is done (or failed)."""
+        stats = self.batcher.stats()
+        for name, (_, read) in GAUGES.items():
+            self.gauges[name].set(float(read(stats)))
         try:
-            images = future.result()
+            images = future.result().images
         except UserError as err:
             self._send_error(sender, str(err), self.pb.TritonError.INVALID_ARG)
             return
