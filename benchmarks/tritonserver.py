@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 from sdrt.errors import UserError
+
+from .serve_process import free_port
 
 TRITON_VENV_ENV = "SDRT_TRITON_VENV"  # default: the repository's .venv-triton
 READY_TIMEOUT_S = 120.0
@@ -49,12 +50,6 @@ def find_tritonserver() -> Path:
             f"(it builds .venv-triton) or set {TRITON_VENV_ENV}"
         )
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TritonServer:

@@ -16,7 +16,7 @@ from PIL import Image
 from ray import serve
 
 from sdrt import Pipeline
-from sdrt.benchmarks.tritonserver import free_port
+from sdrt.benchmarks.serve_process import free_port
 from sdrt.serve.ray import REPLICA_HEADER, ReplicaConfig, build, deployment_options
 
 APP = "sdrt"
@@ -136,3 +136,23 @@ def test_killed_replica_loses_no_request_and_serve_brings_it_back(ray_url, runti
     while time.monotonic() < deadline and len(seen - {victim}) < 2:
         seen.add(_generate(ray_url, 5, seed=1, num_inference_steps=1).headers[REPLICA_HEADER])
     assert len(seen - {victim}) == 2, f"Serve did not replace {victim}: {serve.status()}"
+
+
+def test_deployment_options_one_gpu_per_replica_and_autoscaling(tmp_path, capsys):
+    from sdrt.cli import main
+
+    gpu = deployment_options(replicas=3, gpu=True)
+    assert gpu["num_replicas"] == 3 and gpu["ray_actor_options"]["num_gpus"] == 1
+    scaling = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
+    assert deployment_options(autoscaling=scaling)["autoscaling_config"] == scaling
+    assert "num_gpus" not in deployment_options(replicas=1)["ray_actor_options"]
+    with pytest.raises(ValueError, match="unknown autoscaling setting max"):
+        deployment_options(autoscaling={"max": 2})
+    with pytest.raises(ValueError, match="min_replicas <= max_replicas"):
+        deployment_options(autoscaling={"min_replicas": 3, "max_replicas": 2})
+    config = tmp_path / "scaling.json"
+    config.write_text('{"max_replicas": 2}')
+    assert (
+        main(["serve", "b", "--ray", "--replicas", "2", "--autoscaling-config", str(config)]) == 2
+    )
+    assert "not both" in capsys.readouterr().err
