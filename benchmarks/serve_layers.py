@@ -22,13 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .environment import machine, now, versions
 from .harness import log, percentiles
 from .serve_load import Mix, load_point
 from .serve_process import ServeProcess
 from .tritonserver import TritonServer, triton_venv
+
+TARGETS = {
+    "serve": "sdrt serve",
+    "triton": "Triton (python backend, decoupled)",
+    "ray1": "Ray Serve, 1 replica",
+    "ray2": "Ray Serve, 2 replicas",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--size", default="64x64", help="WIDTHxHEIGHT")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="a subset, in this order")
     args = parser.parse_args(argv)
     mix = Mix((10, 20, 30), ("ddim", "euler"), (7.5, 3.0), args.size, seed=0)
+    runs = targets(Path(args.bundle), mix, args.clients, args.requests)
     rows = {}
-    for name, run in targets(Path(args.bundle), mix, args.clients, args.requests).items():
-        log(f"serve-layers: {name}")
-        rows[name] = run()
+    for key in args.targets.split(","):
+        log(f"serve-layers: {TARGETS[key]}")
+        rows[TARGETS[key]] = runs[key]()
     print(report(rows, args))
     return 0
 
@@ -62,10 +69,10 @@ def targets(
         return run
 
     return {
-        "sdrt serve": http([]),
-        "Triton (python backend, decoupled)": lambda: triton(bundle, mix, clients, count),
-        "Ray Serve, 1 replica": http(["--ray", "--replicas", "1"]),
-        "Ray Serve, 2 replicas": http(["--ray", "--replicas", "2"]),
+        "serve": http([]),
+        "triton": lambda: triton(bundle, mix, clients, count),
+        "ray1": http(["--ray", "--replicas", "1"]),
+        "ray2": http(["--ray", "--replicas", "2"]),
     }
 
 
@@ -100,7 +107,7 @@ def triton_closed_loop(url: str, mix: Mix, count: int, clients: int) -> dict[str
                 if body is None:
                     break
                 sent = time.perf_counter()
-                client.async_stream_infer("sdrt", kserve_inputs(grpcclient, body))
+                client.async_stream_infer("sdrt", kserve_inputs(grpcclient, kserve_values(body)))
                 error = done.get(timeout=600)
                 with lock:
                     if error is None:
@@ -123,27 +130,26 @@ def triton_closed_loop(url: str, mix: Mix, count: int, clients: int) -> dict[str
     }
 
 
-def kserve_inputs(grpcclient: Any, body: dict[str, Any]) -> list[Any]:
-    width, height = (int(v) for v in body["size"].split("x"))
-    values = {
-        "prompt": (np.array([body["prompt"].encode()], object), "BYTES"),
-        "scheduler": (np.array([body["scheduler"].encode()], object), "BYTES"),
-        "num_inference_steps": (np.array([body["num_inference_steps"]], np.int32), "INT32"),
-        "guidance_scale": (np.array([body["guidance_scale"]], np.float32), "FP32"),
-        "seed": (np.array([body["seed"]], np.int64), "INT64"),
-        "height": (np.array([height], np.int32), "INT32"),
-        "width": (np.array([width], np.int32), "INT32"),
-    }
+def kserve_inputs(grpcclient: Any, values: dict[str, Any]) -> list[Any]:
+    """Request values (`sdrt.serve.triton_repo.INPUTS` names) as tritonclient input tensors."""
+    from sdrt.serve.triton_repo import request_tensors
+
     tensors = []
-    for name, (array, dtype) in values.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    for name, (array, datatype) in request_tensors(values).items():
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
     return tensors
 
 
+def kserve_values(body: dict[str, Any]) -> dict[str, Any]:
+    """A bench-serve request body as the Triton model's inputs ("size" -> height, width)."""
+    width, height = (int(v) for v in body["size"].split("x"))
+    return {**{k: v for k, v in body.items() if k != "size"}, "height": height, "width": width}
+
+
 def report(rows: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    base = rows["sdrt serve"]
+    base = rows.get(TARGETS["serve"], next(iter(rows.values())))
     lines = [
         f"{now()}, {machine('cpu', None).get('cpu', '')}; versions {versions()}",
         f"`python -m sdrt.benchmarks.serve_layers {' '.join(sys.argv[1:])}`",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sdrt import Pipeline
+from sdrt.benchmarks.serve_layers import kserve_inputs
 from sdrt.cli import main
 from sdrt.serve.triton_model import request_arguments
 from sdrt.serve.triton_repo import RepoOptions, write_repository
@@ -51,28 +52,7 @@ def triton(tiny_bundle, tmp_path_factory):
 
 
 def _inputs(grpcclient, prompt=None, **values):
-    types = {
-        "negative_prompt": "BYTES",
-        "scheduler": "BYTES",
-        "num_inference_steps": "INT32",
-        "height": "INT32",
-        "width": "INT32",
-        "guidance_scale": "FP32",
-        "seed": "INT64",
-    }
-    dtypes = {"BYTES": object, "INT32": np.int32, "FP32": np.float32, "INT64": np.int64}
-    tensors = []
-    if prompt is not None:
-        values = {"prompt": prompt, **values}
-        types["prompt"] = "BYTES"
-    for name, value in values.items():
-        array = np.asarray(value if isinstance(value, list) else [value], dtypes[types[name]])
-        if types[name] == "BYTES":
-            array = np.array([v.encode() for v in array], dtype=object)
-        tensor = grpcclient.InferInput(name, list(array.shape), types[name])
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    return tensors
+    return kserve_inputs(grpcclient, values if prompt is None else {"prompt": prompt, **values})
 
 
 def _stream(server, requests: list[list]) -> dict[str, tuple]:

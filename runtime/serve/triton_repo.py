@@ -13,8 +13,12 @@ import argparse
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .. import __version__
 from ..bundle import Bundle
@@ -37,6 +41,13 @@ INPUTS = (
     ("width", "TYPE_INT32", True),
     ("scheduler", "TYPE_STRING", True),
 )
+# config type -> (KServe v2 datatype a client sends, numpy dtype)
+WIRE_TYPES = {
+    "TYPE_STRING": ("BYTES", object),
+    "TYPE_INT32": ("INT32", np.int32),
+    "TYPE_INT64": ("INT64", np.int64),
+    "TYPE_FP32": ("FP32", np.float32),
+}
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 BUNDLE_DIR = "bundle"  # where --copy-bundle puts the bundle, inside the model folder
 
@@ -88,6 +99,20 @@ def write_repository(bundle_dir: str | Path, out: str | Path, options: RepoOptio
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model_dir
+
+
+def request_tensors(values: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, str]]:
+    """Client side: each value (a scalar, or a list for a deliberately wrong shape) as the
+    (array, KServe datatype) the model's config declares; text is UTF-8 encoded."""
+    types = {name: WIRE_TYPES[config_type] for name, config_type, _ in INPUTS}
+    tensors = {}
+    for name, value in values.items():
+        datatype, dtype = types[name]
+        items = value if isinstance(value, list) else [value]
+        if dtype is object:
+            items = [item.encode() for item in items]
+        tensors[name] = (np.array(items, dtype), datatype)
+    return tensors
 
 
 def config_pbtxt(
