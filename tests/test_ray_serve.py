@@ -58,20 +58,24 @@ def _wait_ready(url: str) -> None:
     raise TimeoutError(f"Ray Serve app not ready after {READY_TIMEOUT_S} s: {serve.status()}")
 
 
-def _generate(url: str, attempts: int = 1, **fields) -> httpx.Response:
-    """POST one generation; retries (bounded) on 5xx and dropped connections, as a client of a
-    replicated service should: a seeded request is idempotent."""
-    for attempt in range(attempts):
+def _generate(url: str, **fields) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/images/generations",
+        json={"prompt": "a fox", "size": "64x64", **fields},
+        timeout=120,
+    )
+
+
+def _generate_retrying(url: str, attempts: int, **fields) -> tuple[httpx.Response, int]:
+    """The response and how many failed tries came before it: a client of a replicated
+    service retries 5xx and dropped connections (bounded); a seeded request is idempotent."""
+    for failures in range(attempts):
         try:
-            response = httpx.post(
-                f"{url}/v1/images/generations",
-                json={"prompt": "a fox", "size": "64x64", **fields},
-                timeout=120,
-            )
-            if response.status_code < 500 or attempt == attempts - 1:
-                return response
+            response = _generate(url, **fields)
+            if response.status_code < 500 or failures == attempts - 1:
+                return response, failures
         except httpx.TransportError:
-            if attempt == attempts - 1:
+            if failures == attempts - 1:
                 raise
         time.sleep(0.5)
     raise AssertionError("unreachable")
@@ -123,18 +127,20 @@ def test_openai_client_works_through_the_ray_ingress(ray_url, runtime):
 
 def test_killed_replica_loses_no_request_and_serve_brings_it_back(ray_url, runtime):
     victim = _generate(ray_url, seed=0, num_inference_steps=1).headers[REPLICA_HEADER]
-    load = [{"seed": 100 + i, "num_inference_steps": 8} for i in range(8)]
+    load = [{"seed": 100 + i, "num_inference_steps": 30} for i in range(8)]
     with ThreadPoolExecutor(len(load)) as pool:
-        futures = [pool.submit(_generate, ray_url, 5, **fields) for fields in load]
-        time.sleep(1.0)  # requests are in flight on both replicas
+        futures = [pool.submit(_generate_retrying, ray_url, 5, **fields) for fields in load]
+        time.sleep(1.0)  # every request is running, half of them on the victim
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        responses = [f.result() for f in futures]
-    for fields, response in zip(load, responses, strict=True):
+        results = [f.result() for f in futures]
+    assert sum(failures for _, failures in results) > 0  # the victim had requests in flight
+    for fields, (response, _) in zip(load, results, strict=True):
         assert response.status_code == 200, response.text
         assert np.abs(_pixels(response) - _alone(runtime, **fields)).max() <= 0.5 + 255e-5
     deadline, seen = time.monotonic() + READY_TIMEOUT_S, set()
     while time.monotonic() < deadline and len(seen - {victim}) < 2:
-        seen.add(_generate(ray_url, 5, seed=1, num_inference_steps=1).headers[REPLICA_HEADER])
+        response, _ = _generate_retrying(ray_url, 5, seed=1, num_inference_steps=1)
+        seen.add(response.headers[REPLICA_HEADER])
     assert len(seen - {victim}) == 2, f"Serve did not replace {victim}: {serve.status()}"
 
 

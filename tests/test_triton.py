@@ -18,7 +18,7 @@ import pytest
 from sdrt import Pipeline
 from sdrt.benchmarks.serve_layers import kserve_inputs
 from sdrt.cli import main
-from sdrt.serve.triton_model import request_arguments
+from sdrt.serve.triton_model import check_provenance, request_arguments
 from sdrt.serve.triton_repo import RepoOptions, write_repository
 
 MODEL = "sdrt"
@@ -201,3 +201,11 @@ def _metric(server, name: str) -> float:
     match = re.search(rf'^{name}\{{[^}}]*model="{MODEL}"[^}}]*\}} (\S+)$', text, re.M)
     assert match, f"{name} for {MODEL} not in /metrics"
     return float(match.group(1))
+
+
+def test_a_changed_bundle_is_refused(tmp_path):
+    check_provenance({"unet": "a"}, {"unet": "a"}, tmp_path)
+    with pytest.raises(ValueError, match=r"changed since `sdrt triton-repo` .* \(unet\)"):
+        check_provenance(
+            {"unet": "a", "vae_decoder": "b"}, {"unet": "c", "vae_decoder": "b"}, tmp_path
+        )
