@@ -162,3 +162,16 @@ def test_deployment_options_one_gpu_per_replica_and_autoscaling(tmp_path, capsys
         main(["serve", "b", "--ray", "--replicas", "2", "--autoscaling-config", str(config)]) == 2
     )
     assert "not both" in capsys.readouterr().err
+
+
+def test_serve_run_builder_reads_its_arguments(ray_url, tiny_bundle):
+    from ray.serve import Application
+
+    from sdrt.serve.ray import app
+
+    assert isinstance(app({"bundle": str(tiny_bundle), "replicas": "2"}), Application)
+    assert isinstance(app({"bundle": str(tiny_bundle), "max_replicas": "3"}), Application)
+    with pytest.raises(ValueError, match="unknown argument replica"):
+        app({"bundle": str(tiny_bundle), "replica": "2"})
+    with pytest.raises(ValueError, match="give bundle="):
+        app({})
