@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
 
     register_bench(commands)
 
+    from sdrt.serve.triton_repo import register as register_triton_repo
+
+    register_triton_repo(commands)
+
     info = commands.add_parser("info", help="print what a bundle holds")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
