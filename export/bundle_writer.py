@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
+from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
 from .onnx_export import (
@@ -174,9 +174,9 @@ def _write_bundle(
                 )
                 for d in (static_dims(size, vae_scale, component) for size in static_sizes)
             ]
-    pipe.tokenizer.save_pretrained(root / "tokenizer")
-    if len(pairs) == 2:
-        pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
+    folders = ["tokenizer", "tokenizer_2"][: len(pairs)]
+    for folder, (tokenizer, _) in zip(folders, pairs, strict=True):
+        tokenizer.save_pretrained(root / folder)
     scheduler_config = {
         k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
     }
@@ -195,6 +195,7 @@ def _write_bundle(
         "scheduler": SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, "pndm"),
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
         "components": entries,
+        "tokenizer_files": tokenizer_hashes(root, folders),
         # SDXL encodes an absent negative prompt as zeros rather than as ""
         "fused_attention": fused_attention,
         "cuda_fusions": cuda_fusions,

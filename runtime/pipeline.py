@@ -65,13 +65,16 @@ class Pipeline:
         backend: str = "onnxruntime",
         device: str = "auto",
         verify: bool = True,
+        trusted_key: str | Path | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests.
 
+        With `trusted_key` (a PEM public key) the bundle must carry a valid signature by its
+        private key (`sdrt sign`); unsigned or altered bundles are refused before loading.
         `backend_options` go to every engine (e.g. tensorrt's cuda_graph=True).
         """
-        loaded = Bundle.load(bundle, verify_hashes=verify)
+        loaded = Bundle.load(bundle, verify_hashes=verify, trusted_key=trusted_key)
         engines = {
             name: load_engine(backend, loaded, name, device, **backend_options)
             for name in loaded.components
