@@ -8,6 +8,7 @@ would trust.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
 from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
@@ -57,11 +59,14 @@ def native_size(pipe: Any) -> int:
 
 
 def check_destination(out: Path) -> None:
+    """Refuse a filled destination, or one another export is writing; clear dead staging."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out} already exists and is not empty; choose a new bundle "
             "directory or remove it first"
         )
+    if out.parent.is_dir():
+        clear_staging(out)
 
 
 def export_bundle(
@@ -87,10 +92,8 @@ def export_bundle(
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     out = Path(out)
     check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    _make_parent(out)
+    staging = staging_dir(out)
     try:
         manifest = _write_bundle(
             pipe,
@@ -105,13 +108,34 @@ def export_bundle(
             cuda_fusions,
         )
         _normal_permissions(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _make_parent(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as err:
+        raise UserError(
+            f"cannot create {out.parent}: permission denied; choose a folder you can write to"
+        ) from err
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging onto `out` (absent or empty); when another export filled
+    `out` meanwhile, that one wins and this one says so."""
+    try:
+        staging.rename(out)  # replaces an empty directory, refuses a filled one
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise UserError(
+            f"{out} was written by another export while this one ran; kept that one and "
+            "discarded this one (export into a new directory to keep both)"
+        ) from err
 
 
 def _write_bundle(
@@ -203,7 +227,7 @@ def _write_bundle(
         "loras": loras or [],
         "export": _versions(dtype),
     }
-    write_json_atomic(root / MANIFEST, manifest)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -311,9 +335,3 @@ def _versions(dtype: str) -> dict[str, Any]:
         "dtype": dtype,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

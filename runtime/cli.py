@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,32 @@ DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with _terminate_as_interrupt():
+            return args.handler(args)
     except UserError as err:
         print(f"sdrt: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what `kill`, systemd and container runtimes send) unwinds like Ctrl-C, so the
+    cleanup that removes staging directories and temporary files runs for it too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .atomic_files import atomic_file
+
 
 def decoded_to_numpy(decoded: np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], NCHW -> float32 NHWC in [0, 1], as diffusers' output_type="np"."""
@@ -23,4 +25,5 @@ def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> 
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    image.save(path, pnginfo=info)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)
