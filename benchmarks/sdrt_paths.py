@@ -27,16 +27,10 @@ class SdrtRunner:
         self.pipeline = pipeline
         self.workload = workload
         self.memory = memory
-        engines, negative = pipeline.engines, workload.negative_prompt
+        engines = pipeline.engines
+        request = pipeline.arguments(**workload.call(1), scheduler=workload.scheduler)
         self.stages: dict[str, Callable[[], Any]] = {
-            "text_encoder": lambda: pipeline.conditioning(
-                [workload.prompt],
-                [negative] if negative else None,
-                workload.guided,
-                workload.guidance,
-                workload.height,
-                workload.width,
-            ),
+            "text_encoder": lambda: pipeline.conditionings([request]),
             "unet_step": lambda: engines["unet"].run(workload.unet_feeds),
             "vae_decode": lambda: engines["vae_decoder"].run({"latent": workload.latent}),
         }

@@ -1,0 +1,206 @@
+"""The one place where a generation request's arguments are checked and normalized.
+
+`Pipeline.__call__` and the server both call `check_arguments`, so a value refused in one is
+refused in the other with the same sentence (`UserError`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .image_inputs import image_size, strength_start
+from .schedulers import SCHEDULERS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds a server puts on top of what the model accepts; None means unbounded."""
+
+    max_steps: int | None = None
+    max_images: int | None = None  # prompts (images) per request
+    max_side: int | None = None  # pixels, height and width each
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """A validated request: every default resolved, every value of the right type and range."""
+
+    prompts: list[str]
+    negatives: list[str] | None  # None: the model's own choice for no negative prompt
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    scheduler: str
+    seed: int | None
+    latents: np.ndarray | None  # initial noise (B, C, H/8, W/8); None: drawn from `seed`
+    image: Any  # img2img / inpainting start picture, or None
+    mask_image: Any  # inpainting mask, or None
+    strength: float | None  # share of the schedule run from `image`; None without an image
+    output_type: str
+
+
+def check_arguments(
+    manifest: dict[str, Any],
+    components: Collection[str],
+    prompt: Any,
+    negative_prompt: Any = None,
+    num_inference_steps: Any = 30,
+    guidance_scale: Any = 7.5,
+    height: Any = None,
+    width: Any = None,
+    scheduler: Any = None,
+    seed: Any = None,
+    latents: Any = None,
+    image: Any = None,
+    mask_image: Any = None,
+    strength: Any = None,
+    output_type: Any = "pil",
+    limits: Limits = Limits(),  # noqa: B008 - frozen, never mutated
+) -> GenerationArgs:
+    """Raise UserError for the first bad value; `components` are the bundle's engine names."""
+    prompts = _as_prompt_list(prompt, "prompt")
+    negatives = None
+    if negative_prompt is not None:
+        negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+        negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+        if len(negatives) != len(prompts):
+            raise UserError(
+                f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                "pass one, or one per prompt"
+            )
+    if limits.max_images is not None and len(prompts) > limits.max_images:
+        raise UserError(
+            f"{len(prompts)} images asked for, at most {limits.max_images} per request; "
+            "ask for fewer"
+        )
+    _check_steps(num_inference_steps, limits.max_steps)
+    _check_guidance(guidance_scale)
+    default = image_size(image) if image is not None else manifest["default_size"]
+    height, width = height or default[0], width or default[1]
+    _check_size(height, width, manifest.get("size_multiple", 8), limits.max_side)
+    scheduler = scheduler or manifest["scheduler"]
+    if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise UserError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and seed < 0:
+        raise UserError(f"seed must be >= 0, got {seed}")
+    if output_type not in ("pil", "np"):
+        raise UserError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+    strength = _check_image_inputs(
+        manifest, components, image, mask_image, strength, num_inference_steps
+    )
+    if latents is not None:
+        latents = _check_latents(manifest, latents, len(prompts), height, width)
+    return GenerationArgs(
+        prompts,
+        negatives,
+        int(num_inference_steps),
+        float(guidance_scale),
+        int(height),
+        int(width),
+        scheduler,
+        None if seed is None else int(seed),
+        latents,
+        image,
+        mask_image,
+        strength,
+        output_type,
+    )
+
+
+def latent_shape(manifest: dict[str, Any], batch: int, height: int, width: int) -> tuple[int, ...]:
+    """The initial noise's shape for `batch` images at height x width pixels."""
+    scale = manifest["vae_scale_factor"]
+    return (batch, manifest["latent_channels"], height // scale, width // scale)
+
+
+def _as_prompt_list(prompt: Any, what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (
+        not isinstance(prompts, (list, tuple))
+        or not prompts
+        or not all(isinstance(p, str) for p in prompts)
+    ):
+        raise UserError(
+            f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}"
+        )
+    return list(prompts)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_steps(steps: Any, most: int | None) -> None:
+    if not _is_integer(steps) or steps < 1:
+        raise UserError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if most is not None and steps > most:
+        raise UserError(f"num_inference_steps must be at most {most} here, got {steps}")
+
+
+def _check_guidance(scale: Any) -> None:
+    if (
+        not isinstance(scale, numbers.Real)
+        or isinstance(scale, bool)
+        or not math.isfinite(scale)
+        or scale < 0
+    ):
+        raise UserError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
+
+
+def _check_size(height: Any, width: Any, multiple: int, most: int | None) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not _is_integer(value) or value <= 0 or value % multiple:
+            raise UserError(
+                f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
+            )
+        if most is not None and value > most:
+            raise UserError(f"{name} must be at most {most} pixels here, got {value}")
+
+
+def _check_image_inputs(
+    manifest: dict[str, Any],
+    components: Collection[str],
+    image: Any,
+    mask_image: Any,
+    strength: Any,
+    steps: int,
+) -> float | None:
+    """The strength to run from `image` (default 0.8, or 1.0 when inpainting), else None."""
+    if mask_image is not None and image is None:
+        raise UserError("mask_image needs image: pass the picture to inpaint as well")
+    if image is not None and "vae_encoder" not in components:
+        raise UserError(
+            "this bundle has no vae_encoder, so it cannot do img2img or inpainting; re-export it"
+        )
+    if manifest.get("unet_in_channels", 4) > manifest["latent_channels"] and mask_image is None:
+        raise UserError("this is an inpainting model: pass image and mask_image")
+    if image is None:
+        return None
+    if strength is None:
+        strength = 1.0 if mask_image is not None else 0.8
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+        raise UserError(f"strength must be in (0, 1], got {strength!r}")
+    strength_start(steps, float(strength))  # raises when no step would run
+    return float(strength)
+
+
+def _check_latents(
+    manifest: dict[str, Any], latents: Any, batch: int, height: int, width: int
+) -> np.ndarray:
+    shape = latent_shape(manifest, batch, height, width)
+    if tuple(np.shape(latents)) != shape:
+        raise UserError(
+            f"latents have shape {tuple(np.shape(latents))}, expected {shape} for "
+            f"{shape[0]} prompt(s) at {shape[2]}x{shape[3]} latents"
+        )
+    return np.asarray(latents, np.float32)
