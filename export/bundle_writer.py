@@ -60,13 +60,22 @@ def native_size(pipe: Any) -> int:
 
 def check_destination(out: Path) -> None:
     """Refuse a filled destination, or one another export is writing; clear dead staging."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(
+                f"{out} already exists and is not empty; choose a new bundle "
+                "directory or remove it first"
+            )
+        if out.parent.is_dir():
+            clear_staging(out)
+        nearest = next(p for p in out.absolute().parents if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(nearest))
+    except PermissionError as err:
         raise UserError(
-            f"{out} already exists and is not empty; choose a new bundle "
-            "directory or remove it first"
-        )
-    if out.parent.is_dir():
-        clear_staging(out)
+            f"cannot write {err.filename or out}: permission denied; choose a folder you can "
+            "write to"
+        ) from err
 
 
 def export_bundle(
@@ -92,7 +101,7 @@ def export_bundle(
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     out = Path(out)
     check_destination(out)
-    _make_parent(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # check_destination vetted the nearest parent
     staging = staging_dir(out)
     try:
         manifest = _write_bundle(
@@ -113,15 +122,6 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def _make_parent(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except PermissionError as err:
-        raise UserError(
-            f"cannot create {out.parent}: permission denied; choose a folder you can write to"
-        ) from err
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

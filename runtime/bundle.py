@@ -61,6 +61,16 @@ class Bundle:
         (`sdrt sign`); an unsigned or altered bundle is refused. Containment and the graphs'
         references are checked even with `verify_hashes=False`."""
         root = Path(root)
+        try:
+            return cls._load(root, verify_hashes, trusted_key)
+        except PermissionError as err:
+            raise UserError(
+                f"cannot read {err.filename or root}: permission denied; ask for read access "
+                "to the whole bundle or copy it somewhere readable"
+            ) from err
+
+    @classmethod
+    def _load(cls, root: Path, verify_hashes: bool, trusted_key: str | Path | None) -> Bundle:
         if trusted_key is not None:
             from .signing import verify_bundle
 
@@ -93,8 +103,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); re-export the bundle") from err
-    except PermissionError as err:
-        raise UserError(f"cannot read {path}: permission denied; check its permissions") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
         raise UserError(

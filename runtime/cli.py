@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
 from .errors import UserError
 
 DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
@@ -103,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default="out.png", help="PNG path; with several images, -N is added before .png"
     )
     generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"refuse --num-images above this (default {DEFAULT_MAX_IMAGES})",
+    )
+    generate.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse outputs and input images of more pixels (default {DEFAULT_MAX_PIXELS})",
+    )
     generate.add_argument(
         "--image", help="start from this picture (img2img, or inpainting with --mask)"
     )
@@ -293,17 +307,20 @@ def _print_parity(manifest: dict[str, Any]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .arguments import Limits
     from .images import save_png
     from .pipeline import Pipeline
 
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    paths = _output_paths(_check_output(Path(args.output)), args.num_images)
+    image = _open_image(args.image, "--image", args.max_pixels) if args.image else None
+    mask = _open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
     pipe = Pipeline.load(
         args.bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
     )
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    pipe.limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels)
     scheduler = args.scheduler or pipe.manifest["scheduler"]
-    image = _open_image(args.image, "--image") if args.image else None
-    mask = _open_image(args.mask, "--mask") if args.mask else None
     out = pipe(
         [args.prompt] * args.num_images,
         negative_prompt=args.negative_prompt,
@@ -318,7 +335,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         progress=True,
     )
-    paths = _output_paths(Path(args.output), len(out.images))
     metadata = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt or "",
@@ -337,14 +353,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_image(path: str, flag: str) -> Any:
+def _check_output(path: Path) -> Path:
+    """Refuse an output path that could not be written, before minutes of generation."""
+    if path.suffix.lower() != ".png":
+        raise UserError(
+            f"--output {path} must end in .png: sdrt writes PNGs, whose text chunks record "
+            "how the image was made"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"--output folder {folder} does not exist; create it first")
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory; name a .png file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"cannot write {folder}: permission denied; choose a folder you can write to"
+        )
+    return path
+
+
+def _open_image(path: str, flag: str, max_pixels: int) -> Any:
+    """Read a picture, refusing what is not a regular file (a FIFO would block forever) and,
+    from its header before decoding, one above the pixel limit (a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    if not file.is_file():
+        raise UserError(f"{flag} {path} is not a regular file; pass an image file")
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
+            if image.width * image.height > max_pixels:
+                raise UserError(
+                    f"{flag} {path} is {image.width}x{image.height} pixels, above the limit of "
+                    f"{max_pixels}; pass a smaller image or raise --max-pixels"
+                )
             return image.copy()
-    except FileNotFoundError as err:
-        raise UserError(f"{flag} {path} does not exist") from err
+    except Image.DecompressionBombError as err:
+        raise UserError(
+            f"{flag} {path} declares more pixels than PIL will decode ({err}); pass a smaller image"
+        ) from err
+    except PermissionError as err:
+        raise UserError(f"cannot read {flag} {path}: permission denied") from err
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"{flag} {path} is not an image PIL can read ({err})") from err
 
@@ -352,7 +403,7 @@ def _open_image(path: str, flag: str) -> Any:
 def _output_paths(path: Path, count: int) -> list[Path]:
     if count == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
 def _print_timings(timings: dict[str, float]) -> None:
