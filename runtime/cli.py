@@ -382,6 +382,7 @@ def _open_image(path: str, flag: str, max_pixels: int) -> Any:
         raise UserError(f"{flag} {path} does not exist")
     if not file.is_file():
         raise UserError(f"{flag} {path} is not a regular file; pass an image file")
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours, just below, rules
     try:
         with Image.open(file) as image:
             if image.width * image.height > max_pixels:
@@ -390,14 +391,12 @@ def _open_image(path: str, flag: str, max_pixels: int) -> Any:
                     f"{max_pixels}; pass a smaller image or raise --max-pixels"
                 )
             return image.copy()
-    except Image.DecompressionBombError as err:
-        raise UserError(
-            f"{flag} {path} declares more pixels than PIL will decode ({err}); pass a smaller image"
-        ) from err
     except PermissionError as err:
         raise UserError(f"cannot read {flag} {path}: permission denied") from err
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"{flag} {path} is not an image PIL can read ({err})") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _output_paths(path: Path, count: int) -> list[Path]:
