@@ -18,7 +18,7 @@ DISTRIBUTIONS = {
     "transformers": ("transformers",),
     "onnx": ("onnx",),
     "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
-    "tensorrt": ("tensorrt", "tensorrt-rtx-cu13", "tensorrt-cu12"),
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-rtx-cu13"),
     "numpy": ("numpy",),
 }
 

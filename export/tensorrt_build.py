@@ -6,11 +6,19 @@ batch doubled for classifier-free guidance, latent sizes = pixels / vae_scale_fa
 `component_profile` into min/opt/max shapes. Engines are written through `sdrt.engine_cache`
 (staged directory renamed into place), so a failed or interrupted build leaves nothing behind
 that a later run would trust. TensorRT is imported only when a build starts.
+
+fp16 engines come from one of three places, recorded per engine in engine.json
+(`fp16_source`): the bundle's fp16 ONNX (built strongly typed, its types kept exactly);
+TensorRT 10's weak typing (`BuilderFlag.FP16` over an fp32 network); or, where the builder has
+no weak typing (TensorRT 11, TensorRT-RTX), an fp16 ONNX converted at build time with the
+export's measured keep-fp32 policy (`sdrt.export.fp16_onnx`), written inside the staging
+directory and deleted after its engine is built.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,10 +27,10 @@ from typing import Any
 
 from sdrt.backends.tensorrt import (
     TensorRT,
+    cuda_device_index,
     current_environment,
     import_cudart,
     import_tensorrt,
-    parse_device,
     shared_device,
     trt_logger,
 )
@@ -50,6 +58,8 @@ from sdrt.engine_cache import (
 )
 from sdrt.errors import UserError
 
+from .fp16_onnx import calibration_feeds, write_fp16_onnx
+
 DEFAULT_BATCH = (1, 4)
 DEFAULT_HEIGHT = (256, 1024)
 DEFAULT_WIDTH = (256, 1024)
@@ -59,6 +69,8 @@ VAE_PRECISIONS = ("auto", *PRECISIONS)
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 MAX_OPTIMIZATION_LEVEL = 5
+FP16_FROM_BUNDLE = "bundle fp16 ONNX"
+FP16_FROM_FLAG = "builder flag (TensorRT 10 weak typing)"
 
 Log = Callable[[str], None]
 
@@ -189,9 +201,8 @@ def component_precision(component: str, vae_precision: str, bundle: Bundle) -> s
     return "fp32" if overflows else "fp16"
 
 
-def check_precision(component: str, onnx_precision: str, precision: str, backend: str) -> None:
-    """Refuse precisions the ONNX cannot give: fp16 weights cannot become fp32 again, and
-    TensorRT-RTX builds strongly typed networks, so its engines keep the ONNX's types."""
+def check_precision(component: str, onnx_precision: str, precision: str) -> None:
+    """Refuse precisions the ONNX cannot give: fp16 weights cannot become fp32 again."""
     if precision not in PRECISIONS:
         raise UserError(
             f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}"
@@ -200,11 +211,6 @@ def check_precision(component: str, onnx_precision: str, precision: str, backend
         raise UserError(
             f"{component}.onnx is fp16 in this bundle, so it cannot give an fp32 engine; "
             "export the bundle with --dtype fp32 for that"
-        )
-    if backend == "tensorrt-rtx" and onnx_precision != precision:
-        raise UserError(
-            f"TensorRT-RTX keeps the ONNX's types and {component}.onnx is {onnx_precision}; "
-            f"export the bundle with --dtype {precision}, or build with TensorRT"
         )
 
 
@@ -239,7 +245,7 @@ def engine_spec(
     for name in components:
         info = bundle.components[name]
         precision = component_precision(name, vae_precision, bundle)
-        check_precision(name, info.precision, precision, env.backend)
+        check_precision(name, info.precision, precision)
         profile = component_profile(info, component_dims(name, sizes, vae_scale))
         specs[name] = ComponentSpec(precision, info.sha256, profile)
     return EngineSpec(env, sizes, specs, dict(builder))
@@ -255,9 +261,18 @@ class BuildJob:
     onnx_precision: str
     precision: str
     profile: Profile
+    input_dtypes: dict[str, str]  # for calibration inputs when the ONNX is converted to fp16
+    tokenizer_dir: Path | None  # text encoders: token ids for calibration come from prompts
+    workdir: Path  # inside the staging directory: scratch files die with a failed build
 
 
-EngineBuilder = Callable[[BuildJob], bytes | memoryview]
+@dataclass(frozen=True)
+class BuiltEngine:
+    data: bytes | memoryview
+    fp16_source: str | None  # where the fp16 types came from; None for an fp32 engine
+
+
+EngineBuilder = Callable[[BuildJob], BuiltEngine]
 
 
 def write_engines(
@@ -274,23 +289,34 @@ def write_engines(
     log(f"building into {final}")
     total = len(spec.components)
     written: dict[str, int] = {}
+    fp16_sources: dict[str, str] = {}
     with staged_directory(final) as staging:
         for index, (name, component) in enumerate(spec.components.items(), 1):
             step = f"[{index}/{total}] {name}"
             log(f"{step}: building {component.precision} engine ...")
             start = time.perf_counter()
-            onnx_precision = bundle.components[name].precision
+            info = bundle.components[name]
             job = BuildJob(
-                name, bundle.path(name), onnx_precision, component.precision, component.profile
+                name,
+                bundle.path(name),
+                info.precision,
+                component.precision,
+                component.profile,
+                {spec["name"]: spec["dtype"] for spec in info.inputs},
+                bundle.tokenizer_dirs().get(name),
+                staging,
             )
-            data = build(job)
-            write_atomic(staging / f"{name}{ENGINE_SUFFIX}", data)
-            written[name] = memoryview(data).nbytes
+            built = build(job)
+            write_atomic(staging / f"{name}{ENGINE_SUFFIX}", built.data)
+            written[name] = memoryview(built.data).nbytes
+            if built.fp16_source is not None:
+                fp16_sources[name] = built.fp16_source
             log(
                 f"{step}: done in {time.perf_counter() - start:.1f} s "
                 f"({written[name] / 2**20:.1f} MiB)"
+                + (f"; fp16: {built.fp16_source}" if built.fp16_source else "")
             )
-        record = json.dumps(record_json(spec, written), indent=2) + "\n"
+        record = json.dumps(record_json(spec, written, fp16_sources), indent=2) + "\n"
         write_atomic(staging / RECORD, record.encode())
     return final
 
@@ -336,6 +362,7 @@ class TensorRTBuilder:
         check_builder_options(optimization_level, workspace_gb)
         self.trt = trt_api
         self.builder = trt_api.module.Builder(trt_logger(trt_api))
+        self.weakly_typed = weakly_typed(trt_api)
         self.workspace_gb = workspace_gb
         self.optimization_level = optimization_level
         self.log = log
@@ -348,27 +375,43 @@ class TensorRTBuilder:
             self.cache_bytes = self.timing_cache.read_bytes()
             log(f"timing cache: {self.timing_cache} ({len(self.cache_bytes) / 2**10:.0f} KiB)")
 
-    def __call__(self, job: BuildJob) -> bytes | memoryview:
+    def __call__(self, job: BuildJob) -> BuiltEngine:
+        if job.precision != "fp16":
+            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=False), None)
+        if job.onnx_precision == "fp16":
+            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=False), FP16_FROM_BUNDLE)
+        if self.weakly_typed:
+            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=True), FP16_FROM_FLAG)
+        with tempfile.TemporaryDirectory(prefix=f".{job.component}-fp16-", dir=job.workdir) as tmp:
+            self.log(
+                f"{self.trt.describe()} has no weak typing: converting {job.onnx_path.name} to "
+                "fp16, keeping in fp32 the nodes whose measured values leave the fp16 range"
+            )
+            feeds = calibration_feeds(job.profile, job.input_dtypes, job.tokenizer_dir)
+            onnx_path, kept = write_fp16_onnx(job.onnx_path, feeds, Path(tmp))
+            data = self._build(job, onnx_path, weak_fp16=False)
+        return BuiltEngine(data, f"converted at build time, {kept} nodes kept fp32")
+
+    def _build(self, job: BuildJob, onnx_path: Path, *, weak_fp16: bool) -> bytes | memoryview:
+        """One serialized engine from `onnx_path`: strongly typed (the ONNX's types kept), or
+        fp32 lowered to fp16 where TensorRT sees fit with `weak_fp16` (TensorRT 10 only)."""
         trt = self.trt.module
         logger = trt_logger(self.trt)
-        # With the ONNX already in the wanted precision its types are kept exactly; an fp32
-        # graph becomes fp16 through the (weakly typed) FP16 flag instead.
-        strongly_typed = job.onnx_precision == job.precision
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+        flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = self.builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(job.onnx_path)):
+        if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise UserError(f"TensorRT cannot parse {job.onnx_path}: {errors}")
+            raise UserError(f"TensorRT cannot parse {onnx_path}: {errors}")
         inputs = [network.get_input(i).name for i in range(network.num_inputs)]
         unknown = [name for name in inputs if name not in job.profile]
         if unknown:
             raise UserError(
-                f"{job.onnx_path} has input(s) {', '.join(unknown)} that its manifest entry "
+                f"{onnx_path} has input(s) {', '.join(unknown)} that its manifest entry "
                 "does not list; re-export the bundle"
             )
         config = self.builder.create_builder_config()
-        if job.precision == "fp16" and not strongly_typed:
+        if weak_fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         if self.workspace_gb is not None:
             config.set_memory_pool_limit(
@@ -402,6 +445,12 @@ class TensorRTBuilder:
             self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.timing_cache, self.cache_bytes)
         return memoryview(serialized)
+
+
+def weakly_typed(trt_api: TensorRT) -> bool:
+    """Whether the builder can lower an fp32 network to fp16 itself: TensorRT 10 can; TensorRT
+    11 removed `BuilderFlag.FP16` (strongly typed only), and TensorRT-RTX never had weak typing."""
+    return trt_api.backend != "tensorrt-rtx" and hasattr(trt_api.module.BuilderFlag, "FP16")
 
 
 def build_engines(
@@ -459,7 +508,7 @@ def build_engines(
     names = select_components(bundle, components)
     check_builder_options(optimization_level, workspace_gb)
     trt_api = import_tensorrt(tensorrt_module)
-    env = current_environment(trt_api, shared_device(import_cudart(), parse_device(device)))
+    env = current_environment(trt_api, shared_device(import_cudart(), cuda_device_index(device)))
     log(f"{trt_api.describe()} on {env.gpu_name} (compute capability {env.compute_capability})")
     options = {"optimization_level": optimization_level, "workspace_gb": workspace_gb}
     spec = engine_spec(bundle, sizes, env, names, vae_precision, options)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
+from .engine_cache import ENGINES_DIR, read_entry
 from .errors import UserError
 
 DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
@@ -470,8 +471,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "cuda fusions   "
         + ("yes (runs on ONNX Runtime CUDA only)" if manifest.get("cuda_fusions") else "no")
     )
-    engines = sorted(p.name for p in (bundle.root / "engines").glob("*") if p.is_dir())
-    print(f"engines        {', '.join(engines) or 'none (sdrt build makes TensorRT engines)'}")
+    _print_engines(bundle.root / ENGINES_DIR)
     for name, entry in manifest["components"].items():
         size = sum(
             (bundle.root / f).stat().st_size
@@ -479,8 +479,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             if f
         )
         print(
-            f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB  "
-            f"parity max rel {entry['parity']['max_rel']:.1e}"
+            f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB"
+            + (f"  parity max rel {entry['parity']['max_rel']:.1e}" if "parity" in entry else "")
             + (
                 f"  static shapes: {len(entry['static_variants'])}"
                 if entry.get("static_variants")
@@ -505,6 +505,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     Bundle.load(args.bundle, trusted_key=args.key)
     print(f"{args.bundle}: signature valid for {args.key}, files match the manifest")
     return 0
+
+
+def _print_engines(engines_root: Path) -> None:
+    """Each built engines/<key> directory, and per engine its precision and, for fp16, where
+    the fp16 types came from (the bundle's ONNX, TensorRT 10's flag, or a build-time copy)."""
+    directories = sorted(
+        p for p in engines_root.glob("*") if p.is_dir() and not p.name.startswith(".")
+    )
+    if not directories:
+        print("engines        none (sdrt build makes TensorRT engines)")
+    for directory in directories:
+        print(f"engines        {directory.name}")
+        try:
+            entry = read_entry(directory)
+        except UserError as err:
+            print(f"  {err}")
+            continue
+        for name, component in entry.spec.components.items():
+            source = entry.fp16_sources.get(name, "")
+            print(f"  {name:14s} {component.precision}  {source}".rstrip())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -98,6 +98,7 @@ class EngineEntry:
     spec: EngineSpec
     sizes_on_disk: dict[str, int]  # component -> engine file size in bytes
     created: str
+    fp16_sources: dict[str, str]  # component -> where its fp16 types came from (fp16 engines)
 
     def engine_path(self, component: str) -> Path:
         return self.directory / f"{component}{ENGINE_SUFFIX}"
@@ -211,14 +212,21 @@ def engine_dir(bundle_root: Path, spec: EngineSpec) -> Path:
 # ---- records ------------------------------------------------------------------------------
 
 
-def record_json(spec: EngineSpec, sizes_on_disk: Mapping[str, int]) -> dict[str, Any]:
-    """The engine.json written beside the engines."""
+def record_json(
+    spec: EngineSpec, sizes_on_disk: Mapping[str, int], fp16_sources: Mapping[str, str]
+) -> dict[str, Any]:
+    """The engine.json written beside the engines: the spec, and per file what the build made
+    (its size, and for fp16 engines where the fp16 types came from)."""
     return {
         "record_version": RECORD_VERSION,
         "key": cache_key(spec),
         **spec_to_json(spec),
         "files": {
-            name: {"file": f"{name}{ENGINE_SUFFIX}", "bytes": n}
+            name: {
+                "file": f"{name}{ENGINE_SUFFIX}",
+                "bytes": n,
+                **({"fp16_source": fp16_sources[name]} if name in fp16_sources else {}),
+            }
             for name, n in sorted(sizes_on_disk.items())
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -234,6 +242,11 @@ def read_entry(directory: Path) -> EngineEntry:
             raise ValueError(f"record version {data.get('record_version')!r}")
         spec = spec_from_json(data)
         sizes = {str(name): int(f["bytes"]) for name, f in data["files"].items()}
+        fp16_sources = {
+            str(name): str(f["fp16_source"])
+            for name, f in data["files"].items()
+            if "fp16_source" in f
+        }
         created = str(data.get("created", ""))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(
@@ -244,7 +257,7 @@ def read_entry(directory: Path) -> EngineEntry:
             f"{path} does not describe the engines of {directory.name} (edited or copied by "
             f"hand); delete {directory} and run `sdrt build` again"
         )
-    return EngineEntry(directory, spec, sizes, created)
+    return EngineEntry(directory, spec, sizes, created, fp16_sources)
 
 
 def entry_problems(entry: EngineEntry) -> list[str]:

@@ -86,6 +86,13 @@ def _file_name(value: Any) -> str | None:
     return None
 
 
+def _parity(value: Any) -> str | None:
+    ok = isinstance(value, dict) and all(
+        _number()(value.get(key)) is None for key in ("max_abs", "max_rel")
+    )
+    return None if ok else f"must be an object with numbers max_abs and max_rel, got {value!r}"
+
+
 def _sha256(value: Any) -> str | None:
     ok = isinstance(value, str) and SHA256.fullmatch(value)
     return None if ok else f"must be 64 lowercase hex digits, got {value!r}"
@@ -122,6 +129,7 @@ COMPONENT: dict[str, tuple[bool, Check]] = {
     "outputs": (True, _of_type(list, "a list of tensors")),
     "cuda_only_ops": (False, _optional(_of_type(dict, "an object"))),
     "static_variants": (False, _of_type(list, "a list")),
+    "parity": (False, _parity),
 }
 VARIANT: dict[str, tuple[bool, Check]] = {
     "file": (True, _file_name),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) with sdrt, its export/bench/dev extras and a CPU build of PyTorch.
-# On a GPU machine install `sdrt[export,cuda]` (and `sdrt[tensorrt]`) instead; see README.
+# On a GPU machine install `sdrt[export,cuda]` (and `sdrt[tensorrt-cu12]` or `-cu13`) instead;
+# see README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

@@ -90,9 +90,9 @@ def test_tensorrt_commands_fail_clearly_without_tensorrt(tiny_bundle, capsys):
     assert main(["build", str(tiny_bundle), "--batch", "4-1"]) == 2
     assert "minimum above its maximum" in capsys.readouterr().err
     assert main(["build", str(tiny_bundle)]) == 2
-    assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err
+    assert "pip install 'sdrt[tensorrt-cu13]'" in capsys.readouterr().err
     assert main(["generate", str(tiny_bundle), "--prompt", "x", "--backend", "tensorrt"]) == 2
-    assert "pip install 'sdrt[tensorrt]'" in capsys.readouterr().err
+    assert "pip install 'sdrt[tensorrt-cu13]'" in capsys.readouterr().err
 
 
 def test_demo_exports_generates_and_matches_diffusers(tmp_path, capsys):

@@ -3,23 +3,32 @@ refusal, atomic writes, shape checks and the "TensorRT not installed" path."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fake_tensorrt import (
+    TEXT_DIM,
+    TRT_VERSIONS,
+    FakeBuildAPI,
+    FakeCudart,
+    fake_engine,
+    fake_runtime_api,
+)
 
 from sdrt.backends import load_engine
 from sdrt.backends import tensorrt as trt_backend
+from sdrt.backends.base import upload_constants
 from sdrt.bundle import Bundle, file_sha256
-from sdrt.cli import parse_range, parse_size
+from sdrt.cli import main, parse_range, parse_size
 from sdrt.engine_cache import (
     ENGINES_DIR,
     RECORD,
@@ -39,7 +48,6 @@ from sdrt.errors import UserError
 from sdrt.export import tensorrt_build as tb
 
 H100 = Environment("tensorrt", "10.13.0.35", "NVIDIA H100 80GB HBM3", "9.0")
-TEXT_DIM = 768
 
 
 # ---- a bundle on disk with SD 1.5's shapes (no weights: the ONNX files are placeholders) ----
@@ -99,6 +107,7 @@ def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
             "precision": precision,
             "inputs": inputs,
             "outputs": outputs,
+            "parity": {"max_abs": 0.0, "max_rel": 0.0},
         }
     manifest = {
         "schema_version": 1,
@@ -142,11 +151,11 @@ class FakeBuilder:
         self.fail_on = fail_on
         self.error = error
 
-    def __call__(self, job: tb.BuildJob) -> bytes:
+    def __call__(self, job: tb.BuildJob) -> tb.BuiltEngine:
         self.jobs.append(job)
         if job.component == self.fail_on:
             raise self.error(f"simulated build failure in {job.component}")
-        return f"engine for {job.component}".encode()
+        return tb.BuiltEngine(f"engine for {job.component}".encode(), None)
 
 
 def build(bundle: Bundle, spec: EngineSpec, builder: FakeBuilder | None = None) -> Path:
@@ -281,12 +290,6 @@ def test_auto_vae_precision_keeps_fp32_where_fp16_is_known_to_overflow(tmp_path:
     assert spec_for(sdxl, vae_precision="fp16").components["vae_encoder"].precision == "fp16"
     with pytest.raises(UserError, match="VAE precision 'bf16' is unknown"):
         spec_for(plain, vae_precision="bf16")
-
-
-def test_tensorrt_rtx_refuses_a_precision_the_onnx_does_not_have(bundle: Bundle) -> None:
-    rtx = dataclasses.replace(H100, backend="tensorrt-rtx", version="1.7.1")
-    with pytest.raises(UserError, match="TensorRT-RTX keeps the ONNX's types"):
-        spec_for(bundle, env=rtx)
 
 
 def test_unknown_components_and_options_are_refused(bundle: Bundle) -> None:
@@ -546,9 +549,9 @@ def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_missing_tensorrt_is_a_user_error_with_the_install_command(
     no_tensorrt: None, bundle: Bundle
 ) -> None:
-    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt-cu13\]'"):
         trt_backend.import_tensorrt()
-    with pytest.raises(UserError, match=r"not installed here.*pip install 'sdrt\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"not installed here.*pip install 'sdrt\[tensorrt-cu13\]'"):
         load_engine("tensorrt", bundle, "unet", "cuda")
 
 
@@ -557,7 +560,7 @@ def test_build_engines_checks_ranges_before_needing_tensorrt(
 ) -> None:
     with pytest.raises(UserError, match="opt height 2048"):
         tb.build_engines(bundle.root, opt=(2048, 512))
-    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"pip install 'sdrt\[tensorrt-cu13\]'"):
         tb.build_engines(bundle.root, progress=False)
 
 
@@ -603,7 +606,7 @@ def test_missing_cuda_python_is_a_user_error_with_the_install_command(
 ) -> None:
     for name in trt_backend.CUDART_MODULES:
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(UserError, match=r"cuda-python.*pip install 'sdrt\[tensorrt\]'"):
+    with pytest.raises(UserError, match=r"cuda-python.*pip install 'sdrt\[tensorrt-cu13\]'"):
         trt_backend.import_cudart()
 
 
@@ -611,6 +614,8 @@ def test_a_machine_without_a_cuda_driver_is_a_user_error() -> None:
     no_driver = types.SimpleNamespace(name="cudaErrorInsufficientDriver")
     cudart = types.SimpleNamespace(
         cudaError_t=types.SimpleNamespace(cudaSuccess=0),
+        cudaDriverGetVersion=lambda: (0, 12080),
+        cudaRuntimeGetVersion=lambda: (0, 12080),
         cudaGetDeviceCount=lambda: (no_driver, None),
     )
     with pytest.raises(UserError, match="no usable CUDA GPU here.*InsufficientDriver"):
@@ -631,12 +636,12 @@ def test_the_engine_refuses_a_stale_build_at_load_time(
 
 
 def test_devices_cpu_and_unknown_are_refused() -> None:
-    assert trt_backend.parse_device("auto") == 0
-    assert trt_backend.parse_device("cuda:1") == 1
+    assert trt_backend.cuda_device_index("auto") == 0
+    assert trt_backend.cuda_device_index("cuda:1") == 1
     with pytest.raises(UserError, match="onnxruntime for --device cpu"):
-        trt_backend.parse_device("cpu")
+        trt_backend.cuda_device_index("cpu")
     with pytest.raises(UserError, match="unknown device 'gpu'"):
-        trt_backend.parse_device("gpu")
+        trt_backend.cuda_device_index("gpu")
 
 
 def test_engine_tensor_types_map_to_numpy_and_unsupported_ones_are_refused() -> None:
@@ -655,197 +660,32 @@ def test_runtime_modules_do_not_import_torch_or_tensorrt() -> None:
     assert out.stdout.strip() == "[]"
 
 
-# ---- the engine's device plumbing, on fakes of TensorRT and cuda-python ---------------------
-# The fakes model what the code relies on: device memory as bytes at integer addresses, copies
-# between it and numpy, and stream capture that records work (with its addresses) instead of
-# running it, so a replayed graph reads whatever the input buffers hold at launch time.
-
-OK = 0
-
-
-class FakeCudart:
-    cudaError_t = types.SimpleNamespace(cudaSuccess=OK)
-    cudaStreamNonBlocking = 1
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
-
-    def __init__(self) -> None:
-        self.memory: dict[int, bytearray] = {}
-        self.next_address = 0x1000
-        self.mallocs = 0
-        self.launches = 0
-        self.captured: list[Any] | None = None
-
-    def cudaGetDeviceCount(self) -> tuple[int, int]:
-        return OK, 1
-
-    def cudaSetDevice(self, index: int) -> tuple[int]:
-        return (OK,)
-
-    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[int, int]:
-        return OK, 7
-
-    def cudaGetDeviceProperties(self, index: int) -> tuple[int, Any]:
-        return OK, types.SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\x00\x00", major=9, minor=0)
-
-    def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
-        address, self.next_address = self.next_address, self.next_address + nbytes + 256
-        self.memory[address] = bytearray(nbytes)
-        self.mallocs += 1
-        return OK, address
-
-    def cudaFree(self, address: int) -> tuple[int]:
-        del self.memory[address]
-        return (OK,)
-
-    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
-        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
-            self.memory[dst][:n] = ctypes.string_at(src, n)
-        else:
-            ctypes.memmove(dst, bytes(self.memory[src][:n]), n)
-        return (OK,)
-
-    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
-        return (OK,)
-
-    def enqueue(self, work: Any) -> None:
-        if self.captured is None:
-            work()
-        else:
-            self.captured.append(work)
-
-    def cudaStreamBeginCapture(self, stream: int, mode: int) -> tuple[int]:
-        self.captured = []
-        return (OK,)
-
-    def cudaStreamEndCapture(self, stream: int) -> tuple[int, list[Any]]:
-        graph, self.captured = self.captured or [], None
-        return OK, graph
-
-    def cudaGraphInstantiate(self, graph: list[Any], flags: int) -> tuple[int, list[Any]]:
-        return OK, list(graph)
-
-    def cudaGraphDestroy(self, graph: Any) -> tuple[int]:
-        return (OK,)
-
-    def cudaGraphExecDestroy(self, graph: Any) -> tuple[int]:
-        return (OK,)
-
-    def cudaGraphLaunch(self, graph: list[Any], stream: int) -> tuple[int]:
-        self.launches += 1
-        for work in graph:
-            work()
-        return (OK,)
-
-
-class FakeContext:
-    """noise_pred = 2 * sample (text encoder: embeddings = input ids as float)."""
-
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.addresses: dict[str, int] = {}
-        self.scratch: tuple[int, int] | None = None
-        self.enqueues = 0
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        source = self.shapes[self.engine.source]
-        return source if name == "noise_pred" else (*source, TEXT_DIM)
-
-    def set_tensor_address(self, name: str, address: int) -> bool:
-        self.addresses[name] = address
-        return True
-
-    def set_device_memory(self, address: int, size: int) -> None:
-        self.scratch = (address, size)
-
-    def execute_async_v3(self, stream: int) -> bool:
-        self.enqueues += 1
-        cudart, engine = self.engine.cudart, self.engine
-        src, dst = self.addresses[engine.source], self.addresses[engine.output]
-        src_type = np.float32 if engine.output == "noise_pred" else np.int32
-        count = int(np.prod(self.get_tensor_shape(engine.output)))
-
-        def work() -> None:  # reads through the addresses bound now, like a captured kernel
-            values = np.frombuffer(bytes(cudart.memory[src]), src_type).astype(np.float32)
-            result = 2 * values if engine.output == "noise_pred" else np.repeat(values, TEXT_DIM)
-            cudart.memory[dst][:] = result[:count].astype(np.float32).tobytes()
-
-        cudart.enqueue(work)
-        return True
-
-
-class FakeEngine:
-    def __init__(self, cudart: FakeCudart, record: dict[str, Any]) -> None:
-        self.cudart = cudart
-        self.profile = record["profile"]
-        self.inputs = list(self.profile)
-        self.output = "noise_pred" if "sample" in self.profile else "text_embeddings"
-        self.source = "sample" if "sample" in self.profile else "input_ids"
-        self.device_memory_size_v2 = record["scratch"]
-        self.num_io_tensors = len(self.inputs) + 1
-        self.contexts: list[FakeContext] = []
-
-    def get_tensor_name(self, index: int) -> str:
-        return [*self.inputs, self.output][index]
-
-    def get_tensor_mode(self, name: str) -> str:
-        return "INPUT" if name in self.inputs else "OUTPUT"
-
-    def get_tensor_dtype(self, name: str) -> Any:
-        return types.SimpleNamespace(name="INT32" if name == "input_ids" else "FLOAT")
-
-    def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
-        return [tuple(self.profile[name][k]) for k in ("min", "opt", "max")]
-
-    def create_execution_context(self, strategy: str) -> FakeContext:
-        assert strategy == "USER_MANAGED"
-        self.contexts.append(FakeContext(self))
-        return self.contexts[-1]
-
-
-def fake_tensorrt(cudart: FakeCudart) -> trt_backend.TensorRT:
-    engines: list[FakeEngine] = []
-
-    class Runtime:
-        def __init__(self, logger: Any) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
-            engines.append(FakeEngine(cudart, json.loads(data)))
-            return engines[-1]
-
-    module = types.SimpleNamespace(
-        __version__=H100.version,
-        Runtime=Runtime,
-        TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
-        ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
-        engines=engines,
-    )
-    return trt_backend.TensorRT(module, "tensorrt", "tensorrt")  # type: ignore[arg-type]
-
-
-def fake_engine_bytes(job: tb.BuildJob) -> bytes:
-    profile = {name: {"min": r.min, "opt": r.opt, "max": r.max} for name, r in job.profile.items()}
-    scratch = {"text_encoder": 1000, "unet": 5000}.get(job.component, 100)
-    return json.dumps({"profile": profile, "scratch": scratch}).encode()
+# ---- the engine's device plumbing, on fakes of TensorRT and cuda-python (fake_tensorrt.py) --
 
 
 @pytest.fixture
-def gpu(bundle: Bundle, monkeypatch: pytest.MonkeyPatch) -> tuple[FakeCudart, Any]:
-    cudart = FakeCudart()
-    trt_api = fake_tensorrt(cudart)
-    monkeypatch.setattr(trt_backend, "_DEVICES", {})
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: cudart)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda prefer=None: trt_api)
-    monkeypatch.setattr(trt_backend, "trt_logger", lambda api: "logger")
-    spec = spec_for(bundle, batch=(1, 2), height=(256, 512), width=(256, 512))
-    tb.write_engines(bundle, spec, fake_engine_bytes, log=lambda line: None)
-    return cudart, trt_api.module
+def fake_gpu(
+    bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[FakeCudart, Any]]:
+    """Make a fake machine (cudart options: devices, driver, runtime) with engines built."""
+
+    def make(**cudart_options: int) -> tuple[FakeCudart, Any]:
+        cudart = FakeCudart(**cudart_options)
+        trt_api = fake_runtime_api(cudart)
+        monkeypatch.setattr(trt_backend, "_DEVICES", {})
+        monkeypatch.setattr(trt_backend, "import_cudart", lambda: cudart)
+        monkeypatch.setattr(trt_backend, "import_tensorrt", lambda prefer=None: trt_api)
+        monkeypatch.setattr(trt_backend, "trt_logger", lambda api: "logger")
+        spec = spec_for(bundle, batch=(1, 2), height=(256, 512), width=(256, 512))
+        tb.write_engines(bundle, spec, fake_engine, log=lambda line: None)
+        return cudart, trt_api.module
+
+    return make
+
+
+@pytest.fixture
+def gpu(fake_gpu: Callable[..., tuple[FakeCudart, Any]]) -> tuple[FakeCudart, Any]:
+    return fake_gpu()
 
 
 def unet_feeds(side: int, value: float) -> dict[str, np.ndarray]:
@@ -856,24 +696,66 @@ def unet_feeds(side: int, value: float) -> dict[str, np.ndarray]:
     }
 
 
-def test_run_uploads_inputs_runs_and_returns_host_arrays(bundle: Bundle, gpu: Any) -> None:
+def test_run_uploads_inputs_runs_and_returns_host_arrays_after_the_stream_sync(
+    bundle: Bundle, gpu: Any
+) -> None:
+    cudart, _ = gpu
     unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
     out = unet.run(unet_feeds(32, 1.5))
     assert set(out) == {"noise_pred"}
     assert out["noise_pred"].dtype == np.float32 and out["noise_pred"].shape == (2, 4, 32, 32)
-    assert np.all(out["noise_pred"] == 3.0)
+    assert np.all(out["noise_pred"] == 3.0)  # the fake runs queued copies only at a sync
+    assert cudart.queue == []
 
 
 def test_buffers_are_allocated_once_per_input_shape_and_reused(bundle: Bundle, gpu: Any) -> None:
     cudart, _ = gpu
     unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
     unet.run(unet_feeds(32, 1.0))
-    after_first = cudart.mallocs
+    after_first, pinned = cudart.mallocs, len(cudart.pinned)
     unet.run(unet_feeds(32, 2.0))
-    assert cudart.mallocs == after_first
+    assert (cudart.mallocs, len(cudart.pinned)) == (after_first, pinned)
     out = unet.run(unet_feeds(64, 2.0))
     assert cudart.mallocs == after_first + 4  # three inputs and one output for the new shape
+    assert len(cudart.pinned) == pinned + 4  # and their pinned host twins
     assert out["noise_pred"].shape == (2, 4, 64, 64) and np.all(out["noise_pred"] == 4.0)
+    unet.close()
+    assert cudart.pinned == {}
+
+
+def test_per_unet_step_only_sample_and_timestep_go_up_from_pinned_memory(
+    bundle: Bundle, gpu: Any
+) -> None:
+    cudart, module = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda", cuda_graph=True)
+    text = np.full((2, 77, TEXT_DIM), 0.25, np.float32)
+    cond = upload_constants(unet, {"encoder_hidden_states": text})  # what Pipeline calls
+    assert len(cudart.uploads) == 1  # the embeddings, once per request
+    for step in range(4):
+        before = len(cudart.uploads)
+        feeds = unet_feeds(32, float(step))
+        del feeds["encoder_hidden_states"]
+        out = unet.run({**feeds, **cond})["noise_pred"]
+        assert cudart.uploads[before:] == [True, True]  # sample and timestep, both pinned
+        assert np.all(out == 2.0 * step + 0.25)  # the fake U-Net adds the embeddings' first value
+    context = module.engines[0].contexts[0]
+    assert context.addresses["encoder_hidden_states"] == cond["encoder_hidden_states"].pointer
+
+
+def test_a_new_requests_conditioning_is_rebound_not_replayed_from_the_old_graph(
+    bundle: Bundle, gpu: Any
+) -> None:
+    cudart, _ = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda", cuda_graph=True)
+    feeds = unet_feeds(32, 1.0)
+    del feeds["encoder_hidden_states"]
+    for first_value in (0.5, 0.75):  # two requests, each with its own uploaded conditioning
+        text = np.full((2, 77, TEXT_DIM), first_value, np.float32)
+        cond = upload_constants(unet, {"encoder_hidden_states": text})
+        outputs = [unet.run({**feeds, **cond})["noise_pred"][0, 0, 0, 0] for _ in range(3)]
+        assert outputs == [2.0 + first_value] * 3
+        del cond  # the request ends; its device memory is freed at the next run
+    assert cudart.launches == 4  # each request: one plain run, then capture + launch, replay
 
 
 def test_cuda_graph_is_captured_after_one_plain_run_and_replayed_with_new_inputs(
@@ -906,6 +788,42 @@ def test_engines_share_one_scratch_sized_to_the_largest(bundle: Bundle, gpu: Any
     assert scratch == {(unet.device.scratch_ptr, 5000)}
 
 
+def test_a_graph_captured_before_the_scratch_grew_is_not_replayed(bundle: Bundle, gpu: Any) -> None:
+    cudart, _ = gpu
+    text = trt_backend.TensorRTEngine(bundle, "text_encoder", "cuda", cuda_graph=True)
+    ids = np.arange(2 * 77, dtype=np.int64).reshape(2, 77)
+    for _ in range(3):
+        text.run({"input_ids": ids})
+    assert cudart.launches == 2  # captured on the 1000-byte scratch
+    generation = text.device.generation
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    unet.run(unet_feeds(32, 1.0))  # the bigger engine frees that scratch for a 5000-byte one
+    assert text.device.generation == generation + 1
+    again = text.run({"input_ids": ids + 1})["text_embeddings"]  # the fake faults on freed scratch
+    assert again[0, 1, 0] == 2.0
+    assert cudart.launches == 2  # ran plainly on the new scratch; the stale graph is gone
+
+
+def test_every_allocation_deserialization_and_launch_happens_on_the_requested_device(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    cudart, module = fake_gpu(devices=2)  # the fake fails any use of memory from another GPU
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda:1", cuda_graph=True)
+    text = trt_backend.TensorRTEngine(bundle, "text_encoder", "cuda:0")  # makes cuda:0 current
+    assert (unet.device.index, text.device.index, cudart.current) == (1, 0, 0)
+    cond = upload_constants(unet, {"encoder_hidden_states": np.zeros((2, 77, TEXT_DIM))})
+    feeds = {k: v for k, v in unet_feeds(32, 1.0).items() if k != "encoder_hidden_states"}
+    for _ in range(3):  # load, plain run, capture, replay; the text encoder switches to 0 each time
+        text.run({"input_ids": np.zeros((2, 77), np.int64)})
+        unet.run({**feeds, **cond})
+    assert {engine.output: engine.device for engine in module.engines} == {
+        "text_embeddings": 0,
+        "noise_pred": 1,
+    }
+    assert cudart.owner[cond["encoder_hidden_states"].pointer] == 1
+    assert {device for call, device in cudart.events if call == "cudaGraphLaunch"} == {1}
+
+
 def test_a_request_outside_every_profile_fails_before_touching_the_device(
     bundle: Bundle, gpu: Any
 ) -> None:
@@ -916,87 +834,64 @@ def test_a_request_outside_every_profile_fails_before_touching_the_device(
     assert cudart.mallocs == 0
 
 
-# ---- the builder's use of TensorRT, on a fake that records the calls ------------------------
+def test_a_driver_older_than_the_cuda_runtime_is_refused_naming_both_and_the_fix(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    fake_gpu(driver=12040, runtime=13000)
+    with pytest.raises(UserError) as err:
+        trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    message = str(err.value)
+    assert "CUDA 12.4" in message and "CUDA 13.0 runtime" in message
+    assert "pip install 'sdrt[tensorrt-cu12]'" in message and "nvidia-smi" in message
 
 
-class FakeBuildAPI:
-    """Records what TensorRTBuilder asks of the TensorRT builder API."""
+def test_a_cuda_11_driver_is_told_to_update(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    fake_gpu(driver=11080, runtime=12080)
+    with pytest.raises(UserError, match=r"CUDA 11\.8, older .* update the driver \(TensorRT 10"):
+        trt_backend.TensorRTEngine(bundle, "unet", "cuda")
 
-    STRONGLY_TYPED = 1
 
-    def __init__(self, inputs: list[str], timing_cache_valid: bool = True) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.inputs = inputs
-        self.timing_cache_valid = timing_cache_valid
+def test_each_tensorrt_extra_pins_cuda_python_to_its_cuda_major_version() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
 
-    def module(self) -> Any:
-        api = self
-        ns = types.SimpleNamespace
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    extras = project["project"]["optional-dependencies"]
+    for major in trt_backend.CUDA_EXTRAS:
+        requirements = {Requirement(r).name: Requirement(r) for r in extras[f"tensorrt-cu{major}"]}
+        assert f"tensorrt-cu{major}" in requirements
+        cuda_python = requirements["cuda-python"].specifier
+        assert cuda_python.contains(f"{major}.9") and not cuda_python.contains(f"{major + 1}.0")
+        assert not cuda_python.contains(f"{major - 1}.9")
+    assert extras["tensorrt"] == ["sdrt[tensorrt-cu13]"]
 
-        class Config:
-            builder_optimization_level = 3
 
-            def set_flag(self, flag: str) -> None:
-                api.calls.append(("flag", flag))
+def test_an_older_driver_of_the_same_major_version_runs_with_a_warning(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    fake_gpu(driver=12020, runtime=12080)
+    with pytest.warns(RuntimeWarning, match=r"CUDA 12\.2, older than the CUDA 12\.8 runtime"):
+        unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda")
+    assert np.all(unet.run(unet_feeds(32, 1.0))["noise_pred"] == 2.0)
 
-            def set_memory_pool_limit(self, pool: str, size: int) -> None:
-                api.calls.append(("pool", pool, size))
 
-            def create_timing_cache(self, data: bytes) -> bytes:
-                api.calls.append(("load cache", bytes(data)))
-                return bytes(data)
+def test_no_driver_at_all_is_refused(
+    bundle: Bundle, fake_gpu: Callable[..., tuple[FakeCudart, Any]]
+) -> None:
+    fake_gpu(driver=0)
+    with pytest.raises(UserError, match="no NVIDIA driver is installed here"):
+        trt_backend.TensorRTEngine(bundle, "unet", "cuda")
 
-            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
-                return api.timing_cache_valid or cache == b""
 
-            def get_timing_cache(self) -> Any:
-                return ns(serialize=lambda: b"timings after " + str(len(api.calls)).encode())
+# ---- the builder's use of TensorRT 10 and 11, on fakes that record the calls ----------------
 
-            def add_optimization_profile(self, profile: Any) -> int:
-                return 0
 
-        class Profile:
-            def set_shape(self, name: str, low: Any, opt: Any, high: Any) -> None:
-                api.calls.append(("shape", name, low, opt, high))
-
-        class Builder:
-            def __init__(self, logger: Any) -> None:
-                pass
-
-            def create_network(self, flags: int) -> Any:
-                api.calls.append(("network flags", flags))
-                return ns(
-                    num_inputs=len(api.inputs),
-                    get_input=lambda i: ns(name=api.inputs[i]),
-                )
-
-            def create_builder_config(self) -> Config:
-                return Config()
-
-            def create_optimization_profile(self) -> Profile:
-                return Profile()
-
-            def build_serialized_network(self, network: Any, config: Config) -> bytes:
-                api.calls.append(("optimization level", config.builder_optimization_level))
-                return b"serialized"
-
-        class Parser:
-            num_errors = 0
-
-            def __init__(self, network: Any, logger: Any) -> None:
-                pass
-
-            def parse_from_file(self, path: str) -> bool:
-                return True
-
-        return ns(
-            Builder=Builder,
-            OnnxParser=Parser,
-            Dims=tuple,
-            BuilderFlag=ns(FP16="FP16"),
-            MemoryPoolType=ns(WORKSPACE="WORKSPACE"),
-            NetworkDefinitionCreationFlag=ns(STRONGLY_TYPED=self.STRONGLY_TYPED),
-        )
+@pytest.fixture(params=sorted(TRT_VERSIONS))
+def trt_major(request: pytest.FixtureRequest) -> str:
+    """Each builder test runs against the TensorRT 10 fake and the TensorRT 11 fake."""
+    return str(request.param)
 
 
 def fake_builder(
@@ -1017,76 +912,245 @@ def quiet_logger(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
 
 
-def unet_job(bundle: Bundle, onnx_precision: str = "fp32", precision: str = "fp16") -> tb.BuildJob:
+SCALE = 30000.0  # pushes one intermediate past a quarter of fp16's range: it must stay fp32
+
+
+def write_tiny_unet(path: Path) -> Path:
+    """A real fp32 ONNX with the U-Net's inputs: noise_pred = (sample * 3e4) / 3e4 + sample / 2,
+    whose Mul/Div pair the fp16 policy must keep in fp32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def value(name: str, shape: list[Any]) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    latent = ["unet_batch", 4, "latent_height", "latent_width"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["sample", "scale"], ["scaled"], name="scale_up"),
+            helper.make_node("Div", ["scaled", "scale"], ["unscaled"], name="scale_down"),
+            helper.make_node("Mul", ["sample", "half"], ["halved"], name="halve"),
+            helper.make_node("Add", ["unscaled", "halved"], ["noise_pred"], name="add"),
+        ],
+        "tiny_unet",
+        [
+            value("sample", latent),
+            value("timestep", ["unet_batch"]),
+            value("encoder_hidden_states", ["unet_batch", 77, TEXT_DIM]),
+        ],
+        [value("noise_pred", latent)],
+        initializer=[
+            helper.make_tensor("scale", TensorProto.FLOAT, [], [SCALE]),
+            helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def unet_onnx(tmp_path: Path) -> Path:
+    return write_tiny_unet(tmp_path / "unet.onnx")
+
+
+def unet_job(
+    bundle: Bundle, onnx_path: Path, onnx_precision: str = "fp32", precision: str = "fp16"
+) -> tb.BuildJob:
     profile = spec_for(bundle).components["unet"].profile
-    return tb.BuildJob("unet", bundle.path("unet"), onnx_precision, precision, profile)
+    dtypes = {"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32"}
+    workdir = onnx_path.parent / "staging"
+    workdir.mkdir(exist_ok=True)
+    return tb.BuildJob("unet", onnx_path, onnx_precision, precision, profile, dtypes, None, workdir)
 
 
 UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
 
 
-def test_an_fp32_onnx_becomes_fp16_through_the_fp16_flag_with_one_profile(
-    bundle: Bundle, quiet_logger: None
+def test_an_fp32_onnx_becomes_fp16_by_weak_typing_on_10_and_by_conversion_on_11(
+    bundle: Bundle, unet_onnx: Path, trt_major: str, quiet_logger: None
 ) -> None:
-    api = FakeBuildAPI(UNET_INPUTS)
-    data = fake_builder(api, workspace_gb=2, optimization_level=5)(unet_job(bundle))
-    assert bytes(data) == b"serialized"
-    assert ("network flags", 0) in api.calls and ("flag", "FP16") in api.calls
+    import onnx
+
+    api = FakeBuildAPI(UNET_INPUTS, trt_major)
+    job = unet_job(bundle, unet_onnx)
+    built = fake_builder(api, workspace_gb=2, optimization_level=5)(job)
+    assert bytes(built.data) == b"serialized"
     assert ("pool", "WORKSPACE", 2 * 2**30) in api.calls
     assert ("optimization level", 5) in api.calls
     shapes = {call[1]: call[2:] for call in api.calls if call[0] == "shape"}
     assert shapes["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert set(shapes) == set(UNET_INPUTS)
+    if trt_major == "10":
+        assert built.fp16_source == "builder flag (TensorRT 10 weak typing)"
+        assert ("network flags", 0) in api.calls and ("flag", "FP16") in api.calls
+        assert api.parsed == [(str(unet_onnx), unet_onnx.read_bytes())]
+        return
+    assert built.fp16_source == "converted at build time, 2 nodes kept fp32"
+    assert ("network flags", 1 << FakeBuildAPI.STRONGLY_TYPED) in api.calls
+    assert not any(call[0] == "flag" for call in api.calls)
+    [(path, data)] = api.parsed
+    assert Path(path).parent.parent == job.workdir  # a temporary folder in the staging directory
+    assert list(job.workdir.iterdir()) == []  # and gone once the engine is built
+    graph = onnx.load_model_from_string(data).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    assert types["scale"] == onnx.TensorProto.FLOAT and types["half"] == onnx.TensorProto.FLOAT16
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.FLOAT] * 3
+
+
+def test_a_failed_build_from_a_converted_onnx_leaves_no_file_behind(
+    bundle: Bundle, unet_onnx: Path, quiet_logger: None
+) -> None:
+    api = FakeBuildAPI(UNET_INPUTS, "11", build_ok=False)
+    job = unet_job(bundle, unet_onnx)
+    with pytest.raises(UserError, match="could not build unet"):
+        fake_builder(api)(job)
+    assert api.parsed and list(job.workdir.iterdir()) == []
 
 
 def test_an_onnx_already_in_the_wanted_precision_is_built_strongly_typed(
-    bundle: Bundle, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, trt_major: str, quiet_logger: None
 ) -> None:
-    api = FakeBuildAPI(UNET_INPUTS)
-    fake_builder(api)(unet_job(bundle, onnx_precision="fp16"))
-    assert ("network flags", 1 << FakeBuildAPI.STRONGLY_TYPED) in api.calls
-    assert ("flag", "FP16") not in api.calls
+    api = FakeBuildAPI(UNET_INPUTS, trt_major)
+    fp16 = fake_builder(api)(unet_job(bundle, unet_onnx, onnx_precision="fp16"))
+    fp32 = fake_builder(api)(unet_job(bundle, unet_onnx, precision="fp32"))
+    assert (fp16.fp16_source, fp32.fp16_source) == ("bundle fp16 ONNX", None)
+    assert api.calls.count(("network flags", 1 << FakeBuildAPI.STRONGLY_TYPED)) == 2
+    assert not any(call[0] == "flag" for call in api.calls)
+    assert [path for path, _ in api.parsed] == [str(unet_onnx)] * 2
+
+
+def test_tensorrt_rtx_converts_an_fp32_onnx_like_tensorrt_11(
+    bundle: Bundle, unet_onnx: Path, quiet_logger: None
+) -> None:
+    api = FakeBuildAPI(UNET_INPUTS, "10")  # even where its BuilderFlag had FP16
+    built = fake_builder(api, backend="tensorrt-rtx")(unet_job(bundle, unet_onnx))
+    assert built.fp16_source == "converted at build time, 2 nodes kept fp32"
+    assert not any(call[0] == "flag" for call in api.calls)
 
 
 def test_the_timing_cache_is_loaded_before_and_saved_after_each_build(
-    bundle: Bundle, tmp_path: Path, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, tmp_path: Path, trt_major: str, quiet_logger: None
 ) -> None:
     cache = tmp_path / "caches" / "h100.timing-cache"
-    api = FakeBuildAPI(UNET_INPUTS)
-    fake_builder(api, cache=cache)(unet_job(bundle))
+    api = FakeBuildAPI(UNET_INPUTS, trt_major)
+    fake_builder(api, cache=cache)(unet_job(bundle, unet_onnx, onnx_precision="fp16"))
     assert ("load cache", b"") in api.calls
     saved = cache.read_bytes()
     assert saved.startswith(b"timings after")
-    second = FakeBuildAPI(UNET_INPUTS)
-    fake_builder(second, cache=cache)(unet_job(bundle))
+    second = FakeBuildAPI(UNET_INPUTS, trt_major)
+    fake_builder(second, cache=cache)(unet_job(bundle, unet_onnx, onnx_precision="fp16"))
     assert ("load cache", saved) in second.calls  # a new build starts from the saved cache
 
 
 def test_a_timing_cache_from_another_version_is_replaced_not_fatal(
-    bundle: Bundle, tmp_path: Path, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, tmp_path: Path, trt_major: str, quiet_logger: None
 ) -> None:
     cache = tmp_path / "old.timing-cache"
     cache.write_bytes(b"from TensorRT 10.9")
-    api = FakeBuildAPI(UNET_INPUTS, timing_cache_valid=False)
-    fake_builder(api, cache=cache)(unet_job(bundle))
+    api = FakeBuildAPI(UNET_INPUTS, trt_major, timing_cache_valid=False)
+    fake_builder(api, cache=cache)(unet_job(bundle, unet_onnx, onnx_precision="fp16"))
     loads = [call[1] for call in api.calls if call[0] == "load cache"]
     assert loads == [b"from TensorRT 10.9", b""]
     assert cache.read_bytes().startswith(b"timings after")
 
 
 def test_tensorrt_rtx_builds_without_a_timing_cache(
-    bundle: Bundle, tmp_path: Path, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, tmp_path: Path, quiet_logger: None
 ) -> None:
     cache = tmp_path / "rtx.timing-cache"
     api = FakeBuildAPI(UNET_INPUTS)
-    fake_builder(api, backend="tensorrt-rtx", cache=cache)(unet_job(bundle, onnx_precision="fp16"))
+    job = unet_job(bundle, unet_onnx, onnx_precision="fp16")
+    fake_builder(api, backend="tensorrt-rtx", cache=cache)(job)
     assert not any(call[0] == "load cache" for call in api.calls)
     assert not cache.exists()
 
 
 def test_an_onnx_input_missing_from_the_manifest_is_refused(
-    bundle: Bundle, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, trt_major: str, quiet_logger: None
 ) -> None:
-    api = FakeBuildAPI([*UNET_INPUTS, "added_cond"])
+    api = FakeBuildAPI([*UNET_INPUTS, "added_cond"], trt_major)
     with pytest.raises(UserError, match="added_cond"):
-        fake_builder(api)(unet_job(bundle))
+        fake_builder(api)(unet_job(bundle, unet_onnx, onnx_precision="fp16"))
+
+
+def test_engine_json_and_sdrt_info_say_where_each_fp16_engine_came_from(
+    bundle: Bundle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sources = {
+        "unet": "converted at build time, 12 nodes kept fp32",
+        "text_encoder": "builder flag (TensorRT 10 weak typing)",
+    }
+
+    def builder(job: tb.BuildJob) -> tb.BuiltEngine:
+        return tb.BuiltEngine(b"engine", sources.get(job.component))
+
+    spec = spec_for(bundle, vae_precision="fp32")
+    directory = tb.write_engines(bundle, spec, builder, log=lambda line: None)
+    files = json.loads((directory / RECORD).read_text())["files"]
+    assert files["unet"]["fp16_source"] == sources["unet"]
+    assert "fp16_source" not in files["vae_decoder"]  # an fp32 engine
+    assert read_entry(directory).fp16_sources["unet"] == sources["unet"]
+    assert main(["info", str(bundle.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"engines        {directory.name}" in lines
+    assert "  unet           fp16  converted at build time, 12 nodes kept fp32" in lines
+    assert "  text_encoder   fp16  builder flag (TensorRT 10 weak typing)" in lines
+    assert "  vae_decoder    fp32" in lines
+
+
+def test_calibration_ids_for_text_encoders_are_prompts_from_the_bundle_tokenizer(
+    tmp_path: Path,
+) -> None:
+    from sdrt.export.fp16_onnx import calibration_feeds
+    from sdrt.export.tokenizer_files import write_byte_level_clip_vocab
+
+    write_byte_level_clip_vocab(tmp_path / "tokenizer")
+    profile = {"input_ids": ShapeRange((2, 77), (2, 77), (8, 77))}
+    ids = calibration_feeds(profile, {"input_ids": "int32"}, tmp_path / "tokenizer")["input_ids"]
+    assert ids.shape == (2, 77) and ids.dtype == np.int32
+    assert ids[0, 0] == ids[1, 0] and not np.array_equal(ids[0], ids[1])  # BOS, two prompts
+    with pytest.raises(UserError, match="without the component's tokenizer.*--dtype fp16"):
+        calibration_feeds(profile, {"input_ids": "int32"}, None)
+
+
+@pytest.mark.parametrize("major", sorted(TRT_VERSIONS))
+def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
+    tiny_bundle: Path,
+    tmp_path: Path,
+    major: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The whole build on a real fp32 export: weak typing on 10; on 11 every fp16 engine comes
+    from an fp16 copy of its ONNX, converted with the measured policy and gone afterwards."""
+    import shutil
+
+    import onnx
+
+    root = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    exported = Bundle.load(root)
+    api = FakeBuildAPI(None, major)
+    trt_api = trt_backend.TensorRT(api.module(), "tensorrt", "tensorrt")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart())
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+    directory = tb.build_engines(root, batch=(1, 1), static=(64, 64), progress=False)
+    sources = read_entry(directory).fp16_sources
+    assert set(sources) == set(exported.components)  # tiny VAEs stay fp16 ("auto")
+    for name, source in sources.items():
+        if major == "10":
+            assert source == "builder flag (TensorRT 10 weak typing)"
+            continue
+        assert source.startswith("converted at build time, ") and source.endswith(" kept fp32")
+        [data] = [d for path, d in api.parsed if Path(path).name == f"{name}.onnx"]
+        floats = {t.data_type for t in onnx.load_model_from_string(data).graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in floats, name
+    assert sorted(p.name for p in (root / ENGINES_DIR).iterdir() if p.is_dir()) == [directory.name]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [RECORD, *(f"{name}.engine" for name in exported.components)]
+    )
+    assert main(["info", str(root)]) == 0
+    assert f"  unet           fp16  {sources['unet']}" in capsys.readouterr().out.splitlines()

@@ -5,15 +5,19 @@ names this backend version, GPU, compute capability and the bundle's ONNX hash i
 one whose shape profile covers the request is loaded (lazily, on the first request it covers).
 
 What crosses between host and device on each `run`, so on every U-Net step:
-- host -> device: every input, from its numpy array into a device buffer kept for that shape.
-  For the U-Net that is sample, timestep and encoder_hidden_states; the text embeddings do not
-  change between steps but are copied again (SD 1.5 with guidance at batch 1: 2 x 77 x 768
-  float32 = 0.47 MB a step), from pageable memory, so each copy is staged by the driver.
-- device -> host: every output into a new numpy array (U-Net: noise_pred), then one stream
-  synchronize. Guidance and the scheduler step then run in numpy on the host.
+- host -> device: every input given as a numpy array, copied into a pinned (page-locked) host
+  buffer and from there, asynchronously, into a device buffer; both are kept per input shape.
+  Inputs fixed over a loop are uploaded once instead: `to_device` (which the pipeline calls
+  through `upload_constants`) returns a `DeviceTensor` that `run` binds by address, so for the
+  U-Net only sample and timestep go up each step, not the text embeddings.
+- device -> host: every output into its pinned buffer, one stream synchronize, then a copy into
+  a new numpy array (U-Net: noise_pred). Guidance and the scheduler step run in numpy.
 Weights, activations and TensorRT's scratch memory never leave the device. Keeping the latents
-on the device across steps (and the embeddings uploaded once) needs an Engine interface that
-can hand back device arrays; numpy in, numpy out is the interface for now.
+on the device across steps too needs an Engine interface that hands back device arrays.
+
+Every call that allocates, frees, deserializes, captures or enqueues runs inside
+`CudaDevice.active()`: the device's lock held and the device made current, since the current
+device is per host thread and another engine may have switched it (`--device cuda:1`).
 
 Device memory is shared: every engine on a GPU gets one execution context created with the
 USER_MANAGED strategy and pointed at one scratch allocation sized to the largest
@@ -21,19 +25,24 @@ USER_MANAGED strategy and pointed at one scratch allocation sized to the largest
 hold their own. That is safe because they share one CUDA stream and `run` holds the device's
 lock from the first copy until its outputs are on the host. Input/output buffers are allocated
 per input shape and reused (the most recent few shapes are kept). With `cuda_graph=True` the
-second request of a shape is captured into a CUDA graph and later ones replay it.
+second request of a shape is captured into a CUDA graph and later ones replay it; a graph is
+replayed only while the context is bound to the same addresses (shape buffers, DeviceTensors,
+scratch) it was captured with.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 import threading
 import types
 import warnings
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -51,12 +60,15 @@ from ..engine_cache import (
     usable_entries,
 )
 from ..errors import UserError
-from .base import io_table
+from .base import io_table, parse_device
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL_HINT = "run `pip install 'sdrt[tensorrt]'`"
+INSTALL_HINT = (
+    "run `pip install 'sdrt[tensorrt-cu13]'`, or 'sdrt[tensorrt-cu12]' where `nvidia-smi` "
+    "shows CUDA Version 12.x"
+)
 # Python module -> backend name recorded in engine keys. TensorRT-RTX ships its API under other
 # module names; its engines differ from TensorRT's, so the backend name keeps them apart.
 TENSORRT_MODULES = {
@@ -64,6 +76,7 @@ TENSORRT_MODULES = {
     "tensorrt_rtx": "tensorrt-rtx",
     "tensorrt_rtx_bindings": "tensorrt-rtx",
 }
+CUDA_EXTRAS = (12, 13)  # CUDA major versions with an sdrt[tensorrt-cuXX] extra
 CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")  # cuda-python >= 12.6, then older
 SHAPES_KEPT = 4  # input shapes whose device buffers (and CUDA graph) an engine keeps
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
@@ -178,18 +191,55 @@ def import_cudart() -> Any:
     )
 
 
-def parse_device(device: str) -> int:
+def cuda_device_index(device: str) -> int:
     """CUDA device index for "auto", "cuda" or "cuda:N"; TensorRT has no CPU device."""
-    if device in ("auto", "cuda"):
-        return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    if device == "cpu":
+    parsed = parse_device(device)
+    if parsed.kind == "cpu":
         raise UserError(
             "the tensorrt backend runs on a CUDA GPU only; "
             "use --backend onnxruntime for --device cpu"
         )
-    raise UserError(f"unknown device {device!r}; use auto, cuda or cuda:N")
+    return parsed.index
+
+
+def cuda_version(encoded: int) -> str:
+    """cudaDriverGetVersion / cudaRuntimeGetVersion encode 12.4 as 12040."""
+    return f"{encoded // 1000}.{encoded % 1000 // 10}"
+
+
+def check_driver(cudart: Any) -> None:
+    """UserError when the driver is too old for the CUDA runtime cuda-python was built for.
+
+    Within one major version CUDA's minor-version compatibility runs a newer runtime on an
+    older driver (a warning says some features may be missing); across major versions
+    (cuda-python 13 on a CUDA 12 driver) nothing runs, so that is refused with the fix.
+    """
+    driver = int(cuda_check(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion"))
+    runtime = int(cuda_check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
+    if driver == 0:
+        raise UserError(
+            "no NVIDIA driver is installed here; the tensorrt backend needs an NVIDIA GPU and "
+            "driver (use --backend onnxruntime otherwise)"
+        )
+    if driver // 1000 < runtime // 1000:
+        fix = (
+            f"install the build for this driver, `pip install 'sdrt[tensorrt-cu{driver // 1000}]'`"
+            f" (`nvidia-smi` shows the driver's CUDA Version), or update the driver"
+            if driver // 1000 in CUDA_EXTRAS
+            else "update the driver (TensorRT 10 and later need CUDA 12 or newer)"
+        )
+        raise UserError(
+            f"the NVIDIA driver here supports CUDA {cuda_version(driver)}, older than the CUDA "
+            f"{cuda_version(runtime)} runtime cuda-python was built for; {fix}"
+        )
+    if driver < runtime:
+        warnings.warn(
+            f"the NVIDIA driver supports CUDA {cuda_version(driver)}, older than the CUDA "
+            f"{cuda_version(runtime)} runtime; running through minor-version compatibility "
+            "(no PTX JIT); update the driver if kernels fail to load",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def numpy_dtype(trt_type_name: str, tensor: str) -> np.dtype[Any]:
@@ -239,6 +289,7 @@ class CudaDevice:
     def __init__(self, cudart: Any, index: int) -> None:
         self.cudart = cudart
         self.index = index
+        check_driver(cudart)
         err, count = cudart.cudaGetDeviceCount()
         if err != cudart.cudaError_t.cudaSuccess:
             raise UserError(
@@ -249,24 +300,30 @@ class CudaDevice:
             raise UserError(
                 f"CUDA device {index} does not exist ({count} visible); choose another --device"
             )
-        self.activate()
-        self.stream = cuda_check(
-            cudart,
-            cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-            "cudaStreamCreateWithFlags",
-        )
         self.lock = threading.RLock()
         self.scratch_ptr = 0
         self.scratch_size = 0
         self.generation = 0  # bumped when the scratch moves: bound contexts and graphs go stale
+        self._orphans: list[int] = []  # device memory of collected DeviceTensors, to free
+        self._orphans_lock = threading.Lock()
+        with self.active():
+            self.stream = cuda_check(
+                cudart,
+                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                "cudaStreamCreateWithFlags",
+            )
 
     @property
     def stream_handle(self) -> int:
         return int(self.stream)
 
-    def activate(self) -> None:
-        """The current device is per host thread, so every run sets it."""
-        cuda_check(self.cudart, self.cudart.cudaSetDevice(self.index), "cudaSetDevice")
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Hold the device's lock with this device current (the current device is per host
+        thread, and another CudaDevice may have switched it since)."""
+        with self.lock:
+            cuda_check(self.cudart, self.cudart.cudaSetDevice(self.index), "cudaSetDevice")
+            yield
 
     def name_and_capability(self) -> tuple[str, str]:
         props = cuda_check(
@@ -276,13 +333,28 @@ class CudaDevice:
         name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         return name.split("\x00", 1)[0].strip(), f"{props.major}.{props.minor}"
 
+    # Callers hold `active()` for everything below.
+
     def malloc(self, nbytes: int) -> int:
         return int(cuda_check(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
 
     def free(self, pointer: int) -> None:
         cuda_check(self.cudart, self.cudart.cudaFree(pointer), "cudaFree")
 
+    def pinned(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        """A numpy array in page-locked host memory: copies from it run asynchronously at full
+        bandwidth, where copies from pageable memory are staged by the driver."""
+        count = int(np.prod(shape))
+        nbytes = max(count * dtype.itemsize, 1)
+        pointer = int(cuda_check(self.cudart, self.cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        memory = (ctypes.c_ubyte * nbytes).from_address(pointer)
+        return np.frombuffer(memoryview(memory), dtype, count).reshape(shape)
+
+    def free_pinned(self, array: np.ndarray) -> None:
+        cuda_check(self.cudart, self.cudart.cudaFreeHost(array.ctypes.data), "cudaFreeHost")
+
     def upload(self, pointer: int, array: np.ndarray) -> None:
+        """Queue a copy of `array` (pinned, alive until the next synchronize) to the device."""
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         result = self.cudart.cudaMemcpyAsync(
             pointer, array.ctypes.data, array.nbytes, kind, self.stream
@@ -290,18 +362,31 @@ class CudaDevice:
         cuda_check(self.cudart, result, "cudaMemcpyAsync (host to device)")
 
     def download(self, array: np.ndarray, pointer: int) -> None:
+        """Queue a copy into `array`; it holds the values only after `synchronize`."""
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         result = self.cudart.cudaMemcpyAsync(
             array.ctypes.data, pointer, array.nbytes, kind, self.stream
         )
         cuda_check(self.cudart, result, "cudaMemcpyAsync (device to host)")
 
+    def orphan(self, pointer: int) -> None:
+        """Free `pointer` at the next `free_orphans`: a garbage-collected DeviceTensor may die
+        mid-run, even mid-capture, where freeing would break the stream."""
+        with self._orphans_lock:
+            self._orphans.append(pointer)
+
+    def free_orphans(self) -> None:
+        with self._orphans_lock:
+            pointers, self._orphans = self._orphans, []
+        for pointer in pointers:
+            self.free(pointer)
+
     def synchronize(self) -> None:
         cuda_check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "synchronize")
 
     def reserve_scratch(self, nbytes: int) -> None:
         """Grow the shared scratch to at least `nbytes`; contexts rebind on their next run."""
-        with self.lock:
+        with self.active():
             if nbytes <= self.scratch_size:
                 return
             self.synchronize()
@@ -357,18 +442,42 @@ def shared_device(cudart: Any, index: int) -> CudaDevice:
 # ---- the engine ---------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class DeviceTensor:
+    """An input uploaded once (`TensorRTEngine.to_device`) and bound by address on every run;
+    its device memory is freed after it is garbage-collected."""
+
+    pointer: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    device: CudaDevice
+
+
+Binding = tuple[tuple[tuple[int, ...], ...], int, tuple[tuple[str, int], ...]]
+
+
 @dataclass
 class _Buffers:
-    """Device buffers for one set of input shapes, and the CUDA graph recorded with them."""
+    """Device buffers and their pinned host twins for one set of input shapes, and the CUDA
+    graph recorded with them (with the binding it was recorded under)."""
 
     pointers: dict[str, int]
+    staging: dict[str, np.ndarray]  # pinned host memory, one per input and output
     output_shapes: dict[str, tuple[int, ...]]
     graph: Any = None
-    graph_generation: int = -1
+    graph_binding: Binding | None = None
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+@dataclass
+class _Feed:
+    """One run's inputs: host arrays to stage and upload, and device tensors to bind."""
+
+    host: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, DeviceTensor] = field(default_factory=dict)
 
 
 class _LoadedEngine:
@@ -376,59 +485,75 @@ class _LoadedEngine:
 
     def __init__(self, trt_api: TensorRT, device: CudaDevice, path: Path, cuda_graph: bool) -> None:
         module = trt_api.module
-        runtime = module.Runtime(trt_logger(trt_api))
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise UserError(
-                f"{trt_api.describe()} could not load {path} (see its log above); delete "
-                f"{path.parent} and run `sdrt build` again"
-            )
-        self.engine = engine
-        self.device = device
-        self.cuda_graph = cuda_graph
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        input_mode = module.TensorIOMode.INPUT
-        self.input_names = [n for n in names if engine.get_tensor_mode(n) == input_mode]
-        self.output_names = [n for n in names if n not in self.input_names]
-        self.dtypes = {n: numpy_dtype(engine.get_tensor_dtype(n).name, n) for n in names}
-        self.profile: Profile = {}
-        for name in self.input_names:
-            low, opt, high = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
-            self.profile[name] = ShapeRange(low, opt, high)
-        device.reserve_scratch(engine.device_memory_size_v2)
-        strategy = module.ExecutionContextAllocationStrategy.USER_MANAGED
-        if trt_api.backend == "tensorrt-rtx":  # RTX takes the strategy through a runtime config
-            config = engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(strategy)
-            self.context = engine.create_execution_context(config)
-        else:
-            self.context = engine.create_execution_context(strategy)
+        with device.active():
+            runtime = module.Runtime(trt_logger(trt_api))
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise UserError(
+                    f"{trt_api.describe()} could not load {path} (see its log above); delete "
+                    f"{path.parent} and run `sdrt build` again"
+                )
+            self.engine = engine
+            self.device = device
+            self.cuda_graph = cuda_graph
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            input_mode = module.TensorIOMode.INPUT
+            self.input_names = [n for n in names if engine.get_tensor_mode(n) == input_mode]
+            self.output_names = [n for n in names if n not in self.input_names]
+            self.dtypes = {n: numpy_dtype(engine.get_tensor_dtype(n).name, n) for n in names}
+            self.profile: Profile = {}
+            for name in self.input_names:
+                low, opt, high = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
+                self.profile[name] = ShapeRange(low, opt, high)
+            device.reserve_scratch(engine.device_memory_size_v2)
+            strategy = module.ExecutionContextAllocationStrategy.USER_MANAGED
+            if trt_api.backend == "tensorrt-rtx":  # RTX takes the strategy through a config
+                config = engine.create_runtime_config()
+                config.set_execution_context_allocation_strategy(strategy)
+                self.context = engine.create_execution_context(config)
+            else:
+                self.context = engine.create_execution_context(strategy)
         self._buffers: OrderedDict[tuple[tuple[int, ...], ...], _Buffers] = OrderedDict()
-        # (input shapes, scratch generation) the context is bound to, and was last enqueued with
-        self._bound: tuple[tuple[tuple[int, ...], ...], int] | None = None
-        self._enqueued: tuple[tuple[tuple[int, ...], ...], int] | None = None
+        # What the context is bound to, and was last enqueued with
+        self._bound: Binding | None = None
+        self._enqueued: Binding | None = None
 
     def run(
         self, component: str, feeds: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
     ) -> dict[str, np.ndarray]:
         check_shape_in_profile(component, shapes, self.profile)
+        feed = self._split(feeds)
         key = tuple(shapes[n] for n in self.input_names)
-        arrays = [np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.input_names]
         device = self.device
-        with device.lock:
-            device.activate()
+        with device.active():
+            device.free_orphans()
             buffers = self._buffers_for(key, shapes)
-            self._bind(key, shapes, buffers)
-            for name, array in zip(self.input_names, arrays, strict=True):
-                device.upload(buffers.pointers[name], array)
+            addresses = {**buffers.pointers, **{n: t.pointer for n, t in feed.device.items()}}
+            self._bind(key, shapes, addresses)
+            for name, array in feed.host.items():
+                buffers.staging[name][...] = array  # into pinned memory, cast to the engine type
+                device.upload(buffers.pointers[name], buffers.staging[name])
             self._execute(buffers)
-            outputs = {
-                n: np.empty(buffers.output_shapes[n], self.dtypes[n]) for n in self.output_names
-            }
-            for name, array in outputs.items():
-                device.download(array, buffers.pointers[name])
+            for name in self.output_names:
+                device.download(buffers.staging[name], buffers.pointers[name])
             device.synchronize()
-        return outputs
+            return {name: buffers.staging[name].copy() for name in self.output_names}
+
+    def _split(self, feeds: Mapping[str, Any]) -> _Feed:
+        feed = _Feed()
+        for name in self.input_names:
+            value = feeds[name]
+            if not isinstance(value, DeviceTensor):
+                feed.host[name] = value
+            elif value.device is not self.device or value.dtype != self.dtypes[name]:
+                raise UserError(
+                    f"{name!r} was uploaded as {value.dtype} to cuda:{value.device.index}, but "
+                    f"this engine takes {self.dtypes[name]} on cuda:{self.device.index}; upload "
+                    "it with this engine's to_device"
+                )
+            else:
+                feed.device[name] = value
+        return feed
 
     def _set_input_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         for name in self.input_names:
@@ -447,11 +572,15 @@ class _LoadedEngine:
         if any(d < 0 for shape in output_shapes.values() for d in shape):  # data-dependent
             raise RuntimeError(f"TensorRT could not infer the output shapes {output_shapes}")
         all_shapes = {**{n: tuple(shapes[n]) for n in self.input_names}, **output_shapes}
+        device = self.device
         pointers = {
-            name: self.device.malloc(int(np.prod(shape)) * self.dtypes[name].itemsize)
+            name: device.malloc(int(np.prod(shape)) * self.dtypes[name].itemsize)
             for name, shape in all_shapes.items()
         }
-        buffers = _Buffers(pointers, output_shapes)
+        staging = {
+            name: device.pinned(shape, self.dtypes[name]) for name, shape in all_shapes.items()
+        }
+        buffers = _Buffers(pointers, staging, output_shapes)
         self._buffers[key] = buffers
         while len(self._buffers) > SHAPES_KEPT:
             _, old = self._buffers.popitem(last=False)
@@ -462,17 +591,17 @@ class _LoadedEngine:
         self,
         key: tuple[tuple[int, ...], ...],
         shapes: Mapping[str, tuple[int, ...]],
-        buffers: _Buffers,
+        addresses: Mapping[str, int],
     ) -> None:
-        """Point the context at this shape's buffers and the current scratch, when they moved."""
-        state = (key, self.device.generation)
+        """Point the context at these addresses and the current scratch, when they moved."""
+        device = self.device
+        state: Binding = (key, device.generation, tuple(sorted(addresses.items())))
         if self._bound == state:
             return
         self._set_input_shapes(shapes)
-        for name, pointer in buffers.pointers.items():
+        for name, pointer in addresses.items():
             if not self.context.set_tensor_address(name, pointer):
                 raise RuntimeError(f"TensorRT refused the device address for {name!r}")
-        device = self.device
         if hasattr(self.context, "set_device_memory"):
             self.context.set_device_memory(device.scratch_ptr, device.scratch_size)
         else:  # TensorRT 10.0 and TensorRT-RTX name it as a property
@@ -481,7 +610,7 @@ class _LoadedEngine:
 
     def _execute(self, buffers: _Buffers) -> None:
         device = self.device
-        if buffers.graph is not None and buffers.graph_generation == device.generation:
+        if buffers.graph is not None and buffers.graph_binding == self._bound:
             device.launch(buffers.graph)
             return
         if buffers.graph is not None:
@@ -496,7 +625,7 @@ class _LoadedEngine:
         if self.cuda_graph and self._enqueued == self._bound:
             graph = device.capture(enqueue)
             if graph is not None:
-                buffers.graph, buffers.graph_generation = graph, device.generation
+                buffers.graph, buffers.graph_binding = graph, self._bound
                 device.launch(graph)
                 return
             self.cuda_graph = False
@@ -514,13 +643,16 @@ class _LoadedEngine:
             self.device.destroy_graph(buffers.graph)
         for pointer in buffers.pointers.values():
             self.device.free(pointer)
+        for array in buffers.staging.values():
+            self.device.free_pinned(array)
 
     def close(self) -> None:
-        with self.device.lock:
+        with self.device.active():
             self.device.synchronize()
             while self._buffers:
                 _, buffers = self._buffers.popitem()
                 self._release(buffers)
+            self._bound = self._enqueued = None
 
 
 class TensorRTEngine:
@@ -539,8 +671,8 @@ class TensorRTEngine:
         self.component = component
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
+        index = cuda_device_index(device)
         self.trt = import_tensorrt(tensorrt_module)
-        index = parse_device(device)
         self.device = shared_device(import_cudart(), index)
         self.environment = current_environment(self.trt, self.device)
         onnx_sha256 = {name: c.sha256 for name, c in bundle.components.items()}
@@ -550,11 +682,27 @@ class TensorRTEngine:
         self.cuda_graph = cuda_graph
         self._loaded: dict[Path, _LoadedEngine] = {}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def to_device(self, name: str, array: np.ndarray) -> DeviceTensor:
+        """Upload `array` once for input `name`, to feed it on every call of a loop (the text
+        conditioning of a request) without a host-to-device copy per call."""
+        if name not in self.inputs:
+            raise UserError(f"{self.component} has no input {name!r}")
+        host = np.ascontiguousarray(array, dtype=np.dtype(self.inputs[name][0]))
+        device = self.device
+        with device.active():
+            device.free_orphans()
+            pointer = device.malloc(host.nbytes)
+            device.upload(pointer, host)
+            device.synchronize()  # `host` is pageable and dies with this call
+        tensor = DeviceTensor(pointer, tuple(host.shape), host.dtype, device)
+        weakref.finalize(tensor, device.orphan, pointer)
+        return tensor
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise UserError(f"{self.component} needs input(s) {', '.join(missing)}")
-        shapes = {name: tuple(int(d) for d in np.shape(feeds[name])) for name in self.inputs}
+        shapes = {name: _shape(feeds[name]) for name in self.inputs}
         engine = self._engine_for(select_entry(self.entries, self.component, shapes))
         outputs = engine.run(self.component, feeds, shapes)
         return {name: outputs[name] for name in self.outputs}
@@ -571,3 +719,9 @@ class TensorRTEngine:
         for engine in self._loaded.values():
             engine.close()
         self._loaded.clear()
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, DeviceTensor):
+        return value.shape
+    return tuple(int(d) for d in np.shape(value))
