@@ -88,7 +88,8 @@ def check_arguments(
             f"{len(prompts)} images asked for, at most {limits.max_images} per request; "
             "ask for fewer or raise the limit (--max-images)"
         )
-    _check_steps(num_inference_steps, limits.max_steps)
+    trained = manifest["scheduler_config"].get("num_train_timesteps", 1000)
+    _check_steps(num_inference_steps, min(limits.max_steps or trained, trained))
     _check_guidance(guidance_scale)
     for picture, what in ((image, "image"), (mask_image, "mask_image")):
         if picture is not None:
@@ -286,6 +287,11 @@ def _check_image_inputs(
     if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
         raise UserError(f"strength must be in (0, 1], got {strength!r}")
     strength_start(steps, float(strength))  # raises when no step would run
+    if mask_image is not None and image_size(mask_image) != image_size(image):
+        raise UserError(
+            f"mask_image is {image_size(mask_image)} (height, width) but image is "
+            f"{image_size(image)}; pass a mask of the image's size"
+        )
     return float(strength)
 
 

@@ -1,4 +1,5 @@
-"""The `sdrt` command: export, generate, info, sign, verify, demo, build (TensorRT), bench.
+"""The `sdrt` command: export, generate, info, sign, verify, demo, build (TensorRT), bench,
+serve.
 
 User mistakes end as one line on stderr and exit code 2; everything else is a bug and keeps
 its traceback.
@@ -155,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=cmd_build)
 
     from sdrt.benchmarks.cli import register as register_bench  # argparse only; cheap
+    from sdrt.benchmarks.serve_load import register as register_bench_serve
+
+    from .serve.command import register as register_serve
+
+    register_serve(commands)
+    register_bench_serve(commands)
 
     register_bench(commands)
 
@@ -309,7 +316,7 @@ def _print_parity(manifest: dict[str, Any]) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .arguments import Limits
-    from .images import save_png
+    from .images import generation_metadata, save_png
     from .pipeline import Pipeline
 
     if args.num_images < 1:
@@ -321,32 +328,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
     )
     pipe.limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels)
-    scheduler = args.scheduler or pipe.manifest["scheduler"]
-    out = pipe(
-        [args.prompt] * args.num_images,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height,
-        width=args.width,
-        scheduler=scheduler,
-        seed=args.seed,
-        image=image,
-        mask_image=mask,
-        strength=args.strength,
-        progress=True,
-    )
-    metadata = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
+    call = {
+        "prompt": [args.prompt] * args.num_images,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "height": args.height,
+        "width": args.width,
+        "scheduler": args.scheduler,
         "seed": args.seed,
-        "steps": args.steps,
-        "scheduler": scheduler,
-        "guidance": args.guidance,
-        "generator": "sdrt",
-        **({"image": Path(args.image).name, "strength": args.strength} if args.image else {}),
-        **({"mask": Path(args.mask).name} if args.mask else {}),
+        "image": image,
+        "mask_image": mask,
+        "strength": args.strength,
     }
+    metadata = generation_metadata(
+        pipe.arguments(**call),
+        Path(args.image).name if args.image else None,
+        Path(args.mask).name if args.mask else None,
+    )
+    out = pipe(**call, progress=True)
     for path, image in zip(paths, out.images, strict=True):
         save_png(image, path, metadata)
         print(f"wrote {path}")

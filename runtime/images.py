@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -20,10 +20,30 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
-def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any]) -> None:
+def generation_metadata(
+    args: Any, image_name: str | None = None, mask_name: str | None = None
+) -> dict[str, Any]:
+    """The PNG text chunks of an image made from checked arguments (`GenerationArgs`)."""
+    return {
+        "prompt": args.prompts[0],
+        "negative_prompt": args.negatives[0] if args.negatives else "",
+        "seed": args.seed,
+        "steps": args.num_inference_steps,
+        "scheduler": args.scheduler,
+        "guidance": args.guidance_scale,
+        "generator": "sdrt",
+        **({"image": image_name, "strength": args.strength} if args.image is not None else {}),
+        **({"mask": mask_name} if args.mask_image is not None else {}),
+    }
+
+
+def save_png(image: Image.Image, path: str | Path | IO[bytes], metadata: dict[str, Any]) -> None:
     """Write a PNG whose text chunks record how it was made, so it can be reproduced."""
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
+    if not isinstance(path, (str, Path)):  # an open stream, e.g. an HTTP response body
+        image.save(path, format="PNG", pnginfo=info)
+        return
     with atomic_file(path) as f:
         image.save(f, format="PNG", pnginfo=info)

@@ -40,7 +40,7 @@ class Device(NamedTuple):
 
 
 def parse_device(device: str) -> Device:
-    """"auto", "cpu", "cuda" or "cuda:N" as a Device; every backend reads devices through this,
+    """ "auto", "cpu", "cuda" or "cuda:N" as a Device; every backend reads devices through this,
     so "cuda:1" means the second GPU everywhere and a typo is refused rather than run on the
     CPU."""
     if device in ("auto", "cpu", "cuda"):

@@ -1,0 +1,19 @@
+"""What an HTTP server allows and how it shuts down; the batching knobs live on the Batcher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..arguments import Limits
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None = None  # None: no Authorization header needed
+    max_body_bytes: int = 25 * 2**20
+    max_image_pixels: int = 4096 * 4096  # uploads above this are refused before decoding
+    limits: Limits = field(
+        default_factory=lambda: Limits(max_steps=150, max_images=4, max_side=2048)
+    )
+    drain_deadline_s: float = 30.0  # on SIGTERM: how long in-flight requests may still run
+    warmup: bool = True  # one 1-step request per model before /ready says yes
