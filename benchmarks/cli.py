@@ -40,7 +40,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `bench` to the `sdrt` command's subparsers."""
     parser = subparsers.add_parser(
         "bench",
-        help="time eager diffusers, torch.compile and sdrt backends (needs sdrt[bench])",
+        help="time eager diffusers, torch.compile and sdrt backends (needs sdrt[bench,cpu])",
         description=__doc__.splitlines()[0],
     )
     add_options(parser)

@@ -22,10 +22,12 @@ from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
 from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
+from .calibration import CUDA, calibration_feeds, calibration_providers
 from .onnx_export import (
     OPSET,
     TOLERANCE,
     Component,
+    ExportedOps,
     components,
     export_onnx,
     trace_dims,
@@ -178,6 +180,9 @@ def _write_bundle(
     bar = tqdm(components(pipe), desc="export", unit="component", disable=not progress)
     for component in bar:
         bar.set_postfix_str(component.name)
+        if dtype == "fp16":
+            size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
+            component.calibration = calibration_feeds(pipe, component, dims, size)
         entries[component.name] = _export_component(
             component,
             root,
@@ -244,12 +249,12 @@ def _export_component(
 ) -> dict[str, Any]:
     path = root / f"{component.name}.onnx"
 
-    def export(dtype: str) -> dict[str, int]:
+    def export(dtype: str) -> ExportedOps:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
         return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc)
 
-    cuda_only = export(dtype)
+    ops = export(dtype)
     parity = verify_onnx(component, path, check_dims)
     fallback = None
     if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
@@ -259,7 +264,7 @@ def _export_component(
             f"{parity['finite']}); kept in fp32"
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
-        cuda_only = export(dtype)
+        ops = export(dtype)
         parity = verify_onnx(component, path, check_dims)
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
@@ -276,7 +281,9 @@ def _export_component(
         "precision": dtype,
         "precision_note": fallback,
         # ORT contrib ops with CUDA kernels only: such a graph loads on ORT CUDA alone
-        "cuda_only_ops": cuda_only,
+        "cuda_only_ops": ops.cuda_only,
+        # fused nodes ORT's CUDA kernels would refuse, written back as standard ONNX, by reason
+        "cuda_unfused": ops.unfused,
         "inputs": [vars(s) for s in component.inputs],
         "outputs": [vars(s) for s in component.outputs],
         "parity": {
@@ -284,7 +291,7 @@ def _export_component(
             "max_rel": parity["max_rel"],
             "reference": "PyTorch fp32, CPU",
             "runtime": "ONNX Runtime CPU"
-            + (", CUDA-only ops as standard ONNX" if cuda_only else ""),
+            + (", CUDA-only ops as standard ONNX" if ops.cuda_only else ""),
         },
     }
 
@@ -296,6 +303,18 @@ def _normal_permissions(root: Path) -> None:
     os.umask(umask)
     for path in root.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def calibration_latent_size(
+    static_sizes: Sequence[tuple[int, int]], default_size: int, vae_scale: int, dims: dict[str, int]
+) -> tuple[int, int]:
+    """Latent size for the fp16 measurement: the deployment size (the first static size, else
+    the model's native one) where the CUDA provider measures; on the CPU, the trace size, since
+    a full-size measurement there takes tens of minutes per component."""
+    if CUDA not in calibration_providers():
+        return dims["latent_height"], dims["latent_width"]
+    height, width = static_sizes[0] if static_sizes else (default_size, default_size)
+    return height // vae_scale, width // vae_scale
 
 
 def static_dims(size: tuple[int, int], vae_scale: int, component: Component) -> dict[str, int]:

@@ -8,7 +8,9 @@ attention fusion is left off: that pattern no longer matches today's exports, an
 
 Those ops have no CPU kernels, so `lower_cuda_ops` writes each one back as standard ONNX,
 following the operator specifications. Running the lowered graph on ORT CPU against PyTorch
-checks the rewrite and the fp16 policy: everything but the CUDA kernels themselves.
+checks the rewrite and the fp16 policy: everything but the CUDA kernels themselves. The CUDA
+kernels accept fewer shapes and types than the ops' specifications (and than the lowering), so
+`unfuse_unsupported` writes back as standard ONNX every fused node those kernels would refuse.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 
@@ -32,6 +34,12 @@ CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "Bia
 LOWERED = "/lowered/"  # lowered node names: <fused node name>/lowered/<n>
 TO_NCHW = [0, 3, 1, 2]
 TO_NHWC = [0, 2, 3, 1]
+# What ORT's CUDA kernels accept, from onnxruntime/contrib_ops/cuda/diffusion/:
+# bias_split_gelu.cc refuses a last dimension outside these, bias_add.cc channels outside these,
+# and group_norm.cc (GroupNorm and SkipGroupNorm) refuses channels_last=0 and gamma or beta
+# not float.
+BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)
+BIAS_ADD_CHANNELS = (320, 640, 1280)
 
 
 def fuse_for_cuda(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -99,10 +107,64 @@ def cuda_only_ops(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def fused_node_names(names: Iterable[str]) -> list[str]:
+def fused_node_names(names: Iterable[str], present: Container[str] = ()) -> list[str]:
     """Names in a lowered graph mapped back to the fused graph: a lowered node stands for the
-    fused node it came from, so keeping it in fp32 keeps that node in fp32."""
-    return sorted({name.split(LOWERED)[0] for name in names})
+    fused node it came from, so keeping it in fp32 keeps that node in fp32. Names `present` in
+    the fused graph (nodes already unfused there) stay as they are."""
+    return sorted({name if name in present else name.split(LOWERED)[0] for name in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# What the CUDA kernels accept
+
+
+def kernel_refusal(
+    node: onnx.NodeProto, types: dict[str, int], dims: dict[str, list[int]]
+) -> str | None:
+    """Why ORT's CUDA kernel would refuse `node` (a CUDA-only op), or None if it runs it.
+    `types` and `dims` hold the element types and shapes known for the graph's tensors."""
+    op = node.op_type
+    if op == "BiasSplitGelu":
+        width = (dims.get(node.input[1]) or [None])[-1]
+        if width not in BIAS_SPLIT_GELU_WIDTHS:
+            return f"BiasSplitGelu width {width}: the CUDA kernel takes 2560, 5120 or 10240"
+    elif op == "BiasAdd":
+        width = (dims.get(node.input[1]) or [None])[-1]
+        if width not in BIAS_ADD_CHANNELS:
+            return f"BiasAdd channels {width}: the CUDA kernel takes 320, 640 or 1280"
+    elif op in ("GroupNorm", "SkipGroupNorm"):
+        attrs = attributes(node)
+        if not attrs.get("channels_last", 1):
+            return f"{op} channels_last=0: the CUDA kernel takes channels_last=1 only"
+        gamma, beta = node.input[1:3]
+        if types.get(gamma) != onnx.TensorProto.FLOAT or types.get(beta) != onnx.TensorProto.FLOAT:
+            return f"{op} gamma/beta not float32: the CUDA kernel takes float32 only"
+    return None
+
+
+def unfuse_unsupported(model: onnx.ModelProto) -> dict[str, int]:
+    """Write back as standard ONNX, in place, every CUDA-only node whose CUDA kernel would
+    refuse it; returns how many nodes each reason unfused. Run it after fusion and again after
+    the fp16 conversion (which decides the types)."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    types |= {
+        n.output[0]: int(attributes(n)["to"])  # type: ignore[call-overload]
+        for n in graph.node
+        if n.op_type == "Cast"
+    }
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    reasons = {
+        node.name: reason
+        for node in graph.node
+        if node.domain == MS_DOMAIN
+        and node.op_type in CUDA_ONLY_OPS
+        and (reason := kernel_refusal(node, types, dims))
+    }
+    if reasons:
+        replace_nodes(graph, lowered_nodes(graph, set(reasons)))
+    return dict(Counter(reasons.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +216,11 @@ def cuda_ops_lowered(model: onnx.ModelProto) -> Iterator[onnx.ModelProto]:
         replace_nodes(model.graph, fused)
 
 
-def lowered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """Copies of the graph's nodes, each CUDA-only contrib op replaced by its lowering."""
+def lowered_nodes(
+    graph: onnx.GraphProto, only: Container[str] | None = None
+) -> list[onnx.NodeProto]:
+    """Copies of the graph's nodes, each CUDA-only contrib op (or those named in `only`)
+    replaced by its lowering."""
     ranks = {
         v.name: len(v.type.tensor_type.shape.dim)
         for v in (*graph.value_info, *graph.input, *graph.output)
@@ -165,7 +230,8 @@ def lowered_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     widths = {t.name: int(t.dims[-1]) for t in graph.initializer if t.dims}
     nodes = []
     for node in graph.node:
-        if node.domain != MS_DOMAIN or node.op_type not in CUDA_ONLY_OPS:
+        fused = node.domain == MS_DOMAIN and node.op_type in CUDA_ONLY_OPS
+        if not fused or (only is not None and node.name not in only):
             nodes.append(copied(node))
             continue
         emit = Emitter(node.name or f"{node.op_type}_{len(nodes)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,14 @@ import torch
 
 from sdrt.errors import UserError
 
+from .calibration import attention_score_nodes, calibration_providers
 from .cuda_fusions import (
     cuda_only_ops,
     cuda_ops_lowered,
     fuse_for_cuda,
     fused_node_names,
     lower_cuda_ops,
+    unfuse_unsupported,
 )
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 
@@ -52,6 +55,10 @@ class Component:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     dims: dict[str, int] = field(default_factory=dict)  # sizes of the named dims for tracing
+    # for the fp16 policy: inputs like deployment's (see calibration.py; default: sample
+    # inputs at the trace size), and whether attention scores must stay fp32 (SD 2.x)
+    calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
+    upcast_attention: bool = False
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -175,6 +182,7 @@ def components(pipe: Any) -> list[Component]:
                     ["unet_batch", pipe.unet.config.out_channels, "latent_height", "latent_width"],
                 )
             ],
+            upcast_attention=bool(getattr(pipe.unet.config, "upcast_attention", False)),
         ),
         Component(
             "vae_decoder",
@@ -236,6 +244,15 @@ def trace_dims(latent_size: int, vocab: int, vae_scale: int) -> dict[str, int]:
     }
 
 
+@dataclass
+class ExportedOps:
+    """What the CUDA fusions left in a written graph: the count of each CUDA-only op, and how
+    many fused nodes each reason wrote back as standard ONNX (their CUDA kernels refuse them)."""
+
+    cuda_only: dict[str, int] = field(default_factory=dict)
+    unfused: dict[str, int] = field(default_factory=dict)
+
+
 def export_onnx(
     component: Component,
     dims: dict[str, int],
@@ -244,10 +261,10 @@ def export_onnx(
     fuse_attention: bool = False,
     external_data: bool = False,
     cuda_fusions: bool = False,
-) -> dict[str, int]:
+) -> ExportedOps:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
     always with `external_data`, so static variants can share the weights); returns the
-    count of each ONNX Runtime CUDA-only op in the graph written.
+    ONNX Runtime CUDA-only ops in the graph written.
 
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
@@ -282,14 +299,34 @@ def export_onnx(
             f"{component.name}: attention fusion missed some of its {len(fused)} "
             "attention modules; export without --fused-attention"
         )
+    unfused: Counter[str] = Counter()
     if cuda_fusions:
         model = fuse_for_cuda(model)
+        unfused.update(unfuse_unsupported(model))
     if dtype == "fp16":
+        calibration = component.calibration or [feeds]
+        present = {n.name for n in model.graph.node}
         with cuda_ops_lowered(model) as standard:
-            keep = fused_node_names(keep_fp32_nodes(standard, feeds))
+            always = attention_score_nodes(standard) if component.upcast_attention else set()
+            measured = keep_fp32_nodes(
+                standard,
+                calibration,
+                providers=calibration_providers(),
+                chunk=stats_chunk(feeds, calibration),
+                always=always,
+            )
+            keep = fused_node_names(measured, present)
         model = convert_fp16(model, keep)
+        unfused.update(unfuse_unsupported(model))
     save_onnx(model, path, external_data)
-    return cuda_only_ops(model)
+    return ExportedOps(cuda_only_ops(model), dict(unfused))
+
+
+def stats_chunk(traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]]) -> int:
+    """Tensors exposed per measuring run: 512 at the trace size, fewer in proportion where the
+    calibration inputs are larger, so host memory stays what it is at the trace size."""
+    largest = max(sum(v.size for v in feeds.values()) for feeds in calibration)
+    return max(16, int(512 * sum(v.size for v in traced.values()) / largest))
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:

@@ -27,6 +27,10 @@ from sdrt.bundle import file_sha256
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 CPU = ("CPUExecutionProvider",)
+# Graph inputs whose sinusoidal embedding diffusers computes in fp32 (`get_timestep_embedding`,
+# then `.to(sample.dtype)` before the first Linear): the U-Net's timestep and SDXL's time_ids.
+EMBEDDED_INPUTS = ("timestep", "time_ids")
+LINEAR_OPS = ("MatMul", "Gemm")
 
 # ---------------------------------------------------------------------------------------------
 # Fused attention at export time
@@ -317,30 +321,52 @@ def nonfinite_origins(
     return origins
 
 
+def calibration_stats(
+    model: onnx.ModelProto,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    providers: Sequence[str],
+    chunk: int,
+) -> dict[str, TensorStats]:
+    """`tensor_stats` over several calibration feeds: each tensor's largest peak, and finite
+    only where it was finite on every feed."""
+    merged: dict[str, TensorStats] = {}
+    for feeds in calibration:
+        for name, s in tensor_stats(model, feeds, providers, chunk).items():
+            old = merged.get(name, s)
+            merged[name] = TensorStats(max(old.peak, s.peak), old.finite and s.finite)
+    return merged
+
+
 def keep_fp32_nodes(
     model: onnx.ModelProto,
-    feeds: Mapping[str, np.ndarray],
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     range_fraction: float = 0.25,
     providers: Sequence[str] = CPU,
     rounds: int = 2,
     chunk: int = 512,
+    always: Iterable[str] = (),
 ) -> list[str]:
     """Names of the nodes to leave in fp32 when converting `model` (fp32) to fp16.
 
-    First by range: any node touching a tensor whose fp32 values on `feeds` exceed
+    `feeds` is one set of inputs or several (calibration: prompts, timesteps); a tensor's
+    range is its largest over them. Always the timestep embedding (`timestep_embedding_nodes`)
+    and the `always` nodes. Then by range: any node touching a tensor whose fp32 values exceed
     `range_fraction` * 65504 (calibration inputs do not show the worst case, hence the margin).
     Then up to `rounds` times: convert, run in fp16, and add the nodes where inf/nan first
-    appear. That second check needs real fp16 kernels (the CUDA provider); ORT's CPU provider
-    computes most fp16 ops in fp32, so on the CPU it mostly confirms the first.
+    appear (values that fit fp16 but whose fp16 rounding breaks a later node, e.g. a divisor
+    that underflows to 0). ORT's CPU provider computes many fp16 ops in fp32, so on the CPU
+    that check sees the conversions' own roundings; the CUDA provider sees the kernels' too.
     """
-    stats = tensor_stats(model, feeds, providers, chunk)
+    calibration = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    stats = calibration_stats(model, calibration, providers, chunk)
     nodes = list(model.graph.node)
     keep = {nodes[i].name for i in overflow_nodes(model, stats, FP16_MAX * range_fraction)}
+    keep |= timestep_embedding_nodes(model) | set(always)
     for _ in range(rounds):
         if "" in keep:
             break
         fp16 = convert_fp16(model, sorted(keep))
-        fp16_stats = tensor_stats(fp16, feeds, providers, chunk)
+        fp16_stats = calibration_stats(fp16, calibration, providers, chunk)
         found = nonfinite_origins(fp16, fp16_stats, stats, {n.name for n in nodes})
         if found <= keep:
             break
@@ -352,6 +378,49 @@ def keep_fp32_nodes(
             "converter blocks nodes by name; name every node of the graph first"
         )
     return sorted(keep)
+
+
+def timestep_embedding_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes computing the sinusoidal embedding of `EMBEDDED_INPUTS`, up to the
+    first Linear they enter, with the constants they read (the frequencies).
+
+    In fp16, t * frequency for t near 1000 is off by up to 0.5 before Sin/Cos, which then
+    return another angle: diffusers keeps this chain fp32 on purpose, and so do we.
+    """
+    graph = model.graph
+    seeds = {i.name for i in graph.input} & set(EMBEDDED_INPUTS)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in _read_names(node):
+            readers.setdefault(name, []).append(node)
+    chain: dict[str, onnx.NodeProto] = {}
+    frontier = list(seeds)
+    while frontier:
+        for node in readers.get(frontier.pop(), []):
+            if node.op_type in LINEAR_OPS or node.name in chain:
+                continue
+            chain[node.name] = node
+            frontier.extend(o for o in node.output if o)
+    return set(chain) | constant_ancestors(graph, list(chain.values()))
+
+
+def constant_ancestors(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) -> set[str]:
+    """Names of the nodes feeding `nodes` that read no graph input: constants and what is
+    computed from constants alone (e.g. an Exp of the frequencies, where not folded)."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    variable = {i.name for i in graph.input}  # tensors that depend on a graph input
+    for node in graph.node:  # in topological order, as the ONNX spec requires
+        if variable.intersection(_read_names(node)):
+            variable.update(node.output)
+    found: set[str] = set()
+    frontier = [producer[i] for n in nodes for i in n.input if i in producer]
+    while frontier:
+        node = frontier.pop()
+        if node.name in found or variable.intersection(node.output):
+            continue
+        found.add(node.name)
+        frontier.extend(producer[i] for i in node.input if i in producer)
+    return found
 
 
 def convert_fp16(model: onnx.ModelProto, keep_fp32: Sequence[str] = ()) -> onnx.ModelProto:

@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_verify)
 
     demo = commands.add_parser(
-        "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export])"
+        "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export,cpu])"
     )
     demo.add_argument("--output", default="sdrt-demo.png")
     demo.add_argument("--steps", type=int, default=10)
@@ -220,7 +220,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--backend", default="onnxruntime")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (GPU N)")
     parser.add_argument(
         "--trusted-key", help="public key (PEM): refuse the bundle unless signed by its pair"
     )
@@ -228,12 +228,14 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 def _export_module() -> Any:
     try:
+        import onnxruntime  # noqa: F401 - verification runs every graph on it
+
         from sdrt import export
         from sdrt.export import bundle_writer, load
     except ImportError as err:
         raise UserError(
-            f"export needs PyTorch and diffusers ({err.name} is missing); "
-            "run `pip install 'sdrt[export]'`"
+            f"export needs PyTorch, diffusers and ONNX Runtime ({err.name} is missing); "
+            "run `pip install 'sdrt[export,cpu]'` (or 'sdrt[export,cuda13]' on a GPU machine)"
         ) from err
     return export, load, bundle_writer
 

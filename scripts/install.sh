@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) with sdrt, its export/bench/dev extras and a CPU build of PyTorch.
-# On a GPU machine install `sdrt[export,cuda]` (and `sdrt[tensorrt-cu12]` or `-cu13`) instead;
-# see README.
+# On a GPU machine install `sdrt[export,cuda13]` or `sdrt[export,cuda12]` (and
+# `sdrt[tensorrt-cu13]` or `sdrt[tensorrt-cu12]`) instead; see README's install table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

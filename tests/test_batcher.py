@@ -110,3 +110,20 @@ def test_bad_arguments_are_refused_at_submit(runtime):
 
     with pytest.raises(UserError, match="unknown scheduler"):
         Batcher(runtime).submit({"prompt": "a", "scheduler": "nope"})
+
+
+def test_static_variant_batch_is_the_smallest_that_holds_the_rows():
+    from types import SimpleNamespace
+
+    from sdrt.serve.batcher import static_batch
+
+    # stands for OnnxRuntimeEngine.variants (runtime/backends/onnxruntime.py StaticVariant.dims)
+    sizes = {"latent_height": 8, "latent_width": 8}
+    unet = SimpleNamespace(
+        variants=[SimpleNamespace(dims={"unet_batch": b, **sizes}) for b in (8, 2)]
+    )
+    assert static_batch(unet, 1, (1, 4, 8, 8)) == 2
+    assert static_batch(unet, 3, (3, 4, 8, 8)) == 8
+    assert static_batch(unet, 9, (9, 4, 8, 8)) == 0  # too many rows: the dynamic graph
+    assert static_batch(unet, 2, (2, 4, 8, 16)) == 0  # no variant of this size
+    assert static_batch(SimpleNamespace(), 2, (2, 4, 8, 8)) == 0  # a backend without variants

@@ -101,3 +101,10 @@ def test_demo_exports_generates_and_matches_diffusers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "max abs difference vs eager diffusers" in printed
     assert Image.open(out).size == (64, 64)
+
+
+def test_device_names_reach_the_backend_and_a_typo_exits_2(tiny_bundle, tmp_path, capsys):
+    args = ["generate", str(tiny_bundle), "--prompt", "x", "--steps", "1"]
+    assert main([*args, "--device", "cuda:x", "--output", str(tmp_path / "x.png")]) == 2
+    assert "unknown device 'cuda:x'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

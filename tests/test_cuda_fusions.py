@@ -23,6 +23,7 @@ from sdrt.export.cuda_fusions import (
     fuse_for_cuda,
     fused_node_names,
     lower_cuda_ops,
+    unfuse_unsupported,
 )
 from sdrt.export.onnx_export import components, export_onnx, trace_dims
 
@@ -160,11 +161,88 @@ def test_bias_add_lowering():
     np.testing.assert_allclose(got, x + bias + skip, atol=1e-6)
 
 
+# ----- what ORT's CUDA kernels accept ---------------------------------------------------------
+
+
+def chain_of(ops: list[tuple[str, dict, dict]]) -> onnx.ModelProto:
+    """x through each (op, constants, attributes) in turn, named op_0, op_1..."""
+    nodes, inits, value = [], [], "x"
+    for i, (op, constants, attrs) in enumerate(ops):
+        names = [f"{k}_{i}" for k in constants]
+        inits += [numpy_helper.from_array(v, f"{k}_{i}") for k, v in constants.items()]
+        nodes.append(helper.make_node(
+            op, [value, *names], [f"y_{i}"], name=f"op_{i}", domain="com.microsoft", **attrs
+        ))  # fmt: skip
+        value = f"y_{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)], initializer=inits,
+    )  # fmt: skip
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def group_norm_step(channels: int, gamma_dtype=np.float32, channels_last: int = 1):
+    constants = {
+        "gamma": np.ones(channels, gamma_dtype), "beta": np.zeros(channels, gamma_dtype)
+    }  # fmt: skip
+    attrs = {"epsilon": 1e-5, "groups": 32, "activation": 0, "channels_last": channels_last}
+    return ("GroupNorm", constants, attrs)
+
+
+def bias_add_step(channels: int):
+    return ("BiasAdd", {"bias": np.ones(channels, np.float32), "skip": np.ones((2, 4, channels),
+            np.float32)}, {})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "step, shape, reason",
+    [
+        (("BiasSplitGelu", {"bias": np.ones(64, np.float32)}, {}), (2, 4, 64), "width 64"),
+        (bias_add_step(32), (2, 4, 32), "BiasAdd channels 32"),
+        (group_norm_step(64, channels_last=0), (2, 64, 4, 4), "channels_last=0"),
+        (group_norm_step(64, gamma_dtype=np.float16), (2, 4, 4, 64), "gamma/beta not float32"),
+    ],
+)
+def test_nodes_the_cuda_kernels_refuse_are_written_back_as_standard_onnx(step, shape, reason):
+    model = chain_of([step])
+    x = RNG.standard_normal(shape).astype(np.float32)
+    want = ort.InferenceSession(
+        lower_cuda_ops(model).SerializeToString(), providers=CPU
+    ).run(None, {"x": x})
+    unfused = unfuse_unsupported(model)
+    assert len(unfused) == 1 and reason in next(iter(unfused)), unfused
+    assert cuda_only_ops(model) == {}  # runs on ORT CPU (and on CUDA) as standard ONNX
+    got = ort.InferenceSession(model.SerializeToString(), providers=CPU).run(None, {"x": x})
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize(
+    "steps, kept",
+    [
+        # every node is checked, not the first only, in either order
+        ([group_norm_step(320), group_norm_step(320, gamma_dtype=np.float16)], ["op_0"]),
+        ([group_norm_step(320, channels_last=0), group_norm_step(320)], ["op_1"]),
+        ([bias_add_step(320), bias_add_step(32)], ["op_0"]),
+        ([("BiasSplitGelu", {"bias": np.ones(2560, np.float32)}, {})], ["op_0"]),
+        ([bias_add_step(640), bias_add_step(1280)], ["op_0", "op_1"]),
+    ],
+)
+def test_nodes_of_sizes_the_kernels_take_stay_fused(steps, kept):
+    model = chain_of(steps)
+    unfuse_unsupported(model)
+    fused = [n.name for n in model.graph.node if n.domain == "com.microsoft"]
+    assert fused == kept
+
+
 def test_fused_node_names_map_lowered_nodes_back():
     assert fused_node_names(["GroupNorm_3/lowered/4", "GroupNorm_3/lowered/7", "/unet/Add"]) == [
         "/unet/Add",
         "GroupNorm_3",
     ]
+    # a node unfused for good is a node of the fused graph: it keeps its own name
+    assert fused_node_names(["B/lowered/1"], present={"B/lowered/1"}) == ["B/lowered/1"]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +254,7 @@ def fused_graphs(tiny_pipe, tmp_path_factory):
     graphs = {}
     for name in ("unet", "vae_decoder"):
         path = folder / f"{name}.onnx"
-        assert export_onnx(by_name[name], dims, path, "fp32", name == "unet") == {}
+        assert export_onnx(by_name[name], dims, path, "fp32", name == "unet").cuda_only == {}
         plain = onnx.load(str(path))
         graphs[name] = (plain, fuse_for_cuda(onnx.load(str(path))), by_name[name], dims)
     return graphs
@@ -226,6 +304,10 @@ def test_cuda_fusions_bundle_records_ops_and_runs_only_on_cuda(tiny_pipe, tmp_pa
     assert entries["vae_decoder"]["cuda_only_ops"]["GroupNorm"] > 0
     assert entries["text_encoder"]["cuda_only_ops"] == {}
     assert entries["unet"]["parity"]["runtime"].endswith("CUDA-only ops as standard ONNX")
+    # the tiny U-Net's widths are below what ORT's CUDA kernels take: written back, and said so
+    assert not {"BiasSplitGelu", "BiasAdd"} & set(entries["unet"]["cuda_only_ops"])
+    reasons = " ".join(entries["unet"]["cuda_unfused"])
+    assert "BiasSplitGelu width" in reasons and "BiasAdd channels" in reasons
     assert entries["unet"]["parity"]["max_rel"] < 3e-2
     assert json.loads((out / "manifest.json").read_text()) == manifest
     # fp16 with the GroupNorm affine kept fp32, as ORT's CUDA kernel takes it
@@ -239,6 +321,21 @@ def test_cuda_fusions_bundle_records_ops_and_runs_only_on_cuda(tiny_pipe, tmp_pa
         Pipeline.load(out, device="cpu")
     with pytest.raises(UserError, match="--cuda-fusions"):
         build_engines(out)
+
+
+def test_tiny_unet_fusions_the_cuda_kernels_refuse_are_unfused_and_group_norms_stay(
+    fused_graphs,
+):
+    _, fused, _, _ = fused_graphs["unet"]
+    model = onnx.ModelProto()
+    model.CopyFrom(fused)
+    before = cuda_only_ops(model)
+    unfused = unfuse_unsupported(model)
+    after = cuda_only_ops(model)
+    assert sum(unfused.values()) == before["BiasSplitGelu"] + before["BiasAdd"]
+    assert "BiasSplitGelu" not in after and "BiasAdd" not in after
+    assert after["GroupNorm"] == before["GroupNorm"] and after["NhwcConv"] == before["NhwcConv"]
+    assert unfuse_unsupported(model) == {}  # what is left, the kernels take
 
 
 def test_lowering_in_place_restores_the_fused_nodes_even_on_error(fused_graphs):

@@ -252,6 +252,227 @@ def test_cuda_provider_options_are_strings_and_optional_keys_appear_only_when_as
 
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="onnxruntime-gpu is installed")
-def test_cuda_device_without_onnxruntime_gpu_is_a_user_error(bundle):
-    with pytest.raises(UserError, match="onnxruntime-gpu"):
-        OnnxRuntimeEngine(bundle, "unet", "cuda")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_device_without_onnxruntime_gpu_is_a_user_error(bundle, device):
+    with pytest.raises(UserError, match=f"device '{device}' needs onnxruntime-gpu"):
+        OnnxRuntimeEngine(bundle, "unet", device)
+
+
+# ----- per-step transfers, lazy sessions, device placement -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def static_tiny_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle plus a static variant of its U-Net at the default size."""
+    import json
+    import shutil
+
+    from sdrt.export.optimize import static_variant_file, write_static_variant
+
+    root = tmp_path_factory.mktemp("static") / "tiny"
+    shutil.copytree(tiny_bundle, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    height, width = manifest["default_size"]
+    scale = manifest["vae_scale_factor"]
+    dims = {"unet_batch": 2, "latent_height": height // scale, "latent_width": width // scale}
+    entry = manifest["components"]["unet"]
+    entry["static_variants"] = [
+        write_static_variant(root / entry["file"], dims, root / static_variant_file("unet", dims))
+    ]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_per_unet_step_only_the_latents_and_timestep_are_copied_in(static_tiny_bundle, monkeypatch):
+    """The spy sees every OrtValue refill (update_inplace) and device read (numpy); on the
+    static path the conditioning goes into its buffer at the first step, then never again."""
+    from sdrt import Pipeline
+
+    pipe = Pipeline.load(static_tiny_bundle, device="cpu", static_shapes="always")
+    unet = pipe.engines["unet"]
+    refills, reads = [], []
+    real_update, real_numpy = ort.OrtValue.update_inplace, ort.OrtValue.numpy
+
+    def update_spy(self, data):
+        refills.append((self, data))
+        return real_update(self, data)
+
+    def numpy_spy(self):
+        reads.append(self)
+        return real_numpy(self)
+
+    monkeypatch.setattr(ort.OrtValue, "update_inplace", update_spy)
+    monkeypatch.setattr(ort.OrtValue, "numpy", numpy_spy)
+    steps = {"num_inference_steps": 3, "scheduler": "ddim", "output_type": "np", "seed": 0}
+    pipe("a cat", **steps)
+    (runner,) = [r for r in unet._static.values() if r is not None]
+    names = {id(buffer): name for name, buffer in runner.inputs.items()}
+    into_unet = [names[id(target)] for target, _ in refills if id(target) in names]
+    per_step = ["sample", "timestep"]
+    assert into_unet == per_step + ["encoder_hidden_states"] + per_step * 2
+    # ...and the conditioning went device to device, never read back to the host
+    conditioning = [d for t, d in refills if names.get(id(t)) == "encoder_hidden_states"]
+    assert all(isinstance(d, ort.OrtValue) for d in conditioning)
+    assert not [v for v in reads if id(v) in names]
+    # a second request brings new conditioning: copied once again
+    refills.clear()
+    pipe("a dog", **steps)
+    into_unet = [names[id(target)] for target, _ in refills if id(target) in names]
+    assert into_unet.count("encoder_hidden_states") == 1
+
+
+def test_dynamic_session_is_created_only_for_a_size_without_a_static_variant(
+    static_tiny_bundle, caplog
+):
+    from sdrt import Pipeline
+
+    def created():
+        return [r.getMessage() for r in caplog.records if "created a session" in r.getMessage()]
+
+    with caplog.at_level("DEBUG", logger="sdrt"):
+        pipe = Pipeline.load(static_tiny_bundle, device="cpu", static_shapes="always")
+        at_load = created()
+        steps = {"num_inference_steps": 2, "output_type": "np", "seed": 0}
+        pipe("a cat", **steps)
+        unet = pipe.engines["unet"]
+        assert unet._session is None
+        assert [m for m in created() if m.startswith("unet:")] == [
+            m for m in created() if m.startswith("unet:") and ".static-" in m
+        ]
+        height, width = pipe.manifest["default_size"]
+        pipe("a cat", height=height, width=width + pipe.manifest["size_multiple"], **steps)
+    assert unet._session is not None
+    assert any(m.startswith("unet: created a session for unet.onnx") for m in created())
+    # Pipeline.load's log names each session it made: text encoder, VAEs, no U-Net yet
+    assert {m.split(":")[0] for m in at_load} == {"text_encoder", "vae_decoder", "vae_encoder"}
+
+
+class FakeOrt:
+    """Stands for onnxruntime 1.32's Python API as far as the backend uses it, for a machine
+    with onnxruntime-gpu: get_available_providers(), SessionOptions, InferenceSession(path,
+    sess_options, providers=[name or (name, options)]) with get_providers/get_inputs/
+    get_outputs/io_binding, IOBinding.bind_ortvalue_input/bind_ortvalue_output/bind_cpu_input/
+    bind_output(name, device_type, device_id), and OrtValue.ortvalue_from_shape_and_type(shape,
+    dtype, device_type, device_id) with update_inplace and shape(). It records where things
+    go and computes nothing."""
+
+    CUDAExecutionProvider = CUDA
+
+    def __init__(self):
+        self.sessions: list[tuple[str, list]] = []
+        self.allocations: list[tuple[str, int]] = []
+        self.bound_outputs: list[tuple[str, int]] = []
+        fake = self
+
+        class OrtValue:
+            def __init__(self, shape):
+                self._shape = tuple(shape)
+
+            @staticmethod
+            def ortvalue_from_shape_and_type(shape, dtype, device_type, device_id):
+                fake.allocations.append((device_type, device_id))
+                return OrtValue(shape)
+
+            def update_inplace(self, data):
+                pass
+
+            def shape(self):
+                return list(self._shape)
+
+        class Binding:
+            def bind_ortvalue_input(self, name, value):
+                pass
+
+            def bind_ortvalue_output(self, name, value):
+                pass
+
+            def bind_cpu_input(self, name, array):
+                pass
+
+            def bind_output(self, name, device_type, device_id):
+                fake.bound_outputs.append((device_type, device_id))
+
+            def get_outputs(self):
+                return [OrtValue((1,))]
+
+        class Arg:
+            def __init__(self, name, shape, type_):
+                self.name, self.shape, self.type = name, shape, type_
+
+        class InferenceSession:
+            def __init__(self, path, options, providers):
+                fake.sessions.append((path, providers))
+                self.static = ".static-" in path
+
+            def get_providers(self):
+                return [CUDA, "CPUExecutionProvider"]
+
+            def _args(self, specs):
+                sized = lambda s: [DIMS.get(d, d) for d in s] if self.static else s  # noqa: E731
+                return [Arg(s["name"], sized(s["shape"]), s["dtype"]) for s in specs]
+
+            def get_inputs(self):
+                return self._args(INPUTS)
+
+            def get_outputs(self):
+                return self._args(OUTPUTS)
+
+            def io_binding(self):
+                return Binding()
+
+            def run_with_iobinding(self, binding):
+                pass
+
+        self.OrtValue, self.InferenceSession = OrtValue, InferenceSession
+
+    def get_available_providers(self):
+        return [CUDA, "CPUExecutionProvider"]
+
+    class SessionOptions:
+        log_severity_level = 0
+
+
+@pytest.fixture
+def fake_gpu_ort(monkeypatch):
+    import sys
+
+    fake = FakeOrt()
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    return fake
+
+
+def test_cuda_n_places_every_session_and_buffer_on_gpu_n(bundle, fake_gpu_ort):
+    engine = OnnxRuntimeEngine(bundle, "unet", "cuda:1")
+    assert fake_gpu_ort.sessions == []  # static variant in use: nothing made before a request
+    engine.run_on_device(feeds_for(DIMS, seed=0))
+    engine.to_device("encoder_hidden_states", np.zeros((2, 7, 8), np.float32))
+    engine.run_on_device(feeds_for({**DIMS, "latent_width": 8}, seed=1))  # the dynamic graph
+    assert [path.rsplit("/", 1)[-1] for path, _ in fake_gpu_ort.sessions] == [
+        "unet.static-latent_height4-latent_width6-unet_batch2.onnx",
+        "unet.onnx",
+    ]
+    for _, providers in fake_gpu_ort.sessions:
+        (name, options), cpu = providers
+        assert (name, options["device_id"], cpu) == (CUDA, "1", "CPUExecutionProvider")
+    assert fake_gpu_ort.sessions[0][1][0][1]["enable_cuda_graph"] == "1"
+    assert fake_gpu_ort.allocations and set(fake_gpu_ort.allocations) == {("cuda", 1)}
+    assert set(fake_gpu_ort.bound_outputs) == {("cuda", 1)}
+
+
+def test_plain_cuda_and_auto_mean_gpu_0(bundle, fake_gpu_ort):
+    for device in ("cuda", "auto"):
+        engine = OnnxRuntimeEngine(bundle, "unet", device, static_shapes="never")
+        assert (engine.device_type, engine.device_id) == ("cuda", 0)
+    assert {providers[0][1]["device_id"] for _, providers in fake_gpu_ort.sessions} == {"0"}
+
+
+def test_a_cuda_provider_that_falls_back_to_the_cpu_is_a_user_error(bundle, fake_gpu_ort):
+    fake_gpu_ort.InferenceSession.get_providers = lambda self: ["CPUExecutionProvider"]
+    with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
+        OnnxRuntimeEngine(bundle, "unet", "cuda", static_shapes="never")
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda1", "cuda:x", "CUDA"])
+def test_unknown_device_names_are_refused_not_run_on_the_cpu(bundle, device):
+    with pytest.raises(UserError, match="unknown device"):
+        OnnxRuntimeEngine(bundle, "unet", device)

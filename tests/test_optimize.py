@@ -29,6 +29,7 @@ from sdrt.export.optimize import (
     sort_topologically,
     static_variant_file,
     tensor_stats,
+    timestep_embedding_nodes,
     write_static_variant,
 )
 
@@ -273,6 +274,75 @@ def test_inf_is_charged_to_the_node_where_it_first_appears_and_casts_to_their_ne
     assert nonfinite_origins(model, fp16, fp32_broken, names) == set()
 
 
+def underflowing_graph() -> onnx.ModelProto:
+    """ratio = x / y with x, y ~ 1e-8: fine in fp32 (ratio ~ 1), but both round to 0 in fp16."""
+    graph = oh.make_graph(
+        [oh.make_node("Div", ["x", "y"], ["ratio"], name="divide"),
+         oh.make_node("Relu", ["ratio"], ["out"], name="relu")],
+        "underflow",
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in ("x", "y")],
+        [oh.make_tensor_value_info("out", TensorProto.FLOAT, [4])],
+    )  # fmt: skip
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+UNDERFLOW_FEEDS = {"x": np.full(4, 2e-8, np.float32), "y": np.full(4, 1e-8, np.float32)}
+
+
+def fp16_kernel_stats(model, feeds, providers, chunk):
+    """tensor_stats computed as a GPU's fp16 kernels compute: onnx's reference evaluator runs
+    fp16 ops in fp16 (ORT's CPU provider runs Div in fp32 and drops the casts around it)."""
+    from sdrt.export.optimize import summarise
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    names = [o for n in model.graph.node for o in n.output if o]
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    with np.errstate(all="ignore"):
+        values = ReferenceEvaluator(exposed).run(names, dict(feeds))
+    stats = {k: summarise(np.asarray(v)) for k, v in feeds.items()}
+    return stats | {k: summarise(np.asarray(v)) for k, v in zip(names, values, strict=True)}
+
+
+def test_fp16_rounds_keep_what_fp16_breaks_inside_the_fp16_range(monkeypatch):
+    from sdrt.export import optimize
+
+    monkeypatch.setattr(optimize, "tensor_stats", fp16_kernel_stats)
+    model = underflowing_graph()
+    assert keep_fp32_nodes(model, UNDERFLOW_FEEDS, rounds=0) == []  # the range rule sees ~2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        naive = ReferenceEvaluator(convert_fp16(model, [])).run(None, UNDERFLOW_FEEDS)[0]
+    assert not np.isfinite(naive).all()
+    keep = keep_fp32_nodes(model, UNDERFLOW_FEEDS)
+    assert keep == ["divide"]
+    kept = ReferenceEvaluator(convert_fp16(model, keep)).run(None, UNDERFLOW_FEEDS)[0]
+    np.testing.assert_allclose(kept, 2.0)
+
+
+def test_range_margin_keeps_values_a_quarter_of_the_way_to_the_fp16_limit():
+    """Calibration peaks at 20 000 (fits fp16); a deployment input twice as large overflows.
+    The margin (a quarter of 65504) keeps the node fp32 on the calibration alone."""
+    model = overflowing_graph()
+    scale = 20_000 / tensor_stats(model, OVERFLOW_FEEDS)["y"].peak
+    calibration = {"x": OVERFLOW_FEEDS["x"] * scale}
+    deployment = {"x": calibration["x"] * 4}
+    assert "project" in keep_fp32_nodes(model, calibration, rounds=0)
+    assert "project" not in keep_fp32_nodes(model, calibration, range_fraction=1.0, rounds=0)
+    unguarded = convert_fp16(model, keep_fp32_nodes(model, calibration, range_fraction=1.0))
+    guarded = convert_fp16(model, keep_fp32_nodes(model, calibration))
+    want = ReferenceEvaluator(model).run(None, deployment)[0]
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(ReferenceEvaluator(unguarded).run(None, deployment)[0]).all()
+    assert relative_error(ReferenceEvaluator(guarded).run(None, deployment)[0], want) <= 1e-2
+
+
+def test_calibration_over_several_feeds_takes_each_tensors_worst():
+    model = overflowing_graph()
+    small = {"x": OVERFLOW_FEEDS["x"] / 100}
+    assert keep_fp32_nodes(model, [small], rounds=0) == []
+    assert keep_fp32_nodes(model, [small, OVERFLOW_FEEDS], rounds=0) == ["project", "scale_down"]
+
+
 def test_stats_do_not_depend_on_how_many_tensors_are_exposed_per_run():
     model = overflowing_graph()
     assert tensor_stats(model, OVERFLOW_FEEDS, chunk=1) == tensor_stats(model, OVERFLOW_FEEDS)
@@ -286,6 +356,79 @@ def test_fused_unet_converts_to_fp16_under_the_policy(fused_unet, unet_component
     assert count_nodes(converted, "MultiHeadAttention", "com.microsoft") == 8
     got = run_ort(converted, feeds)
     assert relative_error(got, torch_reference(unet_component, feeds)) <= 3e-2
+
+
+@pytest.fixture(scope="module")
+def fp16_unet(unet_component, trace, tmp_path_factory):
+    """The tiny U-Net exported in fp32 and in fp16 through export_onnx."""
+    folder = tmp_path_factory.mktemp("fp16")
+    for dtype in ("fp32", "fp16"):
+        export_onnx(unet_component, trace, folder / f"{dtype}.onnx", dtype)
+    return onnx.load(folder / "fp32.onnx"), onnx.load(folder / "fp16.onnx")
+
+
+def test_timestep_embedding_chain_is_found_up_to_the_first_linear(fp16_unet):
+    fp32, _ = fp16_unet
+    chain = timestep_embedding_nodes(fp32)
+    ops = {n.op_type for n in fp32.graph.node if n.name in chain}
+    assert {"Sin", "Cos", "Mul", "Concat"} <= ops
+    assert not ops & {"Gemm", "MatMul", "Conv"}
+    # the frequencies: a constant read by the Mul of the timestep
+    assert any(n.op_type == "Constant" for n in fp32.graph.node if n.name in chain)
+
+
+def test_fp16_export_computes_the_timestep_embedding_in_fp32(fp16_unet):
+    fp32, fp16 = fp16_unet
+    chain = timestep_embedding_nodes(fp32)
+    typed = onnx.shape_inference.infer_shapes(fp16)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*typed.graph.value_info, *typed.graph.input, *typed.graph.output)
+    }
+    types |= {t.name: t.data_type for t in typed.graph.initializer}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
+    constants = [n for n in typed.graph.node if n.op_type == "Constant" and n.name in chain]
+    assert {n.attribute[0].t.data_type for n in constants} & floats == {TensorProto.FLOAT}
+    on_chain = [n for n in typed.graph.node if n.name in chain]
+    assert len(on_chain) == len(chain)  # every node of the chain survives conversion by name
+    for node in on_chain:
+        for name in [*node.input, *node.output]:
+            if types.get(name) in floats:
+                assert types[name] == TensorProto.FLOAT, f"{node.name}: {name} is fp16"
+
+
+def embedding_node(fp32: onnx.ModelProto) -> str:
+    """The node whose output the first Linear of the timestep embedding reads: the last of the
+    chain, diffusers' `.to(sample.dtype)`, which in an fp16 graph is followed by a cast."""
+    chain = timestep_embedding_nodes(fp32)
+    made = {o: n.name for n in fp32.graph.node if n.name in chain for o in n.output}
+    return next(
+        made[n.input[0]] for n in fp32.graph.node if n.op_type == "Gemm" and n.input[0] in made
+    )
+
+
+def node_output(model: onnx.ModelProto, node_name: str, feeds) -> np.ndarray:
+    (name,) = [n.output[0] for n in model.graph.node if n.name == node_name]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=CPU)
+    return session.run([name], feeds)[0].astype(np.float64)
+
+
+def test_fp16_timestep_embedding_matches_fp32_for_fractional_timesteps(
+    fp16_unet, unet_component, trace
+):
+    fp32, fp16 = fp16_unet
+    feeds = unet_component.sample_inputs(trace, seed=4)
+    # Karras / Euler schedules put the U-Net at fractional timesteps; 999.37 is where fp16
+    # is coarsest (a step of 0.5).
+    last = embedding_node(fp32)
+    for timestep in ([999.37, 981.62], [500.5, 0.77]):
+        fed = {**feeds, "timestep": np.array(timestep, np.float32)}
+        got, want = node_output(fp16, last, fed), node_output(fp32, last, fed)
+        # measured 0.0 (the same fp32 arithmetic); with the chain in fp16, 0.22 near t=999
+        assert np.abs(got - want).max() <= 1e-6
 
 
 # ----- static-shape variants -----------------------------------------------------------------

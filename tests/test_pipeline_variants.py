@@ -23,7 +23,9 @@ from sdrt.export.parity import diffusers_scheduler, run_diffusers
 
 PROMPT = "a lighthouse on a cliff at dawn"
 NEGATIVE = "fog"
-TOLERANCE = 1e-3
+# Max abs image difference (images in [0, 1]); measured 6.6e-7 to 6.6e-6 on the 2-core CPU
+# machine, 2026-12-01 (SD 2 with euler the largest): 1e-3 would let a 0.2 % guidance error pass.
+TOLERANCE = 1e-5
 
 
 def noise(shape, seed):

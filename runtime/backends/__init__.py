@@ -10,10 +10,15 @@ from ..bundle import Bundle
 from ..errors import UserError
 from .base import Engine
 
-# name -> (module, class, pip extra that installs it)
+# name -> (module, class, the pip command that installs it)
 BACKENDS = {
-    "onnxruntime": ("onnxruntime", "OnnxRuntimeEngine", "sdrt"),
-    "tensorrt": ("tensorrt", "TensorRTEngine", "sdrt[tensorrt]"),
+    "onnxruntime": (
+        "onnxruntime",
+        "OnnxRuntimeEngine",
+        "`pip install 'sdrt[cpu]'`, or on an NVIDIA GPU `pip install 'sdrt[cuda13]'` "
+        "(CUDA 13 driver) or `pip install 'sdrt[cuda12]'` (CUDA 12)",
+    ),
+    "tensorrt": ("tensorrt", "TensorRTEngine", "`pip install 'sdrt[tensorrt]'`"),
 }
 
 
@@ -23,13 +28,12 @@ def load_engine(
     """The engine for `component`; `options` go to the backend (e.g. cuda_graph=True)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    module_name, class_name, extra = BACKENDS[backend]
+    module_name, class_name, install = BACKENDS[backend]
     try:
         module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as err:
         raise UserError(
-            f"backend {backend!r} is not installed ({err.name} missing); "
-            f"run `pip install '{extra}'`"
+            f"backend {backend!r} is not installed ({err.name} missing); run {install}"
         ) from err
     return getattr(module, class_name)(bundle, component, device, **options)
 

@@ -13,18 +13,28 @@ What crosses between host and device per U-Net step, on CUDA:
 - `sample` (B x 4 x h x w float32) and `timestep` (B floats) host -> device: the scheduler
   and guidance arithmetic are numpy.
 - `noise_pred` (B x 4 x h x w float32) device -> host, for the same reason.
-- `encoder_hidden_states`: nothing when fed as the text encoder's device value. On the CUDA
-  graph path it is copied device -> device into the graph's buffer (ort.copy_tensors), or,
-  where this ORT build has no device copy, through the host (about 0.5 MB for SD 1.5).
+- `encoder_hidden_states` (and SDXL's other fixed conditioning): uploaded once per request by
+  `to_device`, then fed as that device value. On the CUDA graph path it is copied into the
+  graph's buffer at the first step only: the runner remembers which constant each buffer holds
+  (`OrtValue.update_inplace` from a device value copies device to device; ORT builds without
+  that copy go through the host, once per request).
 On the CPU every value is host memory and nothing is transferred.
+
+Sessions are made when first needed: with static variants in use, the dynamic-shape session
+(the model's weights on the device a second time) exists only once a request has a size no
+variant fixes. Each session created is logged at DEBUG on the "sdrt" logger.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import logging
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +42,69 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import UserError
-from .base import io_table
+from .base import io_table, parse_device
 
+log = logging.getLogger("sdrt")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 STATIC_SHAPES = ("auto", "always", "never")
+FLAVOURS = ("onnxruntime", "onnxruntime-gpu")  # both install the `onnxruntime` package
+GPU_INSTALL = (
+    "`pip install 'sdrt[cuda13]'` (CUDA 13 driver; 'sdrt[cuda12]' for CUDA 12, see README)"
+)
+
+
+def installed_flavours(
+    distributions: Callable[[], Iterable[Any]] = importlib.metadata.distributions,
+) -> list[tuple[str, str, Path]]:
+    """The ONNX Runtime distributions installed: (name, version, the folder it installed its
+    `onnxruntime` package into)."""
+    found = []
+    for dist in distributions():
+        name = str(dist.metadata["Name"] or "").lower()
+        if name in FLAVOURS:
+            found.append((name, dist.version, Path(dist.locate_file("onnxruntime")).resolve()))
+    return found
+
+
+def check_one_flavour(found: Iterable[tuple[str, str, Path]]) -> None:
+    """Refuse two flavours installed into one folder: they overwrite each other's files, and
+    which provider then loads depends on install order (microsoft/onnxruntime#26996). One
+    shadowing another from an earlier `sys.path` entry is fine: it is the one imported."""
+    by_folder: dict[Path, dict[str, str]] = {}
+    for name, version, folder in found:
+        by_folder.setdefault(folder, {})[name] = version
+    for folder, names in by_folder.items():
+        if len(names) > 1:
+            listed = " and ".join(f"{name}=={version}" for name, version in sorted(names.items()))
+            gpu = names["onnxruntime-gpu"]
+            raise UserError(
+                f"{listed} are both installed in {folder.parent} and overwrite each other's "
+                "files; run `pip uninstall -y onnxruntime onnxruntime-gpu && pip install "
+                f"onnxruntime-gpu=={gpu}` (or, for the CPU build, `pip uninstall -y onnxruntime "
+                "onnxruntime-gpu && pip install 'sdrt[cpu]'`)"
+            )
+
+
+if importlib.util.find_spec("onnxruntime") is None:  # `pip install sdrt` without an extra
+    raise ImportError("onnxruntime is not installed", name="onnxruntime")
+check_one_flavour(installed_flavours())
 
 
 def providers_for(device: str) -> list[str]:
-    """Execution providers for `device` (cpu, cuda or auto), failing clearly when absent."""
+    """Execution providers for `device` (auto, cpu, cuda or cuda:N), failing clearly when the
+    CUDA provider is asked for and absent; an unknown name is refused, never run on the CPU."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if device == "cpu":
+    kind = parse_device(device).kind
+    if kind == "cpu":
         return [CPU]
-    if CUDA in available:
+    if CUDA in ort.get_available_providers():
         return [CUDA, CPU]
-    if device == "cuda":
+    if kind == "cuda":
         raise UserError(
-            "device 'cuda' needs onnxruntime-gpu, which is not installed here; "
-            "run `pip install 'sdrt[cuda]'` or use --device cpu"
+            f"device {device!r} needs onnxruntime-gpu, and this is the CPU build; run "
+            f"`pip uninstall -y onnxruntime` then {GPU_INSTALL}, or use --device cpu"
         )
     return [CPU]
 
@@ -67,7 +120,7 @@ class CudaOptions:
     convolutions channels-last (off until measured on a graph exported for it).
     """
 
-    device_id: int = 0
+    device_id: int = 0  # the engine sets it from its device ("cuda:N" -> N)
     cudnn_conv_algo_search: str = "EXHAUSTIVE"
     arena_extend_strategy: str = "kSameAsRequested"
     prefer_nhwc: bool = False
@@ -170,8 +223,9 @@ def cuda_graph_usable(provider: str, cuda_graph: bool, variant: StaticVariant | 
 
 
 class OnnxRuntimeEngine:
-    """One component: a dynamic-shape session, plus one fixed-buffer session per static
-    variant in use. Not safe to call from several threads at once on the static path."""
+    """One component: one fixed-buffer session per static variant in use, plus a dynamic-shape
+    session for other sizes, made when first needed. Not safe to call from several threads at
+    once on the static path."""
 
     def __init__(
         self,
@@ -183,40 +237,51 @@ class OnnxRuntimeEngine:
         cuda_graph: bool = True,
         cuda_options: CudaOptions | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         info = bundle.components[component]
         self.component = component
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
-        self.cuda_options = cuda_options or CudaOptions()
         self.cuda_graph = cuda_graph
+        self._path = bundle.path(component)
         self._providers = providers_for(device)
         if info.cuda_only_ops and CUDA not in self._providers:
             raise UserError(
-                f"{bundle.path(component)} holds ONNX Runtime ops that only its CUDA provider "
+                f"{self._path} holds ONNX Runtime ops that only its CUDA provider "
                 f"runs ({', '.join(info.cuda_only_ops)}; exported with --cuda-fusions); run it "
                 "with --device cuda and onnxruntime-gpu, or export without --cuda-fusions"
             )
-        self.session = ort.InferenceSession(
-            str(bundle.path(component)),
-            session_options(),
-            providers=session_providers(self._providers, self.cuda_options),
-        )
-        self.provider = self.session.get_providers()[0]
+        self.provider = self._providers[0]
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
-        self.device_id = self.cuda_options.device_id if self.device_type == "cuda" else 0
+        self.device_id = parse_device(device).index if self.device_type == "cuda" else 0
+        self.cuda_options = replace(cuda_options or CudaOptions(), device_id=self.device_id)
         variants = static_variants(bundle, component)
         self.variants = variants if use_static_variants(static_shapes, self.provider) else []
         self._static: dict[Path, StaticRunner | None] = {}
+        self._session: Any = None
+        # Device values made by `to_device`: fixed for a request, so a static runner that
+        # holds one in its buffer need not copy it again.
+        self._constants: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._session_lock = threading.Lock()
+        if not self.variants:
+            _ = self.session  # every call needs it: load errors surface at load
+
+    @property
+    def session(self) -> Any:
+        """The dynamic-shape session, created at first use."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = create_session(
+                    self._path, session_providers(self._providers, self.cuda_options), self
+                )
+            return self._session
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Named numpy arrays (or device values) in, named host numpy arrays out."""
         runner = self.static_runner(feeds)
         if runner is not None:
             with self._lock:
-                values = runner.run(feeds)
+                values = runner.run(feeds, self._constants)
                 # On the CPU, OrtValue.numpy() is a view of a buffer the next call overwrites.
                 return {k: to_host(values[k], copy=self.device_type == "cpu") for k in self.outputs}
         binding, _held = self._bind(feeds, output_device="cpu")
@@ -229,7 +294,7 @@ class OnnxRuntimeEngine:
         runner = self.static_runner(feeds)
         if runner is not None:
             with self._lock:
-                values = runner.run(feeds)
+                values = runner.run(feeds, self._constants)
                 return {k: values[k] for k in self.outputs}
         binding, _held = self._bind(feeds, output_device=self.device_type)
         self.session.run_with_iobinding(binding)
@@ -237,11 +302,14 @@ class OnnxRuntimeEngine:
 
     def to_device(self, name: str, array: np.ndarray) -> Any:
         """Upload `array` once as a device value for input `name`, to feed it on every call of
-        a loop (e.g. SDXL's embeddings, concatenated in numpy) without a copy per call."""
+        a loop (e.g. SDXL's embeddings, concatenated in numpy) without a copy per call. The
+        value is a constant: do not change it in place (feed a new one instead)."""
         dtype = self.inputs[name][0]
-        return to_device_value(
+        value = to_device_value(
             np.ascontiguousarray(array, dtype=dtype), self.device_type, self.device_id
         )
+        self._constants.add(value)
+        return value
 
     def static_runner(self, feeds: Mapping[str, Any]) -> StaticRunner | None:
         """The fixed-buffer runner for these feeds' sizes, or None to use the dynamic graph."""
@@ -269,13 +337,12 @@ class OnnxRuntimeEngine:
     def _load_static(self, variant: StaticVariant) -> StaticRunner | None:
         graph = cuda_graph_usable(self.provider, self.cuda_graph, variant)
         try:
-            return StaticRunner(
+            session = create_session(
                 variant.path,
                 session_providers(self._providers, self.cuda_options, cuda_graph=graph),
-                self.inputs,
-                self.device_type,
-                self.device_id,
+                self,
             )
+            return StaticRunner(session, self.inputs, self.device_type, self.device_id)
         except Exception as err:  # noqa: BLE001 - the dynamic graph computes the same thing
             warnings.warn(
                 f"{self.component}: static variant {variant.path.name} could not be loaded "
@@ -306,19 +373,17 @@ class OnnxRuntimeEngine:
 class StaticRunner:
     """A session over a static-shape graph whose inputs and outputs are bound once to fixed
     buffers: what CUDA graph replay requires, since a replay reads and writes the addresses
-    seen at capture. Each call copies the feeds into the input buffers."""
+    seen at capture. Each call copies the feeds into the input buffers, except a constant
+    device value (from `to_device`) that a buffer already holds."""
 
     def __init__(
         self,
-        path: Path,
-        providers: list[Any],
+        session: Any,
         specs: Mapping[str, tuple[str, list[Any]]],
         device_type: str,
         device_id: int,
     ) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), session_options(), providers=providers)
+        self.session = session
         self.binding = self.session.io_binding()
         self.inputs: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
@@ -329,6 +394,7 @@ class StaticRunner:
             self.outputs[arg.name] = self._buffer(arg, arg.type, device_type, device_id)
             self.binding.bind_ortvalue_output(arg.name, self.outputs[arg.name])
         self.dtypes = {name: specs[name][0] for name in self.inputs}
+        self.holding: dict[str, Any] = {}  # input name -> the constant its buffer holds
 
     @staticmethod
     def _buffer(arg: Any, dtype: str, device_type: str, device_id: int) -> Any:
@@ -340,15 +406,48 @@ class StaticRunner:
             arg.shape, numpy_dtype(dtype), device_type, device_id
         )
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, feeds: Mapping[str, Any], constants: Container[Any] = ()) -> dict[str, Any]:
+        """Refill the input buffers from `feeds` and run; values in `constants` are copied
+        only when the buffer does not hold them already."""
         for name, buffer in self.inputs.items():
             value = feeds[name]
+            if self.holding.get(name) is value:
+                continue
+            self.holding.pop(name, None)
             if is_device_value(value):
                 copy_value(value, buffer)
+                if value in constants:
+                    self.holding[name] = value
             else:
                 buffer.update_inplace(np.ascontiguousarray(value, dtype=self.dtypes[name]))
         self.session.run_with_iobinding(self.binding)
         return dict(self.outputs)
+
+
+def create_session(path: Path, providers: list[Any], engine: OnnxRuntimeEngine) -> Any:
+    """An InferenceSession for `path`, logged: which graphs hold weights on the device is what
+    decides memory, so a debug log of `Pipeline.load` and of each request shows it."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), session_options(), providers=providers)
+    wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    if session.get_providers()[0] != wanted:
+        # ORT falls back to the CPU when the CUDA provider cannot load its libraries, and
+        # buffers allocated on the GPU would then feed a CPU session.
+        raise UserError(
+            f"{path.name}: ONNX Runtime could not start {wanted} (it fell back to "
+            f"{session.get_providers()[0]}); check that the CUDA and cuDNN libraries "
+            "onnxruntime-gpu needs are installed (ORT's log names the missing one), or use "
+            "--device cpu"
+        )
+    log.debug(
+        "%s: created a session for %s on %s (device %s)",
+        engine.component,
+        path.name,
+        session.get_providers()[0],
+        engine.device_id,
+    )
+    return session
 
 
 def session_options() -> Any:
@@ -389,14 +488,18 @@ def to_host(value: Any, copy: bool = False) -> np.ndarray:
 
 
 def copy_value(src: Any, dst: Any) -> None:
-    """Copy one OrtValue into another of the same shape, device to device where ORT can."""
-    import onnxruntime as ort
+    """Copy one OrtValue into another of the same shape, device to device where ORT can.
 
+    onnxruntime 1.32's `OrtValue.update_inplace` takes an OrtValue and copies between devices
+    (onnxruntime_inference_collection.py); older builds take numpy arrays only. Not
+    `ort.copy_tensors`: it needs a data transfer registered for plugin execution providers,
+    which a session made with providers=[...] does not register.
+    """
     if tuple(src.shape()) != tuple(dst.shape()):
         raise UserError(f"device value has shape {src.shape()}, expected {dst.shape()}")
     try:
-        ort.copy_tensors([src], [dst])
-    except Exception:  # noqa: BLE001 - no data transfer registered for these devices
+        dst.update_inplace(src)
+    except TypeError:  # this ORT copies from numpy only: through the host
         dst.update_inplace(np.ascontiguousarray(src.numpy()))
 
 
