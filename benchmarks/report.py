@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from sdrt.atomic_files import atomic_file, write_atomic
 
 STAGE_TITLES = {
     "text_encoder": "text encoder",
@@ -29,21 +30,15 @@ STOCHASTIC_NOTE = (
 def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
     write_json(result, paths[0])
-    _write_text_atomic(paths[1], markdown(result))
+    write_atomic(paths[1], markdown(result))
     write_chart(result, paths[2])
     return paths
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    """Strict JSON: an infinite PSNR (identical images) is written as null."""
-    _write_text_atomic(path, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # bench.json is rewritten after every path; a run killed mid-write keeps the last good one.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Strict JSON: an infinite PSNR (identical images) is written as null. bench.json is
+    rewritten after every path; a run killed mid-write keeps the last good one."""
+    write_atomic(path, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -184,5 +179,6 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
         f"sdrt bench: {result['settings']['model']} on {result['machine']['device_name']}{cpu}"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=110)
     plt.close(figure)

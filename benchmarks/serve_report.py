@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import _table, _write_text_atomic, write_json
+from sdrt.atomic_files import atomic_file, write_atomic
+
+from .report import _table, write_json
 from .serve_load import MODE_TITLES
 
 
 def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
     paths = [out / "bench-serve.json", out / "bench-serve.md", out / "bench-serve.png"]
     write_json(result, paths[0])
-    _write_text_atomic(paths[1], markdown(result))
+    write_atomic(paths[1], markdown(result))
     write_chart(result, paths[2])
     return paths
 
@@ -143,5 +145,6 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=8)
     figure.suptitle(f"sdrt bench-serve on {result['machine']['device_name']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=110)
     plt.close(figure)

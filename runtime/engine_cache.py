@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import write_atomic as write_atomic  # engines are written through it
 from .errors import UserError
 
 ENGINES_DIR = "engines"
@@ -387,20 +388,6 @@ def select_entry(
 
 
 # ---- atomic writes ------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager

@@ -81,13 +81,25 @@ def _component_io() -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]
     }
 
 
+def _placeholder_graph(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> bytes:
+    """A graph with the component's inputs and outputs and no nodes: what Bundle.load reads."""
+    from onnx import TensorProto, helper
+
+    def values(specs: list[dict[str, Any]]) -> list[Any]:
+        return [helper.make_tensor_value_info(s["name"], TensorProto.FLOAT, None) for s in specs]
+
+    graph = helper.make_graph([], "placeholder", values(inputs), values(outputs))
+    return helper.make_model(graph).SerializeToString()
+
+
 def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
     root.mkdir(parents=True)
     (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text("{}")
     components = {}
     for name, (inputs, outputs) in _component_io().items():
         path = root / f"{name}.onnx"
-        path.write_bytes(f"placeholder graph for {name}".encode())
+        path.write_bytes(_placeholder_graph(inputs, outputs))
         components[name] = {
             "file": path.name,
             "external_data": None,
@@ -110,6 +122,9 @@ def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
         "scheduler": "pndm",
         "scheduler_config": {},
         "components": components,
+        "tokenizer_files": {
+            "tokenizer": {"vocab.json": file_sha256(root / "tokenizer/vocab.json")}
+        },
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return Bundle.load(root)
