@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import staging_dir
 from .atomic_files import write_atomic as write_atomic  # engines are written through it
 from .errors import UserError
 
@@ -398,9 +399,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     engines/<key> directory exists that a later run could trust.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_dir(final)  # also removes what a killed build left for this key
     try:
         yield staging
         _replace_directory(staging, final)

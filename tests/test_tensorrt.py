@@ -433,6 +433,23 @@ def test_staged_directory_appears_only_when_the_block_succeeds(tmp_path: Path) -
     assert (final / "a.engine").read_bytes() == b"x"
 
 
+def test_staging_left_by_a_killed_build_is_removed_by_the_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    final = tmp_path / "engines" / "key"
+    final.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = final.with_name(f".key.partial-{dead.pid}")
+    (leftover / "unet.engine").parent.mkdir()
+    (leftover / "unet.engine").write_bytes(b"half")
+    with staged_directory(final) as staging:
+        (staging / "unet.engine").write_bytes(b"whole")
+    assert not leftover.exists()
+    assert str(leftover) in capsys.readouterr().err
+    assert (final / "unet.engine").read_bytes() == b"whole"
+
+
 @pytest.mark.parametrize(
     ("change", "field", "built", "here"),
     [
