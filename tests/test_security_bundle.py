@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +313,16 @@ def test_signing_without_model_signing_installed_names_the_extra(bundle, keys, m
     monkeypatch.setattr(builtins, "__import__", no_model_signing)
     with pytest.raises(UserError, match=r"pip install 'sdrt\[sign\]'"):
         Bundle.load(bundle, trusted_key=keys["ours_public"])
+
+
+def test_serve_refuses_a_bundle_not_signed_by_the_trusted_key(signed, bundle, keys):
+    """`sdrt serve --trusted-key` as a real process: it exits 2 with the reason before binding."""
+    command = [sys.executable, "-m", "sdrt.cli", "serve", str(bundle), "--port", "0"]
+    done = subprocess.run(
+        [*command, "--trusted-key", str(keys["theirs_public"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "fails signature verification" in done.stderr

@@ -45,6 +45,9 @@ def register(commands: Any) -> None:
     serve.add_argument("--max-steps", type=int, default=150)
     serve.add_argument("--max-size", type=int, default=2048, help="largest width or height")
     serve.add_argument("--no-warmup", action="store_true", help="ready without a warm-up run")
+    serve.add_argument(
+        "--trusted-key", help="public key (PEM): refuse any bundle not signed by its pair"
+    )
     add_ray_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -79,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     models = {
         name: Batcher(
-            Pipeline.load(bundle, backend=args.backend, device=args.device),
+            Pipeline.load(
+                bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
+            ),
             max_batch_rows=args.max_batch_rows,
             max_queue=args.max_queue,
             mode=args.batching,

@@ -40,6 +40,7 @@ class ReplicaConfig:
     batching: str = "continuous"
     request_timeout_s: float = 300.0
     settings: Settings = field(default_factory=Settings)
+    trusted_key: str | None = None  # PEM public key every bundle must be signed by
 
 
 @serve.deployment(name="sdrt")
@@ -51,7 +52,12 @@ class SdrtReplica:
         self.config = config
         self.models = {
             Path(bundle).resolve().name: Batcher(
-                Pipeline.load(bundle, backend=config.backend, device=config.device),
+                Pipeline.load(
+                    bundle,
+                    backend=config.backend,
+                    device=config.device,
+                    trusted_key=config.trusted_key,
+                ),
                 max_batch_rows=config.max_batch_rows,
                 max_queue=config.max_queue,
                 mode=config.batching,
@@ -138,7 +144,7 @@ def build(config: ReplicaConfig, options: Mapping[str, Any]) -> Any:
 def app(args: dict[str, str]) -> Any:
     """Application builder for `serve run sdrt.serve.ray:app bundle=DIR [replicas=N]
     [min_replicas= max_replicas= target_ongoing_requests=] [device=] [backend=]
-    [max_batch_rows=]`; GPUs are used when the cluster has them."""
+    [max_batch_rows=] [trusted_key=PEM]`; GPUs are used when the cluster has them."""
     import ray
 
     args = dict(args)
@@ -149,6 +155,7 @@ def app(args: dict[str, str]) -> Any:
         backend=args.pop("backend", "onnxruntime"),
         device=args.pop("device", "auto"),
         max_batch_rows=int(args.pop("max_batch_rows", DEFAULT_MAX_BATCH_ROWS)),
+        trusted_key=args.pop("trusted_key", None),
     )
     replicas = args.pop("replicas", None)
     scaling = {k: args.pop(k) for k in AUTOSCALING_KEYS if k in args}
