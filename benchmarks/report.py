@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,17 @@ STOCHASTIC_NOTE = (
 
 
 def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
-    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    return write_report_files(result, out / "bench", markdown(result), write_chart)
+
+
+def write_report_files(
+    result: dict[str, Any], stem: Path, text: str, chart: Callable[[dict[str, Any], Path], None]
+) -> list[Path]:
+    """STEM.json (machines), STEM.md (people) and STEM.png (the chart), each written whole."""
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     write_json(result, paths[0])
-    write_atomic(paths[1], markdown(result))
-    write_chart(result, paths[2])
+    write_atomic(paths[1], text)
+    chart(result, paths[2])
     return paths
 
 
@@ -73,12 +81,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"> {CPU_NOTE}", ""]
     if result["workload"]["stochastic_scheduler"]:
         lines += [f"> {STOCHASTIC_NOTE}", ""]
-    lines += _table(
+    lines += table(
         ["path", *STAGE_TITLES.values(), "end to end", "speedup vs eager", "peak memory", "diff"],
         [_timing_row(p) for p in measured(result)],
     )
     batches = settings["batch_sizes"]
-    lines += [""] + _table(
+    lines += [""] + table(
         ["path", *(f"images/s @ {b}" for b in batches), "build s", "load s", "first call ms"]
         + ["loop overhead"],
         [_setup_row(p, batches) for p in measured(result)],
@@ -101,7 +109,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
