@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sdrt.atomic_files import atomic_file, write_atomic
 
 STAGE_TITLES = {
     "text_encoder": "text encoder",
@@ -27,23 +29,24 @@ STOCHASTIC_NOTE = (
 
 
 def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
-    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    return write_report_files(result, out / "bench", markdown(result), write_chart)
+
+
+def write_report_files(
+    result: dict[str, Any], stem: Path, text: str, chart: Callable[[dict[str, Any], Path], None]
+) -> list[Path]:
+    """STEM.json (machines), STEM.md (people) and STEM.png (the chart), each written whole."""
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
     write_json(result, paths[0])
-    _write_text_atomic(paths[1], markdown(result))
-    write_chart(result, paths[2])
+    write_atomic(paths[1], text)
+    chart(result, paths[2])
     return paths
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    """Strict JSON: an infinite PSNR (identical images) is written as null."""
-    _write_text_atomic(path, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # bench.json is rewritten after every path; a run killed mid-write keeps the last good one.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Strict JSON: an infinite PSNR (identical images) is written as null. bench.json is
+    rewritten after every path; a run killed mid-write keeps the last good one."""
+    write_atomic(path, json.dumps(_finite(result), indent=2, allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:
@@ -78,12 +81,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"> {CPU_NOTE}", ""]
     if result["workload"]["stochastic_scheduler"]:
         lines += [f"> {STOCHASTIC_NOTE}", ""]
-    lines += _table(
+    lines += table(
         ["path", *STAGE_TITLES.values(), "end to end", "speedup vs eager", "peak memory", "diff"],
         [_timing_row(p) for p in measured(result)],
     )
     batches = settings["batch_sizes"]
-    lines += [""] + _table(
+    lines += [""] + table(
         ["path", *(f"images/s @ {b}" for b in batches), "build s", "load s", "first call ms"]
         + ["loop overhead"],
         [_setup_row(p, batches) for p in measured(result)],
@@ -106,7 +109,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -184,5 +187,6 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
         f"sdrt bench: {result['settings']['model']} on {result['machine']['device_name']}{cpu}"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=110)
     plt.close(figure)

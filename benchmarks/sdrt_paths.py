@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt import Pipeline
+from sdrt.arguments import Limits
 from sdrt.errors import UserError
 
 from .harness import Generated
@@ -61,6 +62,8 @@ def load_runner(
     start = time.perf_counter()
     options = BACKEND_OPTIONS.get(backend, {})
     pipeline = Pipeline.load(bundle, backend=backend, device=device, **options)
+    # --batch-sizes and the size are the user's explicit ask, not a typo to guard against
+    pipeline.limits = Limits(max_images=None, max_pixels=None)
     seconds = time.perf_counter() - start
     details = {
         "precision": sorted({c.precision for c in pipeline.bundle.components.values()}),

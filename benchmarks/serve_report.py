@@ -6,16 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .report import _table, _write_text_atomic, write_json
+from sdrt.atomic_files import atomic_file
+
+from .report import table, write_report_files
 from .serve_load import MODE_TITLES
 
 
 def write_reports(result: dict[str, Any], out: Path) -> list[Path]:
-    paths = [out / "bench-serve.json", out / "bench-serve.md", out / "bench-serve.png"]
-    write_json(result, paths[0])
-    _write_text_atomic(paths[1], markdown(result))
-    write_chart(result, paths[2])
-    return paths
+    return write_report_files(result, out / "bench-serve", markdown(result), write_chart)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -56,7 +54,7 @@ def markdown(result: dict[str, Any]) -> str:
         points = [*entry["closed"], *([entry["poisson"]] if entry.get("poisson") else [])]
         for point in points:
             rows.append(_row(entry["mode"], point, bound))
-    lines += _table(header, rows) + [""]
+    lines += table(header, rows) + [""]
     lines += _targets(result.get("targets", {}))
     return "\n".join(lines) + "\n"
 
@@ -143,5 +141,6 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
         axis.legend(fontsize=8)
     figure.suptitle(f"sdrt bench-serve on {result['machine']['device_name']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=110)
     plt.close(figure)

@@ -8,6 +8,7 @@ would trust.
 from __future__ import annotations
 
 import datetime
+import errno
 import gc
 import json
 import os
@@ -20,7 +21,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256
+from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
+from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
 from .calibration import CUDA, calibration_feeds, calibration_providers
@@ -63,11 +65,23 @@ def native_size(pipe: Any) -> int:
 
 
 def check_destination(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """Refuse a filled destination, or one another export is writing; clear dead staging."""
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(
+                f"{out} already exists and is not empty; choose a new bundle "
+                "directory or remove it first"
+            )
+        if out.parent.is_dir():
+            clear_staging(out)
+        nearest = next(p for p in out.absolute().parents if p.exists())
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(nearest))
+    except PermissionError as err:
         raise UserError(
-            f"{out} already exists and is not empty; choose a new bundle "
-            "directory or remove it first"
-        )
+            f"cannot write {err.filename or out}: permission denied; choose a folder you can "
+            "write to"
+        ) from err
 
 
 def export_bundle(
@@ -98,10 +112,8 @@ def export_bundle(
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     out = Path(out)
     check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    out.parent.mkdir(parents=True, exist_ok=True)  # check_destination vetted the nearest parent
+    staging = staging_dir(out)
     try:
         manifest = _write_bundle(
             pipe,
@@ -118,13 +130,25 @@ def export_bundle(
             release_weights,
         )
         _normal_permissions(staging)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished staging onto `out` (absent or empty); when another export filled
+    `out` meanwhile, that one wins and this one says so."""
+    try:
+        staging.rename(out)  # replaces an empty directory, refuses a filled one
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise UserError(
+            f"{out} was written by another export while this one ran; kept that one and "
+            "discarded this one (export into a new directory to keep both)"
+        ) from err
 
 
 def _write_bundle(
@@ -203,9 +227,9 @@ def _write_bundle(
                     )
                     for d in (static_dims(size, vae_scale, component) for size in static_sizes)
                 ]
-    pipe.tokenizer.save_pretrained(root / "tokenizer")
-    if len(pairs) == 2:
-        pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
+    folders = ["tokenizer", "tokenizer_2"][: len(pairs)]
+    for folder, (tokenizer, _) in zip(folders, pairs, strict=True):
+        tokenizer.save_pretrained(root / folder)
     scheduler_config = {
         k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
     }
@@ -224,6 +248,7 @@ def _write_bundle(
         "scheduler": SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, "pndm"),
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
         "components": entries,
+        "tokenizer_files": tokenizer_hashes(root, folders),
         # SDXL encodes an absent negative prompt as zeros rather than as ""
         "fused_attention": fused_attention,
         "cuda_fusions": cuda_fusions,
@@ -231,7 +256,7 @@ def _write_bundle(
         "loras": loras or [],
         "export": _versions(dtype),
     }
-    write_json_atomic(root / MANIFEST, manifest)
+    write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -391,9 +416,3 @@ def _versions(dtype: str) -> dict[str, Any]:
         "dtype": dtype,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

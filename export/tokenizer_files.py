@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from sdrt.atomic_files import write_atomic
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
@@ -120,19 +122,8 @@ def write_clip_vocab(
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-    _write_text_atomic(
-        directory / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges)
-    )
-    _write_text_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_text_atomic(
-        directory / "special_tokens_map.json", json.dumps(special_tokens, indent=2) + "\n"
-    )
+    write_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_atomic(directory / "merges.txt", "#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(directory / "special_tokens_map.json", json.dumps(special_tokens, indent=2) + "\n")
     return len(vocab)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    # Write then rename, so an interrupted export never leaves a half file a later run trusts.
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

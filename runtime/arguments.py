@@ -13,19 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .errors import UserError
 from .image_inputs import image_size, strength_start
-from .schedulers import SCHEDULERS
+from .schedulers import SCHEDULERS, make_scheduler
+
+DEFAULT_MAX_IMAGES = 16
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds a server puts on top of what the model accepts; None means unbounded."""
+    """Bounds on top of what the model accepts, checked before anything is allocated; None
+    means unbounded. The defaults stop a typo or a tiny PNG with a huge header from asking
+    for gigabytes; raise them (`Pipeline.limits`, `--max-images`, `--max-pixels`) when meant."""
 
     max_steps: int | None = None
-    max_images: int | None = None  # prompts (images) per request
+    max_images: int | None = DEFAULT_MAX_IMAGES  # prompts (images) per request
     max_side: int | None = None  # pixels, height and width each
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # height x width, of the output and of inputs
 
 
 @dataclass(frozen=True)
@@ -79,17 +86,22 @@ def check_arguments(
     if limits.max_images is not None and len(prompts) > limits.max_images:
         raise UserError(
             f"{len(prompts)} images asked for, at most {limits.max_images} per request; "
-            "ask for fewer"
+            "ask for fewer or raise the limit (--max-images)"
         )
     trained = manifest["scheduler_config"].get("num_train_timesteps", 1000)
     _check_steps(num_inference_steps, min(limits.max_steps or trained, trained))
     _check_guidance(guidance_scale)
+    for picture, what in ((image, "image"), (mask_image, "mask_image")):
+        if picture is not None:
+            _check_picture(picture, what, limits.max_pixels)
     default = image_size(image) if image is not None else manifest["default_size"]
-    height, width = height or default[0], width or default[1]
-    _check_size(height, width, manifest.get("size_multiple", 8), limits.max_side)
-    scheduler = scheduler or manifest["scheduler"]
+    height = default[0] if height is None else height  # a given 0 is refused, not replaced
+    width = default[1] if width is None else width
+    _check_size(height, width, manifest.get("size_multiple", 8), limits)
+    scheduler = manifest["scheduler"] if scheduler is None else scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
     if seed is not None and seed < 0:
@@ -134,6 +146,14 @@ def _as_prompt_list(prompt: Any, what: str) -> list[str]:
         raise UserError(
             f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}"
         )
+    for text in prompts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate: bytes that were not UTF-8
+            raise UserError(
+                f"{what} {text!r} is not valid Unicode (character {err.start} stands for a "
+                "byte that is not UTF-8); pass UTF-8 text"
+            ) from err
     return list(prompts)
 
 
@@ -158,14 +178,85 @@ def _check_guidance(scale: Any) -> None:
         raise UserError(f"guidance_scale must be a finite number >= 0, got {scale!r}")
 
 
-def _check_size(height: Any, width: Any, multiple: int, most: int | None) -> None:
+def _check_size(height: Any, width: Any, multiple: int, limits: Limits) -> None:
     for name, value in (("height", height), ("width", width)):
         if not _is_integer(value) or value <= 0 or value % multiple:
             raise UserError(
                 f"{name} must be a positive multiple of {multiple} for this model, got {value!r}"
             )
-        if most is not None and value > most:
-            raise UserError(f"{name} must be at most {most} pixels here, got {value}")
+        if limits.max_side is not None and value > limits.max_side:
+            raise UserError(f"{name} must be at most {limits.max_side} pixels here, got {value}")
+    if limits.max_pixels is not None and height * width > limits.max_pixels:
+        raise UserError(
+            f"{height}x{width} is {height * width} pixels, above the limit of "
+            f"{limits.max_pixels}; ask for a smaller size or raise the limit (--max-pixels)"
+        )
+
+
+def _check_steps_for_scheduler(config: dict[str, Any], scheduler: str, steps: int) -> None:
+    """Set the schedule up once: a step count the scheduler cannot spread over its training
+    steps (timesteps past the last one, or repeated) is refused instead of crashing mid-run."""
+    sched = make_scheduler(scheduler, config)
+    try:
+        sched.set_timesteps(int(steps))
+    except ValueError as err:
+        raise UserError(f"{scheduler}: {err}") from err
+    timesteps = np.asarray(sched.timesteps)
+    trained = config.get("num_train_timesteps", 1000)
+    if timesteps.max() > trained - 1 or len(np.unique(timesteps)) < steps:
+        raise UserError(
+            f"num_inference_steps {steps} is more than the {scheduler} scheduler can spread over "
+            f"this model's {trained} training steps; use fewer steps"
+        )
+
+
+def _check_picture(picture: Any, what: str, max_pixels: int | None) -> None:
+    """A PIL image, or an HWC array of uint8 / uint16 / float in [0, 1]; anything else would
+    be guessed at, so it is refused with the conversion to make."""
+    if isinstance(picture, (str, bytes)) or hasattr(picture, "__fspath__"):
+        raise UserError(
+            f"{what} must be a PIL image or an array, got the path {str(picture)!r}; "
+            "open it first: PIL.Image.open(path)"
+        )
+    if isinstance(picture, Image.Image):
+        pixels = picture.width * picture.height
+    else:
+        array = np.asarray(picture)
+        _check_picture_array(array, what)
+        pixels = array.shape[0] * array.shape[1]
+    if max_pixels is not None and pixels > max_pixels:
+        raise UserError(
+            f"{what} has {pixels} pixels, above the limit of {max_pixels}; pass a smaller "
+            "picture or raise the limit (--max-pixels)"
+        )
+
+
+def _check_picture_array(array: np.ndarray, what: str) -> None:
+    channels = (1, 3) if what == "mask_image" else (3,)
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+        raise UserError(
+            f"{what} array has shape {array.shape}, channels first (CHW); pass it as "
+            "(height, width, channels): array.transpose(1, 2, 0)"
+        )
+    if not (array.ndim == 2 and what == "mask_image") and not (
+        array.ndim == 3 and array.shape[2] in channels
+    ):
+        raise UserError(
+            f"{what} array must be (height, width, {'|'.join(map(str, channels))})"
+            f"{' or (height, width)' if what == 'mask_image' else ''}, got shape {array.shape}"
+        )
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise UserError(f"{what} array holds NaN or infinite values; pass finite values")
+        if array.min() < 0 or array.max() > 1:
+            raise UserError(
+                f"{what} float array must hold values in [0, 1], got {array.min()}..{array.max()}"
+                "; divide 0..255 values by 255 (or pass uint8)"
+            )
+    elif array.dtype not in (np.uint8, np.uint16):
+        raise UserError(
+            f"{what} array has dtype {array.dtype}; pass uint8, uint16 or float in [0, 1]"
+        )
 
 
 def _check_image_inputs(
@@ -186,6 +277,10 @@ def _check_image_inputs(
     if manifest.get("unet_in_channels", 4) > manifest["latent_channels"] and mask_image is None:
         raise UserError("this is an inpainting model: pass image and mask_image")
     if image is None:
+        if strength is not None:
+            raise UserError(
+                f"strength {strength!r} needs an image to start from; pass image, or drop strength"
+            )
         return None
     if strength is None:
         strength = 1.0 if mask_image is not None else 0.8
@@ -209,4 +304,10 @@ def _check_latents(
             f"latents have shape {tuple(np.shape(latents))}, expected {shape} for "
             f"{shape[0]} prompt(s) at {shape[2]}x{shape[3]} latents"
         )
-    return np.asarray(latents, np.float32)
+    array = np.asarray(latents)
+    if array.dtype.kind not in "fiu" or not np.isfinite(array).all():
+        raise UserError(
+            "latents must be finite numbers (no NaN or infinity); draw them from a normal "
+            "distribution, or pass seed instead"
+        )
+    return array.astype(np.float32)

@@ -1,7 +1,10 @@
-"""Read and validate a bundle's manifest.json: the one contract between export and runtime.
+"""Read and validate a bundle: manifest.json (the one contract between export and runtime) and
+every file the runtime will open.
 
-Every problem found is a UserError naming the file and what to do, so a serving process fails
-at load time with a reason instead of producing wrong images later.
+Every path is resolved inside the bundle (symlinks included) before it is opened, every file
+the runtime reads is hashed against the manifest, and a graph may reference only external-data
+files the manifest lists. Each problem is a UserError naming the file and what to do, so a
+serving process fails at load time with a reason instead of producing wrong images later.
 """
 
 from __future__ import annotations
@@ -9,30 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from .errors import UserError
+from .manifest_schema import COMPONENTS, SCHEMA_VERSION, problems
+from .onnx_references import graph_references
 
-SCHEMA_VERSION = 1
+__all__ = ["COMPONENTS", "MANIFEST", "SCHEMA_VERSION", "Bundle", "ComponentInfo", "read_manifest"]
+
 MANIFEST = "manifest.json"
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # each text encoder and the folder of the tokenizer that feeds it
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-REQUIRED_KEYS = (
-    "schema_version",
-    "family",
-    "prediction_type",
-    "latent_channels",
-    "vae_scale_factor",
-    "vae_scaling_factor",
-    "text_max_length",
-    "default_size",
-    "scheduler",
-    "scheduler_config",
-    "components",
-)
 
 
 @dataclass(frozen=True)
@@ -62,30 +53,48 @@ class Bundle:
         return self.root / self.components[component].file
 
     @classmethod
-    def load(cls, root: str | Path, verify_hashes: bool = True) -> Bundle:
+    def load(
+        cls, root: str | Path, verify_hashes: bool = True, trusted_key: str | Path | None = None
+    ) -> Bundle:
+        """Validate the bundle at `root`. With `trusted_key` (a PEM public key) the bundle must
+        also carry a signature by the matching private key over all of its files
+        (`sdrt sign`); an unsigned or altered bundle is refused. Containment and the graphs'
+        references are checked even with `verify_hashes=False`."""
         root = Path(root)
+        try:
+            return cls._load(root, verify_hashes, trusted_key)
+        except PermissionError as err:
+            raise UserError(
+                f"cannot read {err.filename or root}: permission denied; ask for read access "
+                "to the whole bundle or copy it somewhere readable"
+            ) from err
+
+    @classmethod
+    def _load(cls, root: Path, verify_hashes: bool, trusted_key: str | Path | None) -> Bundle:
+        if trusted_key is not None:
+            from .signing import verify_bundle
+
+            verify_bundle(root, trusted_key)
         manifest = read_manifest(root)
         components = {name: _component(name, info) for name, info in manifest["components"].items()}
-        missing = [c for c in REQUIRED_COMPONENTS if c not in components]
-        if missing:
-            raise UserError(f"{root / MANIFEST} lists no {', '.join(missing)}; re-export it")
+        listed = _listed_external_data(root, manifest)
         for info in components.values():
-            check_files(root, info, verify_hashes)
+            check_files(root, info, verify_hashes, listed)
             for variant in manifest["components"][info.name].get("static_variants", []):
-                check_files(root, _variant(info, variant), verify_hashes)
+                check_files(root, _variant(info, variant), verify_hashes, listed)
         bundle = cls(root, manifest, components)
         for folder in bundle.tokenizer_dirs().values():
-            if not folder.is_dir():
-                raise UserError(f"{folder} is missing; re-export the bundle")
+            check_tokenizer(root, folder.name, manifest["tokenizer_files"], verify_hashes)
         return bundle
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest as JSON, checked against the declared schema (one line per problem)."""
     if not root.is_dir():
         raise UserError(
             f"bundle {root} does not exist or is not a directory; create one with `sdrt export`"
         )
-    path = root / MANIFEST
+    path = inside(root, MANIFEST, "the manifest")
     if not path.is_file():
         raise UserError(
             f"{path} is missing; {root} is not a complete sdrt bundle (re-run `sdrt export`)"
@@ -94,35 +103,41 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); re-export the bundle") from err
-    if not isinstance(manifest, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-export the bundle")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; re-export the bundle")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
         raise UserError(
-            f"{path} has schema version {manifest['schema_version']}, this sdrt "
-            f"reads version {SCHEMA_VERSION}; re-export with this sdrt"
+            f"{path} has schema version {version}, this sdrt reads version {SCHEMA_VERSION}; "
+            "re-export with this sdrt"
         )
+    found = problems(manifest)
+    if found:
+        lines = "\n".join(f"  {problem}" for problem in found)
+        raise UserError(f"{path} is not a valid sdrt manifest; re-export the bundle:\n{lines}")
     return manifest
 
 
-def _component(name: str, info: Any) -> ComponentInfo:
-    if name not in COMPONENTS:
-        raise UserError(f"manifest names an unknown component {name!r}; re-export the bundle")
-    try:
-        return ComponentInfo(
-            name=name,
-            file=info["file"],
-            sha256=info["sha256"],
-            precision=info["precision"],
-            inputs=info["inputs"],
-            outputs=info["outputs"],
-            external_data=info.get("external_data"),
-            cuda_only_ops=dict(info.get("cuda_only_ops") or {}),
+def inside(root: Path, relative: str, what: str) -> Path:
+    """`root / relative`, refused unless it resolves (after symlinks) inside `root`."""
+    path = root / relative
+    if PurePath(relative).is_absolute() or not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(
+            f"{what} {relative!r} in {root} points outside the bundle; sdrt opens only files "
+            "inside it (re-export the bundle)"
         )
-    except (KeyError, TypeError) as err:
-        raise UserError(f"manifest entry for {name} lacks {err}; re-export the bundle") from err
+    return path
+
+
+def _component(name: str, info: dict[str, Any]) -> ComponentInfo:
+    return ComponentInfo(
+        name=name,
+        file=info["file"],
+        sha256=info["sha256"],
+        precision=info["precision"],
+        inputs=info["inputs"],
+        outputs=info["outputs"],
+        external_data=info.get("external_data"),
+        cuda_only_ops=dict(info.get("cuda_only_ops") or {}),
+    )
 
 
 def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
@@ -141,20 +156,92 @@ def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
     )
 
 
-def check_files(root: Path, info: ComponentInfo, verify_hashes: bool) -> None:
-    files = [info.file] + ([info.external_data] if info.external_data else [])
-    for file in files:
-        if not (root / file).is_file():
-            raise UserError(f"{root / file} is missing from the bundle; re-export it")
-    if (
-        verify_hashes
-        and file_sha256(root / info.file, root / info.external_data if info.external_data else None)
-        != info.sha256
-    ):
+def _listed_external_data(root: Path, manifest: dict[str, Any]) -> set[Path]:
+    """Every external-data file the manifest lists (and so hashes), resolved."""
+    entries = [
+        entry
+        for component in manifest["components"].values()
+        for entry in [component, *component.get("static_variants", [])]
+    ]
+    return {
+        inside(root, entry["external_data"], "external data").resolve()
+        for entry in entries
+        if entry.get("external_data")
+    }
+
+
+def check_files(root: Path, info: ComponentInfo, verify_hashes: bool, listed: set[Path]) -> None:
+    """The graph and its external data exist inside the bundle, the graph's inputs and outputs
+    are its role's, it references only listed data files, and (optionally) the hash matches."""
+    graph = inside(root, info.file, f"{info.name} file")
+    data = None
+    if info.external_data:
+        data = inside(root, info.external_data, f"{info.name} external data")
+    for file in (graph, data):
+        if file is not None and not file.is_file():
+            raise UserError(f"{file} is missing from the bundle; re-export it")
+    if verify_hashes and file_sha256(graph, data) != info.sha256:
         raise UserError(
-            f"{root / info.file} does not match the sha256 in {MANIFEST}: the file "
+            f"{graph} does not match the sha256 in {MANIFEST}: the file "
             "is corrupted or was replaced; re-export the bundle"
         )
+    refs = graph_references(graph)
+    for location in sorted(refs.external_files):
+        target = inside(graph.parent, location, f"external data named inside {graph.name}")
+        if target.resolve() not in listed:
+            raise UserError(
+                f"{graph} reads external data {location!r} that {MANIFEST} does not list and "
+                "hash; refusing it (re-export the bundle)"
+            )
+    for kind, declared, actual in (
+        ("inputs", info.inputs, refs.inputs),
+        ("outputs", info.outputs, refs.outputs),
+    ):
+        if sorted(t["name"] for t in declared) != sorted(actual):
+            raise UserError(
+                f"{graph} has {kind} {sorted(actual)}, but a {info.name} takes "
+                f"{sorted(t['name'] for t in declared)}; the file is not this bundle's "
+                f"{info.name} (re-export the bundle)"
+            )
+
+
+def check_tokenizer(
+    root: Path, folder: str, listed: dict[str, dict[str, str]], verify_hashes: bool
+) -> None:
+    """The folder holds exactly the files the manifest lists, each with its sha256: the
+    tokenizer picks its files by name, so an added file could change what it reads."""
+    path = inside(root, folder, "tokenizer folder")
+    if not path.is_dir():
+        raise UserError(f"{path} is missing; re-export the bundle")
+    expected = listed.get(folder)
+    if expected is None:
+        raise UserError(f"{MANIFEST} lists no hashes for {folder}/; re-export the bundle")
+    present = {p.name for p in path.iterdir()}
+    if present != set(expected):
+        extra, missing = sorted(present - set(expected)), sorted(set(expected) - present)
+        raise UserError(
+            f"{path} differs from {MANIFEST}"
+            + (f"; unlisted: {', '.join(extra)}" if extra else "")
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + "; re-export the bundle"
+        )
+    for name, digest in expected.items():
+        file = inside(root, f"{folder}/{name}", "tokenizer file")
+        if not file.is_file():
+            raise UserError(f"{file} is not a regular file; re-export the bundle")
+        if verify_hashes and file_sha256(file) != digest:
+            raise UserError(
+                f"{file} does not match the sha256 in {MANIFEST}: the file is corrupted or "
+                "was replaced; re-export the bundle"
+            )
+
+
+def tokenizer_hashes(root: Path, folders: list[str]) -> dict[str, dict[str, str]]:
+    """folder -> file -> sha256, as the manifest records them (export side)."""
+    return {
+        folder: {p.name: file_sha256(p) for p in sorted((root / folder).iterdir())}
+        for folder in folders
+    }
 
 
 def file_sha256(path: Path, external_data: Path | None = None) -> str:

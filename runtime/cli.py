@@ -1,4 +1,5 @@
-"""The `sdrt` command: export, generate, info, demo, build (TensorRT), bench, serve.
+"""The `sdrt` command: export, generate, info, sign, verify, demo, build (TensorRT), bench,
+serve.
 
 User mistakes end as one line on stderr and exit code 2; everything else is a bug and keeps
 its traceback.
@@ -8,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
 from .engine_cache import ENGINES_DIR, read_entry
 from .errors import UserError
 
@@ -23,13 +30,32 @@ DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with _terminate_as_interrupt():
+            return args.handler(args)
     except UserError as err:
         print(f"sdrt: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what `kill`, systemd and container runtimes send) unwinds like Ctrl-C, so the
+    cleanup that removes staging directories and temporary files runs for it too."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         "--output", default="out.png", help="PNG path; with several images, -N is added before .png"
     )
     generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument(
+        "--max-images",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"refuse --num-images above this (default {DEFAULT_MAX_IMAGES})",
+    )
+    generate.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse outputs and input images of more pixels (default {DEFAULT_MAX_PIXELS})",
+    )
     generate.add_argument(
         "--image", help="start from this picture (img2img, or inpainting with --mask)"
     )
@@ -111,10 +149,29 @@ def _parser() -> argparse.ArgumentParser:
 
     register_bench(commands)
 
-    info = commands.add_parser("info", help="print what a bundle holds")
+    from sdrt.serve.triton_repo import register as register_triton_repo
+
+    register_triton_repo(commands)
+
+    info = commands.add_parser("info", help="verify a bundle and print what it holds")
     info.add_argument("bundle")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
+    info.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 checks (paths are still checked)"
+    )
     info.set_defaults(handler=cmd_info)
+
+    sign = commands.add_parser("sign", help="sign a bundle with an elliptic-curve private key")
+    sign.add_argument("bundle")
+    sign.add_argument("--key", required=True, help="private key, PEM")
+    sign.set_defaults(handler=cmd_sign)
+
+    verify = commands.add_parser(
+        "verify", help="check a bundle's signature with a public key, then the bundle itself"
+    )
+    verify.add_argument("bundle")
+    verify.add_argument("--key", required=True, help="public key, PEM")
+    verify.set_defaults(handler=cmd_verify)
 
     demo = commands.add_parser(
         "demo", help="tiny model: export, generate, compare with diffusers (needs sdrt[export,cpu])"
@@ -181,6 +238,9 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (GPU N)")
+    parser.add_argument(
+        "--trusted-key", help="public key (PEM): refuse the bundle unless signed by its pair"
+    )
 
 
 def _export_module() -> Any:
@@ -288,14 +348,19 @@ def _print_parity(manifest: dict[str, Any]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .arguments import Limits
     from .images import generation_metadata, save_png
     from .pipeline import Pipeline
 
-    pipe = Pipeline.load(args.bundle, backend=args.backend, device=args.device)
     if args.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {args.num_images}")
-    image = _open_image(args.image, "--image") if args.image else None
-    mask = _open_image(args.mask, "--mask") if args.mask else None
+    paths = _output_paths(_check_output(Path(args.output)), args.num_images)
+    image = _open_image(args.image, "--image", args.max_pixels) if args.image else None
+    mask = _open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
+    pipe = Pipeline.load(
+        args.bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
+    )
+    pipe.limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels)
     call = {
         "prompt": [args.prompt] * args.num_images,
         "negative_prompt": args.negative_prompt,
@@ -315,7 +380,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         Path(args.mask).name if args.mask else None,
     )
     out = pipe(**call, progress=True)
-    paths = _output_paths(Path(args.output), len(out.images))
     for path, image in zip(paths, out.images, strict=True):
         save_png(image, path, metadata)
         print(f"wrote {path}")
@@ -323,22 +387,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_image(path: str, flag: str) -> Any:
+def _check_output(path: Path) -> Path:
+    """Refuse an output path that could not be written, before minutes of generation."""
+    if path.suffix.lower() != ".png":
+        raise UserError(
+            f"--output {path} must end in .png: sdrt writes PNGs, whose text chunks record "
+            "how the image was made"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"--output folder {folder} does not exist; create it first")
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory; name a .png file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"cannot write {folder}: permission denied; choose a folder you can write to"
+        )
+    return path
+
+
+def _open_image(path: str, flag: str, max_pixels: int) -> Any:
+    """Read a picture, refusing what is not a regular file (a FIFO would block forever) and,
+    from its header before decoding, one above the pixel limit (a decompression bomb)."""
     from PIL import Image, UnidentifiedImageError
 
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{flag} {path} does not exist")
+    if not file.is_file():
+        raise UserError(f"{flag} {path} is not a regular file; pass an image file")
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours, just below, rules
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
+            if image.width * image.height > max_pixels:
+                raise UserError(
+                    f"{flag} {path} is {image.width}x{image.height} pixels, above the limit of "
+                    f"{max_pixels}; pass a smaller image or raise --max-pixels"
+                )
             return image.copy()
-    except FileNotFoundError as err:
-        raise UserError(f"{flag} {path} does not exist") from err
+    except PermissionError as err:
+        raise UserError(f"cannot read {flag} {path}: permission denied") from err
     except (UnidentifiedImageError, OSError) as err:
         raise UserError(f"{flag} {path} is not an image PIL can read ({err})") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 def _output_paths(path: Path, count: int) -> list[Path]:
     if count == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
 def _print_timings(timings: dict[str, float]) -> None:
@@ -386,7 +484,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle, verify_hashes=False)
+    bundle = Bundle.load(args.bundle, verify_hashes=not args.no_verify)
     manifest = bundle.manifest
     if args.json:
         print(json.dumps(manifest, indent=2))
@@ -414,14 +512,31 @@ def cmd_info(args: argparse.Namespace) -> int:
             if f
         )
         print(
-            f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB  "
-            f"parity max rel {entry['parity']['max_rel']:.1e}"
+            f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB"
+            + (f"  parity max rel {entry['parity']['max_rel']:.1e}" if "parity" in entry else "")
             + (
                 f"  static shapes: {len(entry['static_variants'])}"
                 if entry.get("static_variants")
                 else ""
             )
         )
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .signing import sign_bundle
+
+    Bundle.load(args.bundle)  # sign only what loads: a signature vouches for a sound bundle
+    print(f"wrote {sign_bundle(args.bundle, args.key)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+
+    Bundle.load(args.bundle, trusted_key=args.key)
+    print(f"{args.bundle}: signature valid for {args.key}, files match the manifest")
     return 0
 
 

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic_files import staging_dir
+from .atomic_files import write_atomic as write_atomic  # engines are written through it
 from .errors import UserError
 
 ENGINES_DIR = "engines"
@@ -389,20 +391,6 @@ def select_entry(
 # ---- atomic writes ------------------------------------------------------------------------
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary name, flush to disk, then rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def staged_directory(final: Path) -> Iterator[Path]:
     """Yield a hidden sibling of `final` to fill; it becomes `final` only if the block succeeds.
@@ -411,9 +399,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     engines/<key> directory exists that a later run could trust.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = staging_dir(final)  # also removes what a killed build left for this key
     try:
         yield staging
         _replace_directory(staging, final)

@@ -23,8 +23,11 @@ def image_size(image: Any) -> tuple[int, int]:
 
 
 def _as_float_array(image: Any, height: int, width: int, mode: str, what: str) -> np.ndarray:
-    """PIL image or array (uint8, or float in [0, 1]) -> float32 array in [0, 1] at the size."""
+    """PIL image or array (uint8, uint16, or float in [0, 1]) -> float32 array in [0, 1] at
+    the size."""
     if isinstance(image, Image.Image):
+        if image.mode.startswith("I"):  # 16-bit grayscale: PIL's convert would clip it to white
+            return _sixteen_bit_gray(image, height, width, mode)
         image = image.convert(mode)
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
@@ -35,7 +38,16 @@ def _as_float_array(image: Any, height: int, width: int, mode: str, what: str) -
             f"{what} array has size {array.shape[:2]}, expected ({height}, {width}); "
             "pass a PIL image to have it resized"
         )
-    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(array.dtype, 1.0)
+    return array.astype(np.float32) / np.float32(scale)
+
+
+def _sixteen_bit_gray(image: Image.Image, height: int, width: int, mode: str) -> np.ndarray:
+    gray = Image.fromarray(np.asarray(image, np.float32) / 65535.0, mode="F")
+    if gray.size != (width, height):
+        gray = gray.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.clip(np.asarray(gray, np.float32), 0.0, 1.0)
+    return np.repeat(array[..., None], 3, axis=2) if mode == "RGB" else array
 
 
 def image_to_pixels(image: Any, height: int, width: int) -> np.ndarray:

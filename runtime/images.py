@@ -8,6 +8,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .atomic_files import atomic_file
+
 
 def decoded_to_numpy(decoded: np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], NCHW -> float32 NHWC in [0, 1], as diffusers' output_type="np"."""
@@ -40,4 +42,8 @@ def save_png(image: Image.Image, path: str | Path | IO[bytes], metadata: dict[st
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, str(value))
-    image.save(path, format="PNG", pnginfo=info)
+    if not isinstance(path, (str, Path)):  # an open stream, e.g. an HTTP response body
+        image.save(path, format="PNG", pnginfo=info)
+        return
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .arguments import GenerationArgs, check_arguments
+from .arguments import GenerationArgs, Limits, check_arguments
 from .backends import Engine, load_engine
-from .backends.base import upload_constants
+from .backends.base import parse_device, upload_constants
 from .bundle import Bundle
 from .denoise import Timer, start_request, step
 from .image_inputs import sample_latents
@@ -40,6 +40,7 @@ class Pipeline:
         self.tokenizers = tokenizers  # text encoder name -> its tokenizer
         # milliseconds `load` spent: "bundle" (manifest and hashes), then each component's engine
         self.load_timings: dict[str, float] = {}
+        self.limits = Limits()  # request bounds; replace to raise them
 
     @classmethod
     def load(
@@ -48,14 +49,18 @@ class Pipeline:
         backend: str = "onnxruntime",
         device: str = "auto",
         verify: bool = True,
+        trusted_key: str | Path | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests.
 
+        With `trusted_key` (a PEM public key) the bundle must carry a valid signature by its
+        private key (`sdrt sign`); unsigned or altered bundles are refused before loading.
         `backend_options` go to every engine (e.g. tensorrt's cuda_graph=True).
         """
+        parse_device(device)  # a typo is refused before anything loads, for every backend
         start = time.perf_counter()
-        loaded = Bundle.load(bundle, verify_hashes=verify)
+        loaded = Bundle.load(bundle, verify_hashes=verify, trusted_key=trusted_key)
         timings = {"bundle": 1000 * (time.perf_counter() - start)}
         engines = {}
         for name in loaded.components:
@@ -123,7 +128,7 @@ class Pipeline:
 
     def arguments(self, **call: Any) -> GenerationArgs:
         """A request checked against this bundle (`check_arguments` takes the keywords)."""
-        return check_arguments(self.manifest, self.engines, **call)
+        return check_arguments(self.manifest, self.engines, **{"limits": self.limits, **call})
 
     def guided(self, args: GenerationArgs) -> bool:
         """Classifier-free guidance runs two U-Net rows per image."""

@@ -81,13 +81,25 @@ def _component_io() -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]
     }
 
 
+def _placeholder_graph(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> bytes:
+    """A graph with the component's inputs and outputs and no nodes: what Bundle.load reads."""
+    from onnx import TensorProto, helper
+
+    def values(specs: list[dict[str, Any]]) -> list[Any]:
+        return [helper.make_tensor_value_info(s["name"], TensorProto.FLOAT, None) for s in specs]
+
+    graph = helper.make_graph([], "placeholder", values(inputs), values(outputs))
+    return helper.make_model(graph).SerializeToString()
+
+
 def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
     root.mkdir(parents=True)
     (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.json").write_text("{}")
     components = {}
     for name, (inputs, outputs) in _component_io().items():
         path = root / f"{name}.onnx"
-        path.write_bytes(f"placeholder graph for {name}".encode())
+        path.write_bytes(_placeholder_graph(inputs, outputs))
         components[name] = {
             "file": path.name,
             "external_data": None,
@@ -110,6 +122,9 @@ def make_bundle(root: Path, precision: str = "fp32") -> Bundle:
         "scheduler": "pndm",
         "scheduler_config": {},
         "components": components,
+        "tokenizer_files": {
+            "tokenizer": {"vocab.json": file_sha256(root / "tokenizer/vocab.json")}
+        },
     }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return Bundle.load(root)
@@ -416,6 +431,23 @@ def test_staged_directory_appears_only_when_the_block_succeeds(tmp_path: Path) -
     with staged_directory(final) as staging:
         (staging / "a.engine").write_bytes(b"x")
     assert (final / "a.engine").read_bytes() == b"x"
+
+
+def test_staging_left_by_a_killed_build_is_removed_by_the_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    final = tmp_path / "engines" / "key"
+    final.parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = final.with_name(f".key.partial-{dead.pid}")
+    (leftover / "unet.engine").parent.mkdir()
+    (leftover / "unet.engine").write_bytes(b"half")
+    with staged_directory(final) as staging:
+        (staging / "unet.engine").write_bytes(b"whole")
+    assert not leftover.exists()
+    assert str(leftover) in capsys.readouterr().err
+    assert (final / "unet.engine").read_bytes() == b"whole"
 
 
 @pytest.mark.parametrize(

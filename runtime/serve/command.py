@@ -13,6 +13,7 @@ from typing import Any
 from ..arguments import Limits
 from ..errors import UserError
 from .batcher import DEFAULT_MAX_BATCH_ROWS, MODES
+from .ray_command import add_arguments as add_ray_arguments
 from .settings import Settings
 
 
@@ -44,10 +45,18 @@ def register(commands: Any) -> None:
     serve.add_argument("--max-steps", type=int, default=150)
     serve.add_argument("--max-size", type=int, default=2048, help="largest width or height")
     serve.add_argument("--no-warmup", action="store_true", help="ready without a warm-up run")
+    serve.add_argument(
+        "--trusted-key", help="public key (PEM): refuse any bundle not signed by its pair"
+    )
+    add_ray_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray_command import serve_on_ray
+
+        return serve_on_ray(args, _settings(args))
     try:
         import uvicorn
 
@@ -73,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     models = {
         name: Batcher(
-            Pipeline.load(bundle, backend=args.backend, device=args.device),
+            Pipeline.load(
+                bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
+            ),
             max_batch_rows=args.max_batch_rows,
             max_queue=args.max_queue,
             mode=args.batching,

@@ -1,0 +1,182 @@
+"""What an ONNX file names without loading it: its graph inputs and outputs, and every
+external-data file its tensors point at.
+
+Read straight from the protobuf wire format (field numbers from onnx.proto), so the runtime
+needs no `onnx` package and never opens a referenced file before the bundle has vetted it.
+Tensor payloads are skipped by length, not read.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+# onnx.proto field numbers
+MODEL_GRAPH, MODEL_TRAINING_INFO, MODEL_FUNCTIONS = 7, 20, 25
+TRAINING_GRAPHS = (1, 2)  # TrainingInfoProto.initialization, .algorithm
+FUNCTION_NODES = 7
+GRAPH_NODES, GRAPH_INITIALIZERS, GRAPH_SPARSE_INITIALIZERS = 1, 5, 15
+GRAPH_INPUTS, GRAPH_OUTPUTS = 11, 12
+NODE_ATTRIBUTES = 5
+ATTRIBUTE_TENSORS = (5, 10)  # t, tensors
+ATTRIBUTE_GRAPHS = (6, 11)  # g, graphs
+ATTRIBUTE_SPARSE_TENSORS = (22, 23)  # sparse_tensor, sparse_tensors
+SPARSE_TENSOR_PARTS = (1, 2)  # values, indices
+TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
+VALUE_INFO_NAME = 1
+ENTRY_KEY, ENTRY_VALUE = 1, 2
+LOCATION = b"location"
+
+VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+
+
+@dataclass
+class GraphReferences:
+    inputs: list[str] = field(default_factory=list)  # graph inputs that are not initializers
+    outputs: list[str] = field(default_factory=list)
+    external_files: set[str] = field(default_factory=set)  # `location` values, as written
+
+
+class _Malformed(Exception):
+    pass
+
+
+def graph_references(path: Path) -> GraphReferences:
+    """The main graph's inputs/outputs and every external-data location in the file (main
+    graph, subgraphs, constants, functions); UserError if it is not an ONNX model."""
+    refs = GraphReferences()
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) == 0:
+                raise _Malformed("the file is empty")
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        with data:
+            # Every external reference is a `location` entry stored as plain bytes: without
+            # them anywhere (a byte search in C), only the graph's inputs/outputs need reading.
+            tensors = data.find(LOCATION) != -1
+            buf = memoryview(data)
+            try:
+                for number, start, end in _messages(buf, 0, len(buf)):
+                    if number == MODEL_GRAPH:
+                        _main_graph(buf, start, end, refs, tensors)
+                    elif not tensors:
+                        continue
+                    elif number == MODEL_FUNCTIONS:
+                        _nodes(buf, start, end, FUNCTION_NODES, refs)
+                    elif number == MODEL_TRAINING_INFO:
+                        for part, s, e in _messages(buf, start, end):
+                            if part in TRAINING_GRAPHS:
+                                _graph(buf, s, e, refs)
+            finally:
+                buf.release()
+    except (_Malformed, UnicodeDecodeError) as err:
+        raise UserError(
+            f"{path} is not a readable ONNX model ({err}); re-export the bundle"
+        ) from err
+    return refs
+
+
+def _main_graph(
+    buf: memoryview, start: int, end: int, refs: GraphReferences, tensors: bool
+) -> None:
+    inputs, initializers = [], set()
+    for number, s, e in _messages(buf, start, end):
+        if number == GRAPH_INPUTS:
+            inputs.append(_string_field(buf, s, e, VALUE_INFO_NAME))
+        elif number == GRAPH_OUTPUTS:
+            refs.outputs.append(_string_field(buf, s, e, VALUE_INFO_NAME))
+        elif number == GRAPH_INITIALIZERS:
+            initializers.add(_string_field(buf, s, e, TENSOR_NAME))
+    refs.inputs = [name for name in inputs if name not in initializers]  # IR < 4 lists both
+    if tensors:
+        _graph(buf, start, end, refs)
+
+
+def _graph(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
+    for number, s, e in _messages(buf, start, end):
+        if number == GRAPH_INITIALIZERS:
+            _tensor(buf, s, e, refs)
+        elif number == GRAPH_SPARSE_INITIALIZERS:
+            _sparse_tensor(buf, s, e, refs)
+        elif number == GRAPH_NODES:
+            _node(buf, s, e, refs)
+
+
+def _nodes(buf: memoryview, start: int, end: int, field_number: int, refs: GraphReferences) -> None:
+    for number, s, e in _messages(buf, start, end):
+        if number == field_number:
+            _node(buf, s, e, refs)
+
+
+def _node(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
+    for number, s, e in _messages(buf, start, end):
+        if number != NODE_ATTRIBUTES:
+            continue
+        for part, ps, pe in _messages(buf, s, e):
+            if part in ATTRIBUTE_TENSORS:
+                _tensor(buf, ps, pe, refs)
+            elif part in ATTRIBUTE_GRAPHS:
+                _graph(buf, ps, pe, refs)
+            elif part in ATTRIBUTE_SPARSE_TENSORS:
+                _sparse_tensor(buf, ps, pe, refs)
+
+
+def _sparse_tensor(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
+    for number, s, e in _messages(buf, start, end):
+        if number in SPARSE_TENSOR_PARTS:
+            _tensor(buf, s, e, refs)
+
+
+def _tensor(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
+    for number, s, e in _messages(buf, start, end):
+        if number == TENSOR_EXTERNAL_DATA and _string_field(buf, s, e, ENTRY_KEY) == "location":
+            refs.external_files.add(_string_field(buf, s, e, ENTRY_VALUE))
+
+
+def _string_field(buf: memoryview, start: int, end: int, wanted: int) -> str:
+    value = ""
+    for number, s, e in _messages(buf, start, end):
+        if number == wanted:
+            value = bytes(buf[s:e]).decode("utf-8")
+    return value
+
+
+def _messages(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field; other fields are skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == VARINT:
+            _, pos = _varint(buf, pos, end)
+        elif wire == FIXED64:
+            pos += 8
+        elif wire == FIXED32:
+            pos += 4
+        elif wire == LENGTH:
+            length, pos = _varint(buf, pos, end)
+            if pos + length > end:
+                raise _Malformed(f"field {number} runs past its message")
+            yield number, pos, pos + length
+            pos += length
+        else:
+            raise _Malformed(f"unsupported wire type {wire} at byte {pos}")
+        if number == 0 or pos > end:
+            raise _Malformed(f"corrupt field at byte {pos}")
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _Malformed(f"truncated number at byte {pos}")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
