@@ -292,7 +292,8 @@ def _sdrt_path(
     def measured() -> dict[str, Any]:
         runner, load_s, details = load_runner(bundle, backend, settings.device, workload)
         label = f"sdrt {backend}, {'/'.join(details['precision'])}, {'/'.join(details['provider'])}"
-        report(f"{name}: {label}, loaded in {load_s:.2f} s")
+        parts = ", ".join(f"{k} {v:.0f} ms" for k, v in details["load_ms"].items())
+        report(f"{name}: {label}, loaded in {load_s:.2f} s ({parts})")
         path, images = _measure(name, label, runner, plan, report)
         path.update(details=details, build_s=export_s, load_s=load_s)
         return _compare(path, images, baseline)

@@ -69,6 +69,7 @@ def load_runner(
         "precision": sorted({c.precision for c in pipeline.bundle.components.values()}),
         "provider": sorted({getattr(e, "provider", backend) for e in pipeline.engines.values()}),
         "options": options,
+        "load_ms": {k: round(v, 1) for k, v in pipeline.load_timings.items()},
     }
     return SdrtRunner(pipeline, workload, memory), seconds, details
 

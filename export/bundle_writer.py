@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import datetime
 import errno
+import gc
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from .onnx_export import (
     verify_onnx,
 )
 from .optimize import static_variant_file, write_static_variant
+from .stages import GIB, StageFn, StageWatch
 
 # diffusers scheduler class -> the runtime's name for the same family
 SCHEDULER_NAMES = {
@@ -91,13 +95,18 @@ def export_bundle(
     fused_attention: bool = False,
     static_sizes: Sequence[tuple[int, int]] = (),
     cuda_fusions: bool = False,
+    watch: StageWatch | None = None,
+    release_weights: bool = False,
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
     `loras` are the records of LoRAs already fused into `pipe`, kept in the manifest.
     `fused_attention`, `cuda_fusions` and `static_sizes` (HxW) target ONNX Runtime CUDA: fused
     attention nodes, NHWC convolutions with fused normalisations in the U-Net and VAE decoder,
-    and fixed-shape copies of those graphs so CUDA graphs can be captured.
+    and fixed-shape copies of those graphs so CUDA graphs can be captured. `watch` records
+    each stage's time and peak RSS (the memory benchmark reads it). `release_weights` frees
+    each component's PyTorch weights once verified, keeping the peak near one model's size;
+    `pipe` cannot run afterwards.
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
@@ -117,6 +126,8 @@ def export_bundle(
             fused_attention,
             list(static_sizes),
             cuda_fusions,
+            watch or StageWatch(),
+            release_weights,
         )
         _normal_permissions(staging)
         _move_into_place(staging, out)
@@ -151,6 +162,8 @@ def _write_bundle(
     fused_attention: bool,
     static_sizes: list[tuple[int, int]],
     cuda_fusions: bool,
+    watch: StageWatch,
+    release_weights: bool,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = native_size(pipe)
@@ -177,12 +190,18 @@ def _write_bundle(
         "width": vae_scale * (latent + unet_factor),
     }
     entries = {}
-    bar = tqdm(components(pipe), desc="export", unit="component", disable=not progress)
-    for component in bar:
-        bar.set_postfix_str(component.name)
-        if dtype == "fp16":
-            size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
-            component.calibration = calibration_feeds(pipe, component, dims, size)
+    parts = components(pipe)
+    if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
+        size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
+        for component in parts:
+            with watch.stage(component.name, "fp16 calibrate"):
+                component.calibration = calibration_feeds(pipe, component, dims, size)
+    bar = tqdm(parts, desc="export", unit="component", disable=not progress)
+    if progress:
+        watch.on_change = _show_stage(bar)
+    for index, component in enumerate(bar):
+        stage = watch.for_component(component.name)
+        release = _weight_release(component, parts[index + 1 :]) if release_weights else None
         entries[component.name] = _export_component(
             component,
             root,
@@ -193,16 +212,21 @@ def _write_bundle(
             fused_attention,
             cuda_fusions,
             bool(static_sizes),
+            stage,
+            release,
         )
+        if release:
+            release()  # where verification kept the weights (an fp16 VAE that may fall back)
         if component.name in CUDA_FUSED:
-            entries[component.name]["static_variants"] = [
-                write_static_variant(
-                    root / entries[component.name]["file"],
-                    d,
-                    root / static_variant_file(component.name, d),
-                )
-                for d in (static_dims(size, vae_scale, component) for size in static_sizes)
-            ]
+            with stage("write static") if static_sizes else nullcontext():
+                entries[component.name]["static_variants"] = [
+                    write_static_variant(
+                        root / entries[component.name]["file"],
+                        d,
+                        root / static_variant_file(component.name, d),
+                    )
+                    for d in (static_dims(size, vae_scale, component) for size in static_sizes)
+                ]
     folders = ["tokenizer", "tokenizer_2"][: len(pairs)]
     for folder, (tokenizer, _) in zip(folders, pairs, strict=True):
         tokenizer.save_pretrained(root / folder)
@@ -246,18 +270,27 @@ def _export_component(
     fused_attention: bool,
     cuda_fusions: bool,
     external_data: bool,
+    stage: StageFn,
+    release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """Export, verify and describe one component. `release` frees its PyTorch weights; it is
+    called once verification has its PyTorch reference, unless a re-export may still follow."""
     path = root / f"{component.name}.onnx"
 
     def export(dtype: str) -> ExportedOps:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
-        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc)
+        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc, stage)
 
+    def verify(last: bool) -> dict[str, Any]:
+        with stage("verify"):
+            return verify_onnx(component, path, check_dims, release if last else None)
+
+    may_fall_back = dtype == "fp16" and component.name.startswith("vae")
     ops = export(dtype)
-    parity = verify_onnx(component, path, check_dims)
+    parity = verify(last=not may_fall_back)
     fallback = None
-    if dtype == "fp16" and component.name.startswith("vae") and not _passes(parity, tolerance):
+    if may_fall_back and not _passes(parity, tolerance):
         # Some VAEs overflow fp16 (SDXL's does); measured, not assumed: keep this one fp32.
         fallback = (
             f"fp16 failed verification (max rel {parity['max_rel']:.1e}, finite "
@@ -265,7 +298,7 @@ def _export_component(
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
         ops = export(dtype)
-        parity = verify_onnx(component, path, check_dims)
+        parity = verify(last=True)
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
         raise UserError(
@@ -294,6 +327,35 @@ def _export_component(
             + (", CUDA-only ops as standard ONNX" if ops.cuda_only else ""),
         },
     }
+
+
+def _weight_release(component: Component, later: list[Component]) -> Callable[[], None]:
+    """A function that frees the PyTorch weights of `component` that no `later` one uses, so
+    export holds one model's weights, not the whole pipeline's, while it verifies."""
+
+    def release() -> None:
+        import torch
+
+        kept = {id(p) for c in later for p in c.module.parameters()}
+        for param in component.module.parameters():
+            if id(param) not in kept:
+                param.data = torch.empty(0, dtype=param.dtype)
+        gc.collect()
+
+    return release
+
+
+def _show_stage(bar: tqdm) -> Callable[[str, str, int], None]:
+    """Progress-bar postfix "unet: verify, RSS 6.1 GiB", redrawn at most twice a second."""
+    shown = [0.0, ""]
+
+    def show(component: str, stage: str, rss: int) -> None:
+        now = time.monotonic()
+        if stage != shown[1] or now - shown[0] >= 0.5:
+            shown[:] = [now, stage]
+            bar.set_postfix_str(f"{component}: {stage}, RSS {rss / GIB:.1f} GiB")
+
+    return show
 
 
 def _normal_permissions(root: Path) -> None:

@@ -8,9 +8,11 @@ height/width (pixels).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,9 @@ from .cuda_fusions import (
     lower_cuda_ops,
     unfuse_unsupported,
 )
+from .external_data import external_tensors, gather_external_data
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
+from .stages import StageFn, no_stages
 
 OPSET = 17
 TWO_GB = 2**31
@@ -261,6 +265,7 @@ def export_onnx(
     fuse_attention: bool = False,
     external_data: bool = False,
     cuda_fusions: bool = False,
+    stage: StageFn = no_stages,
 ) -> ExportedOps:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
     always with `external_data`, so static variants can share the weights); returns the
@@ -269,7 +274,8 @@ def export_onnx(
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
     graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
-    measured on the fused graph written back as standard ops (`cuda_ops_lowered`).
+    measured on the fused graph written back as standard ops (`cuda_ops_lowered`). `stage`
+    brackets each step (trace, fuse, fp16 measure, fp16 convert, write).
     """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
@@ -277,49 +283,76 @@ def export_onnx(
         spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
         for spec in component.inputs + component.outputs
     }
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
+    # Graph passes read and rewrite the weights; without one they stay in the exporter's files
+    # and are streamed into the bundle, so no second copy sits in memory beside PyTorch's.
+    passes = cuda_fusions or dtype == "fp16"
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         traced = Path(tmp) / "model.onnx"
-        fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
-        with torch.no_grad(), fusing as fused:
-            torch.onnx.export(
-                component.module.eval(),
-                args,
-                str(traced),
-                input_names=[s.name for s in component.inputs],
-                output_names=[s.name for s in component.outputs],
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
+        with stage("trace"):
+            fused = _trace(component, args, traced, dynamic_axes, fuse_attention)
+            model = onnx.load(str(traced), load_external_data=passes)
+        found = count_nodes(model, "MultiHeadAttention", "com.microsoft")
+        if fuse_attention and found != len(fused):
+            raise UserError(
+                f"{component.name}: attention fusion missed some of its {len(fused)} "
+                "attention modules; export without --fused-attention"
             )
-        model = onnx.load(str(traced))
-    if fuse_attention and count_nodes(model, "MultiHeadAttention", "com.microsoft") != len(fused):
-        raise UserError(
-            f"{component.name}: attention fusion missed some of its {len(fused)} "
-            "attention modules; export without --fused-attention"
-        )
-    unfused: Counter[str] = Counter()
-    if cuda_fusions:
-        model = fuse_for_cuda(model)
-        unfused.update(unfuse_unsupported(model))
-    if dtype == "fp16":
-        calibration = component.calibration or [feeds]
-        present = {n.name for n in model.graph.node}
-        with cuda_ops_lowered(model) as standard:
-            always = attention_score_nodes(standard) if component.upcast_attention else set()
-            measured = keep_fp32_nodes(
-                standard,
-                calibration,
-                providers=calibration_providers(),
-                chunk=stats_chunk(feeds, calibration),
-                always=always,
-            )
-            keep = fused_node_names(measured, present)
-        model = convert_fp16(model, keep)
-        unfused.update(unfuse_unsupported(model))
-    save_onnx(model, path, external_data)
+        unfused: Counter[str] = Counter()
+        if cuda_fusions:
+            with stage("fuse"):
+                model = fuse_for_cuda(model)
+                unfused.update(unfuse_unsupported(model))
+        if dtype == "fp16":
+            calibration = component.calibration or [feeds]
+            present = {n.name for n in model.graph.node}
+            with stage("fp16 measure"), cuda_ops_lowered(model) as standard:
+                always = attention_score_nodes(standard) if component.upcast_attention else set()
+                measured = keep_fp32_nodes(
+                    standard,
+                    calibration,
+                    providers=calibration_providers(),
+                    chunk=stats_chunk(feeds, calibration),
+                    always=always,
+                )
+                keep = fused_node_names(measured, present)
+            with stage("fp16 convert"):
+                model = convert_fp16(model, keep)
+                unfused.update(unfuse_unsupported(model))
+        with stage("write"):
+            if external_tensors(model):
+                gather_external_data(model, Path(tmp), path.with_name(f"{path.name}.data"))
+                onnx.save_model(model, str(path))
+            elif not passes and not external_data:
+                os.replace(traced, path)  # the exporter's file is the graph wanted: no re-save
+            else:
+                save_onnx(model, path, external_data)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
+
+
+def _trace(
+    component: Component,
+    args: tuple[torch.Tensor, ...],
+    out: Path,
+    dynamic_axes: dict[str, dict[int, str]],
+    fuse_attention: bool,
+) -> list[str]:
+    """torch.onnx.export (legacy exporter) of `component` to `out`; returns the names of the
+    attention modules emitted as MultiHeadAttention."""
+    fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
+    with warnings.catch_warnings(), torch.no_grad(), fusing as fused:
+        warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
+        torch.onnx.export(
+            component.module.eval(),
+            args,
+            str(out),
+            input_names=[s.name for s in component.inputs],
+            output_names=[s.name for s in component.outputs],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return list(fused or [])
 
 
 def stats_chunk(traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]]) -> int:
@@ -353,23 +386,42 @@ def _fits_bytesize(model: onnx.ModelProto) -> bool:
     return True
 
 
-def verify_onnx(component: Component, path: Path, dims: dict[str, int]) -> dict[str, float]:
+def _lean_session_options(ort: Any) -> Any:
+    """A verifying session runs once: no arena kept past the run and no prepacked (copied)
+    weights; the kernels and their numerics are the same."""
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def verify_onnx(
+    component: Component,
+    path: Path,
+    dims: dict[str, int],
+    release: Callable[[], None] | None = None,
+) -> dict[str, float]:
     """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch; CUDA-only
-    ops are run as their standard-ONNX lowering (see `cuda_fusions`)."""
+    ops are run as their standard-ONNX lowering (see `cuda_fusions`). PyTorch runs first, and
+    `release` (freeing its weights) before ONNX Runtime loads its own copy."""
     import onnxruntime as ort
 
     feeds = component.sample_inputs(dims, seed=1)
+    with torch.no_grad():
+        want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    if release:
+        release()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         runnable = path
         if cuda_only_ops(onnx.load(str(path), load_external_data=False)):
             runnable = Path(tmp) / path.name
             save_onnx(lower_cuda_ops(onnx.load(str(path))), runnable)
-        session = ort.InferenceSession(str(runnable), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(runnable), _lean_session_options(ort), providers=["CPUExecutionProvider"]
+        )
         got = session.run(None, feeds)
         del session
-    with torch.no_grad():
-        want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
     max_abs = max_ref = 0.0
     for g, w in zip(got, want, strict=True):
         w64 = w.double().numpy()

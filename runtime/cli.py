@@ -66,25 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("source", nargs="?", help="diffusers folder or .safetensors file")
     export.add_argument("bundle", help="new bundle directory to write")
     _add_model_source_options(export)
-    export.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
-    export.add_argument(
-        "--fused-attention",
-        action="store_true",
-        help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
-    )
-    export.add_argument(
-        "--cuda-fusions",
-        action="store_true",
-        help="NHWC convolutions and fused GroupNorm/GEGLU in the U-Net and VAE decoder "
-        "(ONNX Runtime CUDA only)",
-    )
-    export.add_argument(
-        "--static-size",
-        action="append",
-        default=[],
-        metavar="HxW",
-        help="also write fixed-shape graphs for this size (ORT CUDA graphs); repeatable",
-    )
+    add_graph_options(export)
     export.add_argument(
         "--lora",
         action="append",
@@ -93,10 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
     )
     export.add_argument(
-        "--tolerance",
+        "--max-memory",
         type=float,
         default=None,
-        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+        metavar="GIB",
+        help="refuse to start when the estimated peak RAM exceeds this many GiB "
+        "(default: the memory available now; 0 turns the check off)",
     )
     export.set_defaults(handler=cmd_export)
 
@@ -199,6 +183,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_graph_options(parser: argparse.ArgumentParser) -> None:
+    """How export writes and checks the graphs (shared with the export memory benchmark)."""
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="emit ONNX Runtime's fused MultiHeadAttention (faster on ORT CUDA; not for TensorRT)",
+    )
+    parser.add_argument(
+        "--cuda-fusions",
+        action="store_true",
+        help="NHWC convolutions and fused GroupNorm/GEGLU in the U-Net and VAE decoder "
+        "(ONNX Runtime CUDA only)",
+    )
+    parser.add_argument(
+        "--static-size",
+        action="append",
+        default=[],
+        metavar="HxW",
+        help="also write fixed-shape graphs for this size (ORT CUDA graphs); repeatable",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+    )
+
+
 def _add_model_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--random-weights",
@@ -255,6 +268,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
+    _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)
     pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
@@ -271,10 +285,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         fused_attention=args.fused_attention,
         static_sizes=static_sizes,
         cuda_fusions=args.cuda_fusions,
+        release_weights=True,  # the pipeline is not used again: hold one model at a time
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
     return 0
+
+
+def _check_export_memory(args: argparse.Namespace) -> None:
+    """Refuse an export whose estimated peak RAM exceeds --max-memory before loading anything."""
+    from sdrt.export import memory_estimate as mem
+
+    if args.max_memory is not None and args.max_memory < 0:
+        raise UserError(f"--max-memory {args.max_memory} is negative; give GiB, or 0 for no check")
+    limit = mem.available_bytes() if args.max_memory is None else int(args.max_memory * mem.GIB)
+    sizes = mem.source_component_bytes(args.source, args.random_weights)
+    estimate = mem.estimate_peak_bytes(sizes, args.dtype, args.cuda_fusions)
+    mem.check_fits(estimate, limit or None)
 
 
 def _export(

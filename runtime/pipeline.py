@@ -38,6 +38,8 @@ class Pipeline:
         self.manifest = bundle.manifest
         self.engines = engines
         self.tokenizers = tokenizers  # text encoder name -> its tokenizer
+        # milliseconds `load` spent: "bundle" (manifest and hashes), then each component's engine
+        self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
 
     @classmethod
@@ -57,15 +59,20 @@ class Pipeline:
         `backend_options` go to every engine (e.g. tensorrt's cuda_graph=True).
         """
         parse_device(device)  # a typo is refused before anything loads, for every backend
+        start = time.perf_counter()
         loaded = Bundle.load(bundle, verify_hashes=verify, trusted_key=trusted_key)
-        engines = {
-            name: load_engine(backend, loaded, name, device, **backend_options)
-            for name in loaded.components
-        }
+        timings = {"bundle": 1000 * (time.perf_counter() - start)}
+        engines = {}
+        for name in loaded.components:
+            start = time.perf_counter()
+            engines[name] = load_engine(backend, loaded, name, device, **backend_options)
+            timings[name] = 1000 * (time.perf_counter() - start)
         tokenizers = {
             name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
         }
-        return cls(loaded, engines, tokenizers)
+        pipe = cls(loaded, engines, tokenizers)
+        pipe.load_timings = timings
+        return pipe
 
     def __call__(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -94,3 +95,12 @@ def test_generation_never_imports_torch(tiny_bundle):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_load_reports_milliseconds_for_the_bundle_and_each_engine(tiny_bundle):
+    start = time.perf_counter()
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    wall_ms = 1000 * (time.perf_counter() - start)
+    assert list(pipe.load_timings) == ["bundle", *pipe.engines]
+    assert all(ms > 0 for ms in pipe.load_timings.values())
+    assert sum(pipe.load_timings.values()) <= wall_ms

@@ -398,4 +398,8 @@ def test_server_keeps_serving_after_bad_input(server):
         post(server, "/v1/images/generations", json=fields)
     response = post(server, "/v1/images/generations", json=GOOD)
     assert response.status_code == 200 and len(response.json()["data"]) == 1
-    assert json.loads(httpx.get(f"{server.url}/ready").text) == {"status": "ready"}
+    ready = json.loads(httpx.get(f"{server.url}/ready").text)
+    assert ready["status"] == "ready"
+    for load_ms in ready["load_ms"].values():
+        assert {"bundle", "unet", "vae_decoder"} <= set(load_ms)
+        assert all(ms > 0 for ms in load_ms.values())

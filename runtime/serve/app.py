@@ -110,12 +110,14 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready() -> dict[str, str]:
+    async def ready() -> dict[str, Any]:
         if state.draining:
             raise ApiError(503, "the server is shutting down")
         if not state.ready.is_set():
             raise ApiError(503, "the models are still loading or warming up; retry shortly")
-        return {"status": "ready"}
+        # what each model's Pipeline.load took (ms per engine): the cold start a replica pays
+        load_ms = {name: b.pipeline.load_timings for name, b in state.models.items()}
+        return {"status": "ready", "load_ms": load_ms}
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:

@@ -1,0 +1,167 @@
+"""Export's stage watch and the export memory benchmark: which stage ran, and what it held.
+
+The memory goals themselves are benchmark figures (benchmarks/RESULTS.md), not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sdrt.export.stages import StageWatch, peak_bytes, rss_bytes
+
+MIB = 2**20
+
+
+def test_rss_and_peak_are_read_from_the_process():
+    now, peak = rss_bytes(), peak_bytes()
+    assert 0 < now <= peak
+
+
+def test_a_stage_that_allocates_records_the_process_high_water_mark():
+    watch = StageWatch()
+    before = peak_bytes()
+    size = before + 64 * MIB  # past the high-water mark, so this stage sets a new one
+    with watch.stage("unet", "trace"):
+        block = np.ones(size // 8, dtype=np.float64)  # touched, so resident
+        del block
+    with watch.stage("unet", "write"):
+        pass
+    trace, write = watch.records
+    assert (trace.component, trace.stage, trace.exact) == ("unet", "trace", True)
+    assert trace.peak_bytes >= size
+    # the next stage allocated nothing: its peak is what was resident, far below
+    assert not write.exact and write.peak_bytes < trace.peak_bytes - 32 * MIB
+    assert watch.component_peaks() == {"unet": trace.peak_bytes}
+
+
+def test_the_watch_reports_each_stage_start_with_the_rss():
+    seen = []
+    watch = StageWatch(on_change=lambda *args: seen.append(args))
+    with watch.for_component("vae_decoder")("verify"):
+        pass
+    component, stage, rss = seen[0]
+    assert (component, stage) == ("vae_decoder", "verify") and rss > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory") / "tiny.json"
+    command = [sys.executable, "-m", "sdrt.benchmarks.export_memory", "tiny"]
+    done = subprocess.run(
+        [*command, "--json", str(out), "--progress"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text()), done
+
+
+def test_benchmark_reports_every_stage_of_every_component(tiny_run):
+    result, done = tiny_run
+    stages = {(r["component"], r["stage"]) for r in result["stages"]}
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert {(component, s) for s in ("trace", "write", "verify")} <= stages
+    assert ("pipeline", "load") in stages
+    peaks = result["component_peaks"]
+    for component, peak in peaks.items():
+        own = [r["peak_bytes"] for r in result["stages"] if r["component"] == component]
+        assert peak == max(own)
+    assert result["peak_rss_bytes"] >= max(peaks.values()) > result["start_rss_bytes"] > 0
+    assert "| unet | verify |" in done.stdout and "process peak RSS" in done.stdout
+
+
+def test_progress_bar_shows_the_stage_and_rss(tiny_run):
+    _, done = tiny_run
+    assert "unet: trace, RSS" in done.stderr and "vae_encoder: verify, RSS" in done.stderr
+
+
+def test_weights_streamed_into_one_file_give_the_same_outputs(tmp_path):
+    """The exporter's per-weight files (as torch writes a model over 2 GB) gathered into one
+    page-aligned file: ONNX Runtime computes exactly what the original graph computes."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from sdrt.export.external_data import ALIGN, external_tensors, gather_external_data
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"])]
+    nodes += [helper.make_node("MatMul", [f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in (1, 2)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("h2", onnx.TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    traced = tmp_path / "traced"
+    traced.mkdir()
+    onnx.save_model(
+        model,
+        traced / "m.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    skeleton = onnx.load(str(traced / "m.onnx"), load_external_data=False)
+    assert len({t.external_data[0].value for t in external_tensors(skeleton)}) == 3
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    gather_external_data(skeleton, traced, out / "m.onnx.data")
+    onnx.save_model(skeleton, str(out / "m.onnx"))
+    offsets = [
+        int(e.value)
+        for t in external_tensors(skeleton)
+        for e in t.external_data
+        if e.key == "offset"
+    ]
+    assert len(offsets) == 3 and all(o % ALIGN == 0 for o in offsets)
+
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    want = x @ weights[0] @ weights[1] @ weights[2]
+    (got,) = ort.InferenceSession(str(out / "m.onnx")).run(None, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_export_refuses_in_one_line_when_the_estimate_exceeds_max_memory(tmp_path, capsys):
+    from sdrt.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--random-weights", "tiny", str(out), "--max-memory", "0.05"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-memory" in err and "GiB" in err
+    assert not out.exists()
+
+
+def test_estimate_reads_the_same_weights_from_a_folder_as_from_the_loaded_pipeline(
+    tiny_model_dir, tiny_pipe
+):
+    from sdrt.export import memory_estimate as mem
+
+    loaded = mem.pipeline_component_bytes(tiny_pipe)
+    on_disk = mem.folder_component_bytes(tiny_model_dir)
+    assert on_disk == loaded and loaded["unet"] > 0
+    largest = max(loaded.values())
+    fp32 = mem.estimate_peak_bytes(loaded, "fp32", False)
+    assert fp32 > sum(loaded.values()) + largest // 2
+    assert mem.estimate_peak_bytes(loaded, "fp16", True) > fp32
+
+
+def test_released_export_frees_each_component_after_verifying_against_it(tmp_path):
+    """With release_weights, PyTorch runs before each weight is freed: verification still
+    compares against the full model (same parity as a normal export), and nothing is left."""
+    from sdrt.export.bundle_writer import export_bundle
+    from sdrt.export.load import random_pipeline
+
+    pipe = random_pipeline("tiny", seed=0)
+    manifest = export_bundle(pipe, tmp_path / "b", "sd1", progress=False, release_weights=True)
+    for entry in manifest["components"].values():
+        assert entry["parity"]["max_rel"] <= 1e-3
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        assert sum(p.numel() for p in module.parameters()) == 0
