@@ -12,9 +12,10 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -386,3 +387,25 @@ def static_batch(unet: Any, rows: int, latent_shape: tuple[int, ...]) -> int:
         and variant.dims.get("unet_batch", 0) >= rows
     ]
     return min(batches, default=0)
+
+
+def load_batchers(
+    bundles: Sequence[str],
+    *,
+    backend: str = "onnxruntime",
+    device: str = "auto",
+    trusted_key: str | None = None,
+    **options: Any,
+) -> dict[str, Batcher]:
+    """One Batcher per bundle, named by its folder (the API's `model`), for `sdrt serve` and
+    each Ray replica alike; `options` go to every Batcher."""
+    names = [Path(bundle).resolve().name for bundle in bundles]
+    if len(set(names)) != len(names):
+        raise UserError(f"two bundles share a folder name ({', '.join(names)}); rename one")
+    return {
+        name: Batcher(
+            Pipeline.load(bundle, backend=backend, device=device, trusted_key=trusted_key),
+            **options,
+        )
+        for name, bundle in zip(names, bundles, strict=True)
+    }

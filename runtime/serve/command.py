@@ -7,7 +7,6 @@ import argparse
 import ipaddress
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..arguments import Limits
@@ -67,31 +66,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"sdrt serve needs the serve extra ({err.name} is missing); "
             "run `pip install 'sdrt[serve]'`"
         ) from err
-    from ..pipeline import Pipeline
-    from .batcher import Batcher
+    from .batcher import load_batchers
 
     settings = _settings(args)
-    names = [Path(bundle).resolve().name for bundle in args.bundles]
-    if len(set(names)) != len(names):
-        raise UserError(f"two bundles share a folder name ({', '.join(names)}); rename one")
     if args.api_key is None and not _loopback(args.host):
         print(
             f"sdrt: warning: serving on {args.host} without --api-key: anyone who can reach "
             "it can use it",
             file=sys.stderr,
         )
-    models = {
-        name: Batcher(
-            Pipeline.load(
-                bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
-            ),
-            max_batch_rows=args.max_batch_rows,
-            max_queue=args.max_queue,
-            mode=args.batching,
-            request_timeout_s=args.request_timeout,
-        )
-        for name, bundle in zip(names, args.bundles, strict=True)
-    }
+    models = load_batchers(
+        args.bundles,
+        backend=args.backend,
+        device=args.device,
+        trusted_key=args.trusted_key,
+        max_batch_rows=args.max_batch_rows,
+        max_queue=args.max_queue,
+        mode=args.batching,
+        request_timeout_s=args.request_timeout,
+    )
     app = create_app(models, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info")
     DrainingServer(config, app.state.sdrt.drain).run()

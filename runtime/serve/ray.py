@@ -20,8 +20,7 @@ from typing import Any
 from ray import serve
 
 from ..errors import UserError
-from ..pipeline import Pipeline
-from .batcher import DEFAULT_MAX_BATCH_ROWS, Batcher
+from .batcher import DEFAULT_MAX_BATCH_ROWS, load_batchers
 from .settings import Settings
 
 REPLICA_HEADER = "x-sdrt-replica"
@@ -50,21 +49,16 @@ class SdrtReplica:
 
     def __init__(self, config: ReplicaConfig) -> None:
         self.config = config
-        self.models = {
-            Path(bundle).resolve().name: Batcher(
-                Pipeline.load(
-                    bundle,
-                    backend=config.backend,
-                    device=config.device,
-                    trusted_key=config.trusted_key,
-                ),
-                max_batch_rows=config.max_batch_rows,
-                max_queue=config.max_queue,
-                mode=config.batching,
-                request_timeout_s=config.request_timeout_s,
-            )
-            for bundle in config.bundles
-        }
+        self.models = load_batchers(
+            config.bundles,
+            backend=config.backend,
+            device=config.device,
+            trusted_key=config.trusted_key,
+            max_batch_rows=config.max_batch_rows,
+            max_queue=config.max_queue,
+            mode=config.batching,
+            request_timeout_s=config.request_timeout_s,
+        )
         self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> Any:
