@@ -71,9 +71,8 @@ class RequestState:
         return len(self.latents) * (2 if self.guided else 1)
 
     def model_input(self) -> np.ndarray:
-        t = self.timesteps[self.index]
-        model_in = np.concatenate([self.latents] * 2) if self.guided else self.latents
-        model_in = self.sched.scale_model_input(model_in, t)
+        scaled = self.sched.scale_model_input(self.latents, self.timesteps[self.index])
+        model_in = np.concatenate([scaled] * 2) if self.guided else scaled  # scale once, not twice
         if self.unet_extra is not None:
             model_in = np.concatenate([model_in, self.unet_extra], axis=1)
         return model_in

@@ -112,6 +112,19 @@ def test_bad_arguments_are_refused_at_submit(runtime):
         Batcher(runtime).submit({"prompt": "a", "scheduler": "nope"})
 
 
+def test_a_failing_tick_fails_its_requests_and_the_batcher_keeps_serving(runtime, monkeypatch):
+    batcher = Batcher(runtime, max_batch_rows=4)
+    doomed = batcher.submit({"prompt": "a", "num_inference_steps": 2})
+    real_groups = batcher._groups
+    monkeypatch.setattr(batcher, "_groups", lambda: 1 / 0)
+    batcher.start()
+    with pytest.raises(ZeroDivisionError):
+        doomed.result(timeout=60)
+    monkeypatch.setattr(batcher, "_groups", real_groups)
+    assert len(batcher.submit({"prompt": "b", "num_inference_steps": 2}).result(60).images) == 1
+    batcher.stop()
+
+
 def test_static_variant_batch_is_the_smallest_that_holds_the_rows():
     from types import SimpleNamespace
 

@@ -192,7 +192,11 @@ class Batcher:
                 if time.monotonic() > self._drain_deadline:
                     self._fail_all(ShuttingDown("the server shut down before this finished"))
                     return
-            self._tick()
+            try:
+                self._tick()
+            except Exception as err:  # noqa: BLE001 - a bug here must not leave futures hanging
+                with self._wake:
+                    self._fail_all(err)
 
     def _tick(self) -> None:
         start = time.perf_counter()
