@@ -40,6 +40,26 @@ class ComponentInfo:
 
 
 @dataclass(frozen=True)
+class HashCheck:
+    """One sha256 the manifest records, over these files read in order."""
+
+    files: tuple[Path, ...]
+    sha256: str
+
+    def run(self) -> None:
+        """Refuse the file (UserError) unless its contents still give the recorded digest."""
+        try:
+            digest = file_sha256(*self.files)
+        except PermissionError as err:
+            raise unreadable(err, self.files[0]) from err
+        if digest != self.sha256:
+            raise UserError(
+                f"{self.files[0]} does not match the sha256 in {MANIFEST}: the file "
+                "is corrupted or was replaced; re-export the bundle"
+            )
+
+
+@dataclass(frozen=True)
 class Bundle:
     root: Path
     manifest: dict[str, Any]
@@ -60,17 +80,27 @@ class Bundle:
         also carry a signature by the matching private key over all of its files
         (`sdrt sign`); an unsigned or altered bundle is refused. Containment and the graphs'
         references are checked even with `verify_hashes=False`."""
-        root = Path(root)
-        try:
-            return cls._load(root, verify_hashes, trusted_key)
-        except PermissionError as err:
-            raise UserError(
-                f"cannot read {err.filename or root}: permission denied; ask for read access "
-                "to the whole bundle or copy it somewhere readable"
-            ) from err
+        bundle, checks = cls.open(root, trusted_key)
+        if verify_hashes:
+            for check in checks:
+                check.run()
+        return bundle
 
     @classmethod
-    def _load(cls, root: Path, verify_hashes: bool, trusted_key: str | Path | None) -> Bundle:
+    def open(
+        cls, root: str | Path, trusted_key: str | Path | None = None
+    ) -> tuple[Bundle, list[HashCheck]]:
+        """Everything `load` checks but the hashes, and the hash checks still to run, largest
+        file first: `Pipeline.load` runs them while the engines load (reading the graphs with
+        `graph_references` first is safe: it is a bounds-checked parser of our own)."""
+        root = Path(root)
+        try:
+            return cls._open(root, trusted_key)
+        except PermissionError as err:
+            raise unreadable(err, root) from err
+
+    @classmethod
+    def _open(cls, root: Path, trusted_key: str | Path | None) -> tuple[Bundle, list[HashCheck]]:
         if trusted_key is not None:
             from .signing import verify_bundle
 
@@ -78,14 +108,23 @@ class Bundle:
         manifest = read_manifest(root)
         components = {name: _component(name, info) for name, info in manifest["components"].items()}
         listed = _listed_external_data(root, manifest)
+        checks = []
         for info in components.values():
-            check_files(root, info, verify_hashes, listed)
+            checks.append(check_files(root, info, listed))
             for variant in manifest["components"][info.name].get("static_variants", []):
-                check_files(root, _variant(info, variant), verify_hashes, listed)
+                checks.append(check_files(root, _variant(info, variant), listed))
         bundle = cls(root, manifest, components)
         for folder in bundle.tokenizer_dirs().values():
-            check_tokenizer(root, folder.name, manifest["tokenizer_files"], verify_hashes)
-        return bundle
+            checks += check_tokenizer(root, folder.name, manifest["tokenizer_files"])
+        checks.sort(key=lambda check: -sum(f.stat().st_size for f in check.files))
+        return bundle, checks
+
+
+def unreadable(err: PermissionError, path: Path) -> UserError:
+    return UserError(
+        f"cannot read {err.filename or path}: permission denied; ask for read access "
+        "to the whole bundle or copy it somewhere readable"
+    )
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -170,9 +209,9 @@ def _listed_external_data(root: Path, manifest: dict[str, Any]) -> set[Path]:
     }
 
 
-def check_files(root: Path, info: ComponentInfo, verify_hashes: bool, listed: set[Path]) -> None:
+def check_files(root: Path, info: ComponentInfo, listed: set[Path]) -> HashCheck:
     """The graph and its external data exist inside the bundle, the graph's inputs and outputs
-    are its role's, it references only listed data files, and (optionally) the hash matches."""
+    are its role's and it references only listed data files; returns its hash check."""
     graph = inside(root, info.file, f"{info.name} file")
     data = None
     if info.external_data:
@@ -180,12 +219,12 @@ def check_files(root: Path, info: ComponentInfo, verify_hashes: bool, listed: se
     for file in (graph, data):
         if file is not None and not file.is_file():
             raise UserError(f"{file} is missing from the bundle; re-export it")
-    if verify_hashes and file_sha256(graph, data) != info.sha256:
-        raise UserError(
-            f"{graph} does not match the sha256 in {MANIFEST}: the file "
-            "is corrupted or was replaced; re-export the bundle"
-        )
-    refs = graph_references(graph)
+    check = HashCheck((graph,) if data is None else (graph, data), info.sha256)
+    try:
+        refs = graph_references(graph)
+    except UserError:
+        check.run()  # a file that is not what was exported: say so rather than how it breaks
+        raise
     for location in sorted(refs.external_files):
         target = inside(graph.parent, location, f"external data named inside {graph.name}")
         if target.resolve() not in listed:
@@ -203,13 +242,12 @@ def check_files(root: Path, info: ComponentInfo, verify_hashes: bool, listed: se
                 f"{sorted(t['name'] for t in declared)}; the file is not this bundle's "
                 f"{info.name} (re-export the bundle)"
             )
+    return check
 
 
-def check_tokenizer(
-    root: Path, folder: str, listed: dict[str, dict[str, str]], verify_hashes: bool
-) -> None:
-    """The folder holds exactly the files the manifest lists, each with its sha256: the
-    tokenizer picks its files by name, so an added file could change what it reads."""
+def check_tokenizer(root: Path, folder: str, listed: dict[str, dict[str, str]]) -> list[HashCheck]:
+    """The folder holds exactly the files the manifest lists (the tokenizer picks its files by
+    name, so an added file could change what it reads); returns each file's hash check."""
     path = inside(root, folder, "tokenizer folder")
     if not path.is_dir():
         raise UserError(f"{path} is missing; re-export the bundle")
@@ -225,15 +263,13 @@ def check_tokenizer(
             + (f"; missing: {', '.join(missing)}" if missing else "")
             + "; re-export the bundle"
         )
+    checks = []
     for name, digest in expected.items():
         file = inside(root, f"{folder}/{name}", "tokenizer file")
         if not file.is_file():
             raise UserError(f"{file} is not a regular file; re-export the bundle")
-        if verify_hashes and file_sha256(file) != digest:
-            raise UserError(
-                f"{file} does not match the sha256 in {MANIFEST}: the file is corrupted or "
-                "was replaced; re-export the bundle"
-            )
+        checks.append(HashCheck((file,), digest))
+    return checks
 
 
 def tokenizer_hashes(root: Path, folders: list[str]) -> dict[str, dict[str, str]]:
@@ -244,10 +280,11 @@ def tokenizer_hashes(root: Path, folders: list[str]) -> dict[str, dict[str, str]
     }
 
 
-def file_sha256(path: Path, external_data: Path | None = None) -> str:
-    """One digest over the graph and its external weights, so either changing is caught."""
+def file_sha256(*parts: Path | None) -> str:
+    """One digest over the files in order (a graph, then its external weights, if any), so
+    any of them changing is caught."""
     digest = hashlib.sha256()
-    for part in (path, external_data):
+    for part in parts:
         if part is None:
             continue
         with part.open("rb") as f:

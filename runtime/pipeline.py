@@ -7,7 +7,8 @@ the same image; every model call goes through an Engine, everything else is nump
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from .arguments import GenerationArgs, Limits, check_arguments
-from .backends import Engine, load_engine
+from .backends import PARALLEL_LOAD, Engine, load_engine
 from .backends.base import parse_device, upload_constants
-from .bundle import Bundle
+from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
@@ -38,7 +39,7 @@ class Pipeline:
         self.manifest = bundle.manifest
         self.engines = engines
         self.tokenizers = tokenizers  # text encoder name -> its tokenizer
-        # milliseconds `load` spent: "bundle" (manifest and hashes), then each component's engine
+        # milliseconds `load` spent (see `load`)
         self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
 
@@ -56,21 +57,39 @@ class Pipeline:
 
         With `trusted_key` (a PEM public key) the bundle must carry a valid signature by its
         private key (`sdrt sign`); unsigned or altered bundles are refused before loading.
-        `backend_options` go to every engine (e.g. tensorrt's cuda_graph=True).
+        `backend_options` go to every engine (e.g. onnxruntime's graph_cache=DIR and threads=N,
+        tensorrt's cuda_graph=True).
+
+        The sha256 checks run in a thread while the engines load (ONNX Runtime's in parallel,
+        one thread each); a file that fails its check fails the load before it returns, so no
+        image is ever made from it. `load_timings` (ms): "bundle" (manifest, paths, graph
+        references), "verify" (the hash checks, overlapped), one per component (its engine),
+        "total" (this call).
         """
         parse_device(device)  # a typo is refused before anything loads, for every backend
         start = time.perf_counter()
-        loaded = Bundle.load(bundle, verify_hashes=verify, trusted_key=trusted_key)
-        timings = {"bundle": 1000 * (time.perf_counter() - start)}
-        engines = {}
-        for name in loaded.components:
-            start = time.perf_counter()
-            engines[name] = load_engine(backend, loaded, name, device, **backend_options)
-            timings[name] = 1000 * (time.perf_counter() - start)
+        loaded, checks = Bundle.open(bundle, trusted_key=trusted_key)
+        timings = {"bundle": _ms_since(start)}
+        workers = 1 + (len(loaded.components) if backend in PARALLEL_LOAD else 1)
+        with ThreadPoolExecutor(workers, thread_name_prefix="sdrt-load") as pool:
+            verifying = pool.submit(_timed, _verify, checks if verify else [])
+            engine_pool = pool if backend in PARALLEL_LOAD else None
+            loading = {
+                name: _submit(
+                    engine_pool, _timed, load_engine, backend, loaded, name, device,
+                    **backend_options,
+                )
+                for name in loaded.components
+            }  # fmt: skip
+            _, timings["verify"] = verifying.result()  # a bad file is the first thing to report
+            engines = {}
+            for name, future in loading.items():
+                engines[name], timings[name] = future.result()
         tokenizers = {
             name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
         }
         pipe = cls(loaded, engines, tokenizers)
+        timings["total"] = _ms_since(start)
         pipe.load_timings = timings
         return pipe
 
@@ -229,6 +248,35 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
     angles = (w.astype(np.float32) * 1000.0)[:, None] * freqs[None, :]
     emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
     return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
+def _verify(checks: Sequence[HashCheck]) -> None:
+    for check in checks:
+        check.run()
+
+
+def _timed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """call(*args, **kwargs) and the milliseconds it took."""
+    start = time.perf_counter()
+    return call(*args, **kwargs), _ms_since(start)
+
+
+def _ms_since(start: float) -> float:
+    return 1000 * (time.perf_counter() - start)
+
+
+def _submit(
+    pool: ThreadPoolExecutor | None, call: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Future[Any]:
+    """`pool.submit`, or with no pool the call made here (a backend that loads serially)."""
+    if pool is not None:
+        return pool.submit(call, *args, **kwargs)
+    done: Future[Any] = Future()
+    try:
+        done.set_result(call(*args, **kwargs))
+    except Exception as err:  # noqa: BLE001 - re-raised by result(), like a pool's future
+        done.set_exception(err)
+    return done
 
 
 def _progress(steps: int, enabled: bool) -> Any:

@@ -3,7 +3,23 @@ per test session through the real loading code."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory):
+    """Every load in the suite (servers the tests start included) keeps ONNX Runtime's
+    optimized graphs in a temporary folder, never in the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("graph_cache")
+    before = os.environ.get("SDRT_GRAPH_CACHE")
+    os.environ["SDRT_GRAPH_CACHE"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["SDRT_GRAPH_CACHE"]
+    else:
+        os.environ["SDRT_GRAPH_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

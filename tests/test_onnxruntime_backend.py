@@ -180,7 +180,9 @@ def test_sizes_without_a_static_variant_run_on_the_dynamic_graph(bundle):
 def test_unloadable_static_variant_warns_and_falls_back_to_the_dynamic_graph(bundle):
     (entry,) = bundle.manifest["components"]["unet"]["static_variants"]
     (bundle.root / entry["file"]).write_bytes(b"not an onnx graph")
-    engine = OnnxRuntimeEngine(bundle, "unet", "cpu", static_shapes="always")
+    # without the cache: its entry for the variant's (unchanged) manifest sha256 would serve
+    # the graph optimized before the file broke; catching that is the hash check's job
+    engine = OnnxRuntimeEngine(bundle, "unet", "cpu", static_shapes="always", graph_cache=False)
     feeds = feeds_for(DIMS, seed=7)
     with pytest.warns(RuntimeWarning, match="static variant"):
         got = engine.run(feeds)["noise_pred"]
@@ -438,6 +440,7 @@ def fake_gpu_ort(monkeypatch):
 
     fake = FakeOrt()
     monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    monkeypatch.setenv("SDRT_GRAPH_CACHE", "off")  # the fake optimizes and writes nothing
     return fake
 
 

@@ -101,6 +101,10 @@ def test_load_reports_milliseconds_for_the_bundle_and_each_engine(tiny_bundle):
     start = time.perf_counter()
     pipe = Pipeline.load(tiny_bundle, device="cpu")
     wall_ms = 1000 * (time.perf_counter() - start)
-    assert list(pipe.load_timings) == ["bundle", *pipe.engines]
-    assert all(ms > 0 for ms in pipe.load_timings.values())
-    assert sum(pipe.load_timings.values()) <= wall_ms
+    timings = pipe.load_timings
+    assert list(timings) == ["bundle", "verify", *pipe.engines, "total"]
+    assert all(ms > 0 for ms in timings.values())
+    # engines load in parallel, beside the hash checks: each part fits in the total, not the sum
+    assert max(ms for name, ms in timings.items() if name != "total") <= timings["total"]
+    assert timings["bundle"] + max(timings[name] for name in pipe.engines) <= timings["total"]
+    assert timings["total"] <= wall_ms

@@ -20,6 +20,10 @@ BACKENDS = {
     ),
     "tensorrt": ("tensorrt", "TensorRTEngine", "`pip install 'sdrt[tensorrt]'`"),
 }
+# Backends whose engines `Pipeline.load` makes in parallel threads: ONNX Runtime releases the
+# GIL while it builds a session, and its sessions share nothing. TensorRT loads one engine at
+# a time (its CUDA context is per thread, and threaded loading is unmeasured).
+PARALLEL_LOAD = frozenset({"onnxruntime"})
 
 
 def load_engine(
@@ -38,4 +42,4 @@ def load_engine(
     return getattr(module, class_name)(bundle, component, device, **options)
 
 
-__all__ = ["BACKENDS", "Engine", "load_engine"]
+__all__ = ["BACKENDS", "PARALLEL_LOAD", "Engine", "load_engine"]

@@ -23,6 +23,10 @@ On the CPU every value is host memory and nothing is transferred.
 Sessions are made when first needed: with static variants in use, the dynamic-shape session
 (the model's weights on the device a second time) exists only once a request has a size no
 variant fixes. Each session created is logged at DEBUG on the "sdrt" logger.
+
+ONNX Runtime's graph optimizer runs once per graph, provider and machine: its result is kept in
+the graph cache (`sdrt.graph_cache`, on by default) and later sessions load it with the
+optimizer off, which gives the same outputs bit for bit (tests/test_graph_cache.py).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import graph_cache as cache
 from ..bundle import Bundle
 from ..errors import UserError
 from .base import io_table, parse_device
@@ -154,6 +159,7 @@ class StaticVariant:
 
     path: Path
     dims: dict[str, int]
+    sha256: str = ""  # of the variant's graph, from the manifest (keys its graph cache entry)
 
 
 def static_variants(bundle: Bundle, component: str) -> list[StaticVariant]:
@@ -163,7 +169,9 @@ def static_variants(bundle: Bundle, component: str) -> list[StaticVariant]:
     for entry in entries:
         try:
             variant = StaticVariant(
-                bundle.root / entry["file"], {k: int(v) for k, v in entry["dims"].items()}
+                bundle.root / entry["file"],
+                {k: int(v) for k, v in entry["dims"].items()},
+                str(entry.get("sha256", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(
@@ -236,13 +244,24 @@ class OnnxRuntimeEngine:
         static_shapes: str = "auto",
         cuda_graph: bool = True,
         cuda_options: CudaOptions | None = None,
+        graph_cache: str | Path | bool | None = True,
+        threads: int | None = None,
     ) -> None:
+        """`graph_cache`: folder of optimized graphs (True: `sdrt.graph_cache.default_cache_dir()`;
+        None, False or "off": optimize at every load). `threads`: ONNX Runtime's intra-op
+        threads per session (default: one per physical core)."""
         info = bundle.components[component]
         self.component = component
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
         self.cuda_graph = cuda_graph
         self._path = bundle.path(component)
+        self._sha256 = info.sha256
+        self.graph_cache = cache.cache_dir_option(graph_cache)
+        self.threads = threads
+        # graph file name -> how its session got its graph: "hit" (from the cache), "stored"
+        # (optimized now and cached), "rebuilt" (a cached copy failed its check), "off"/"failed"
+        self.graph_cache_status: dict[str, str] = {}
         self._providers = providers_for(device)
         if info.cuda_only_ops and CUDA not in self._providers:
             raise UserError(
@@ -272,7 +291,10 @@ class OnnxRuntimeEngine:
         with self._session_lock:
             if self._session is None:
                 self._session = create_session(
-                    self._path, session_providers(self._providers, self.cuda_options), self
+                    self._path,
+                    session_providers(self._providers, self.cuda_options),
+                    self,
+                    self._sha256,
                 )
             return self._session
 
@@ -341,6 +363,7 @@ class OnnxRuntimeEngine:
                 variant.path,
                 session_providers(self._providers, self.cuda_options, cuda_graph=graph),
                 self,
+                f"{variant.sha256}+{self._sha256}",  # its graph, and the weights it shares
             )
             return StaticRunner(session, self.inputs, self.device_type, self.device_id)
         except Exception as err:  # noqa: BLE001 - the dynamic graph computes the same thing
@@ -424,12 +447,16 @@ class StaticRunner:
         return dict(self.outputs)
 
 
-def create_session(path: Path, providers: list[Any], engine: OnnxRuntimeEngine) -> Any:
-    """An InferenceSession for `path`, logged: which graphs hold weights on the device is what
-    decides memory, so a debug log of `Pipeline.load` and of each request shows it."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), session_options(), providers=providers)
+def create_session(
+    path: Path, providers: list[Any], engine: OnnxRuntimeEngine, source_sha256: str
+) -> Any:
+    """An InferenceSession for `path` (through the engine's graph cache), logged: which graphs
+    hold weights on the device is what decides memory, so a debug log of `Pipeline.load` and
+    of each request shows it."""
+    session, status = cached_session(
+        path, providers, engine.graph_cache, source_sha256, engine.threads
+    )
+    engine.graph_cache_status[path.name] = status
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     if session.get_providers()[0] != wanted:
         # ORT falls back to the CPU when the CUDA provider cannot load its libraries, and
@@ -441,20 +468,99 @@ def create_session(path: Path, providers: list[Any], engine: OnnxRuntimeEngine) 
             "--device cpu"
         )
     log.debug(
-        "%s: created a session for %s on %s (device %s)",
+        "%s: created a session for %s on %s (device %s, graph cache: %s)",
         engine.component,
         path.name,
         session.get_providers()[0],
         engine.device_id,
+        status,
     )
     return session
 
 
-def session_options() -> Any:
+def cached_session(
+    path: Path,
+    providers: list[Any],
+    cache_dir: Path | None,
+    source_sha256: str,
+    threads: int | None,
+) -> tuple[Any, str]:
+    """A session for `path` and how it got its graph (see `graph_cache_status`): from a cached
+    optimized copy whose files still match their record, else optimized now and stored. A
+    cache that cannot be written costs the speed-up, never the load."""
+    import onnxruntime as ort
+
+    if cache_dir is None:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers), "off"
+    key = graph_key(source_sha256, providers)
+    entry = cache.lookup(cache_dir, key)
+    status = "stored"
+    if entry is not None:
+        if entry.verify():
+            options = session_options(threads)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return ort.InferenceSession(str(entry.model), options, providers=providers), "hit"
+        log.warning("graph cache: %s no longer matches its record; rebuilding it", entry.model)
+        cache.discard(entry.model.parent)
+        status = "rebuilt"
+    made: list[Any] = []
+
+    def optimize_into(target: Path) -> None:
+        options = session_options(threads)
+        options.optimized_model_filepath = str(target)
+        options.add_session_config_entry(EXTERNAL_WEIGHTS, cache.WEIGHTS)
+        options.add_session_config_entry(EXTERNAL_MIN_BYTES, "1024")
+        made.append(ort.InferenceSession(str(path), options, providers=providers))
+        if not target.is_file():
+            raise OSError(f"ONNX Runtime wrote no optimized model to {target}")
+
+    try:
+        cache.store(cache_dir, key, optimize_into)
+    except (OSError, UserError) as err:
+        log.warning("graph cache: could not store the optimized %s (%s)", path.name, err)
+        status = "failed"
+    if made:
+        return made[0], status
+    return ort.InferenceSession(str(path), session_options(threads), providers=providers), status
+
+
+# ONNX Runtime session config keys (onnxruntime_session_options_config_keys.h): where the
+# optimized model's initializers go, relative to the model, and the size from which they do
+EXTERNAL_WEIGHTS = "session.optimized_model_external_initializers_file_name"
+EXTERNAL_MIN_BYTES = "session.optimized_model_external_initializers_min_size_in_bytes"
+
+
+def graph_key(source_sha256: str, providers: list[Any]) -> cache.GraphKey:
+    """The cache key of a graph optimized for these providers (with their options) on this
+    machine by this ONNX Runtime, at ORT's default level (ORT_ENABLE_ALL)."""
+    import onnxruntime as ort
+
+    first = providers[0]
+    name, options = first if isinstance(first, tuple) else (first, {})
+    # the CUDA graph flag and device index do not change the optimized graph
+    shaping = {k: v for k, v in options.items() if k not in ("device_id", "enable_cuda_graph")}
+    return cache.GraphKey(
+        source_sha256=source_sha256,
+        runtime=f"onnxruntime-{ort.__version__}",
+        provider=name,
+        host=cache.host_tag(),
+        options=cache.key_options(
+            {
+                "level": "ORT_ENABLE_ALL",
+                "providers": ",".join(p[0] if isinstance(p, tuple) else p for p in providers),
+                **shaping,
+            }
+        ),
+    )
+
+
+def session_options(threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return options
 
 

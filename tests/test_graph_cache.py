@@ -1,0 +1,159 @@
+"""The graph cache: a cached optimized graph gives the uncached images bit for bit, is keyed so
+that it is never used for another provider, machine or ORT, and a corrupted, half-written or
+unwritable cache costs the speed-up, never the load or the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sdrt import Pipeline, graph_cache
+from sdrt.errors import UserError
+
+CALL = {"num_inference_steps": 2, "guidance_scale": 7.5, "height": 64, "width": 64}
+LATENTS = np.random.default_rng(5).standard_normal((1, 4, 8, 8), np.float32)
+
+
+def image(pipe: Pipeline) -> np.ndarray:
+    return pipe("a red bicycle", latents=LATENTS, output_type="np", **CALL).images
+
+
+def statuses(pipe: Pipeline) -> set[str]:
+    return {s for e in pipe.engines.values() for s in e.graph_cache_status.values()}
+
+
+def entries(folder) -> list:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def uncached_image(tiny_bundle):
+    return image(Pipeline.load(tiny_bundle, device="cpu", graph_cache=False))
+
+
+def test_cached_graphs_give_the_uncached_images_bit_for_bit(tiny_bundle, tmp_path, uncached_image):
+    stored = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    assert statuses(stored) == {"stored"}
+    assert len(entries(tmp_path)) == len(stored.engines)  # one entry per graph
+    hit = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    assert statuses(hit) == {"hit"}
+    np.testing.assert_array_equal(image(stored), uncached_image)
+    np.testing.assert_array_equal(image(hit), uncached_image)
+
+
+def test_an_entry_whose_files_changed_is_rebuilt_not_used(tiny_bundle, tmp_path, uncached_image):
+    Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    for entry in entries(tmp_path):  # same size, other bytes: only the digest can tell
+        model = entry / graph_cache.MODEL
+        data = bytearray(model.read_bytes())
+        data[-20] ^= 0xFF
+        model.write_bytes(bytes(data))
+    rebuilt = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    assert statuses(rebuilt) == {"rebuilt"}
+    np.testing.assert_array_equal(image(rebuilt), uncached_image)
+    assert statuses(Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)) == {"hit"}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda entry: (entry / graph_cache.RECORD).write_text("{not json"),
+        lambda entry: (entry / graph_cache.WEIGHTS).unlink(missing_ok=True)
+        or (entry / graph_cache.MODEL).write_bytes(b"short"),
+        lambda entry: (entry / graph_cache.RECORD).write_text(
+            json.dumps({**json.loads((entry / graph_cache.RECORD).read_text()), "key": {}})
+        ),
+    ],
+    ids=["unreadable record", "truncated model", "record of another key"],
+)
+def test_an_entry_with_a_bad_record_is_replaced(tiny_bundle, tmp_path, damage, uncached_image):
+    Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    for entry in entries(tmp_path):
+        damage(entry)
+    again = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    assert statuses(again) == {"stored"}
+    np.testing.assert_array_equal(image(again), uncached_image)
+
+
+def test_an_unwritable_cache_loads_without_it(tiny_bundle, tmp_path, uncached_image):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the folder should be")
+    pipe = Pipeline.load(tiny_bundle, device="cpu", graph_cache=blocked)
+    assert statuses(pipe) == {"failed"}
+    np.testing.assert_array_equal(image(pipe), uncached_image)
+
+
+def test_an_interrupted_store_commits_nothing(tmp_path):
+    key = graph_cache.GraphKey("ab" * 32, "onnxruntime-1.32.0", "CPUExecutionProvider", "x86")
+
+    def write_then_die(target):
+        target.write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        graph_cache.store(tmp_path, key, write_then_die)
+    assert list(tmp_path.iterdir()) == []
+    assert graph_cache.lookup(tmp_path, key) is None
+
+
+def test_a_tampered_bundle_file_is_refused_though_its_graph_is_cached(tiny_bundle, tmp_path):
+    cache, bundle = tmp_path / "cache", tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    Pipeline.load(bundle, device="cpu", graph_cache=cache)
+    data = bytearray((bundle / "vae_decoder.onnx").read_bytes())
+    data[-20] ^= 0xFF  # a weight byte: the graph still parses, ORT is never asked to read it
+    (bundle / "vae_decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="vae_decoder.onnx does not match the sha256"):
+        Pipeline.load(bundle, device="cpu", graph_cache=cache)
+
+
+def test_every_part_of_the_key_separates_entries():
+    key = graph_cache.GraphKey(
+        "ab" * 32, "onnxruntime-1.32.0", "CPUExecutionProvider", "x86_64-1234", {"level": "all"}
+    )
+    changed = [
+        dataclasses.replace(key, source_sha256="cd" * 32),
+        dataclasses.replace(key, runtime="onnxruntime-1.33.0"),
+        dataclasses.replace(key, provider="CUDAExecutionProvider"),
+        dataclasses.replace(key, host="x86_64-5678"),
+        dataclasses.replace(key, options={"level": "all", "prefer_nhwc": "1"}),
+    ]
+    names = {k.folder_name() for k in [key, *changed]}
+    assert len(names) == 1 + len(changed)
+    assert key.folder_name() == dataclasses.replace(key).folder_name()
+    assert key.folder_name().startswith("onnxruntime-1.32.0-cpu-")
+
+
+def test_the_key_of_a_cuda_session_names_the_cuda_provider_and_its_layout(tiny_bundle):
+    from sdrt.backends.onnxruntime import CUDA, CudaOptions, graph_key, session_providers
+
+    sha = "ab" * 32
+    cpu = graph_key(sha, ["CPUExecutionProvider"])
+    cuda = graph_key(sha, session_providers([CUDA, "CPUExecutionProvider"], CudaOptions()))
+    nhwc = graph_key(
+        sha, session_providers([CUDA, "CPUExecutionProvider"], CudaOptions(prefer_nhwc=True))
+    )
+    on_gpu_1 = graph_key(
+        sha,
+        session_providers([CUDA, "CPUExecutionProvider"], CudaOptions(device_id=1), True),
+    )
+    assert (cpu.provider, cuda.provider) == ("CPUExecutionProvider", CUDA)
+    assert len({cpu.folder_name(), cuda.folder_name(), nhwc.folder_name()}) == 3
+    assert on_gpu_1 == cuda  # the device index and CUDA graphs do not change the graph
+
+
+def test_the_cache_folder_option(monkeypatch, tmp_path):
+    monkeypatch.setenv(graph_cache.CACHE_ENV, str(tmp_path))
+    assert graph_cache.cache_dir_option(True) == tmp_path
+    assert graph_cache.cache_dir_option(tmp_path / "x") == tmp_path / "x"
+    for off in (None, False, "off"):
+        assert graph_cache.cache_dir_option(off) is None
+    monkeypatch.setenv(graph_cache.CACHE_ENV, "off")
+    assert graph_cache.cache_dir_option(True) is None
+    monkeypatch.delenv(graph_cache.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert graph_cache.cache_dir_option(True) == tmp_path / "sdrt" / "onnxruntime"
