@@ -62,8 +62,10 @@ def test_an_entry_whose_files_changed_is_rebuilt_not_used(tiny_bundle, tmp_path,
     "damage",
     [
         lambda entry: (entry / graph_cache.RECORD).write_text("{not json"),
-        lambda entry: (entry / graph_cache.WEIGHTS).unlink(missing_ok=True)
-        or (entry / graph_cache.MODEL).write_bytes(b"short"),
+        lambda entry: (
+            (entry / graph_cache.WEIGHTS).unlink(missing_ok=True)
+            or (entry / graph_cache.MODEL).write_bytes(b"short")
+        ),
         lambda entry: (entry / graph_cache.RECORD).write_text(
             json.dumps({**json.loads((entry / graph_cache.RECORD).read_text()), "key": {}})
         ),
