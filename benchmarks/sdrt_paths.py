@@ -70,6 +70,7 @@ def load_runner(
         "provider": sorted({getattr(e, "provider", backend) for e in pipeline.engines.values()}),
         "options": options,
         "load_ms": {k: round(v, 1) for k, v in pipeline.load_timings.items()},
+        "graph_cache": pipeline.graph_cache_status,
     }
     return SdrtRunner(pipeline, workload, memory), seconds, details
 

@@ -401,5 +401,8 @@ def test_server_keeps_serving_after_bad_input(server):
     ready = json.loads(httpx.get(f"{server.url}/ready").text)
     assert ready["status"] == "ready"
     for load_ms in ready["load_ms"].values():
-        assert {"bundle", "unet", "vae_decoder"} <= set(load_ms)
+        assert {"bundle", "verify", "unet", "vae_decoder", "total"} <= set(load_ms)
         assert all(ms > 0 for ms in load_ms.values())
+    for components in ready["graph_cache"].values():  # the suite's cache: stored, then hit
+        assert {"text_encoder", "unet", "vae_decoder"} <= set(components)
+        assert all(set(c.values()) <= {"stored", "hit"} and c for c in components.values())

@@ -115,9 +115,14 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
             raise ApiError(503, "the server is shutting down")
         if not state.ready.is_set():
             raise ApiError(503, "the models are still loading or warming up; retry shortly")
-        # what each model's Pipeline.load took (ms per engine): the cold start a replica pays
-        load_ms = {name: b.pipeline.load_timings for name, b in state.models.items()}
-        return {"status": "ready", "load_ms": load_ms}
+        # what each model's Pipeline.load took (ms per part, see Pipeline.load) and whether its
+        # graphs came from the graph cache: the cold start a replica pays
+        pipelines = {name: b.pipeline for name, b in state.models.items()}
+        return {
+            "status": "ready",
+            "load_ms": {name: p.load_timings for name, p in pipelines.items()},
+            "graph_cache": {name: p.graph_cache_status for name, p in pipelines.items()},
+        }
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
