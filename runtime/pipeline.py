@@ -6,6 +6,7 @@ the same image; every model call goes through an Engine, everything else is nump
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,7 +61,7 @@ class Pipeline:
         `backend_options` go to every engine (e.g. onnxruntime's graph_cache=DIR and threads=N,
         tensorrt's cuda_graph=True).
 
-        The sha256 checks run in a thread while the engines load (ONNX Runtime's in parallel,
+        The sha256 checks run in threads while the engines load (ONNX Runtime's in parallel,
         one thread each); a file that fails its check fails the load before it returns, so no
         image is ever made from it. `load_timings` (ms): "bundle" (manifest, paths, graph
         references), "verify" (the hash checks, overlapped), one per component (its engine),
@@ -251,8 +252,11 @@ def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
 
 
 def _verify(checks: Sequence[HashCheck]) -> None:
-    for check in checks:
-        check.run()
+    """Run the hash checks on as many threads as there are cores, largest file first: one
+    thread alone is what a load with a cached graph waits for (4.1 GB at ~1.3 GB/s)."""
+    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="sdrt-verify") as pool:
+        for _ in pool.map(HashCheck.run, checks):  # the first failure, in the checks' order
+            pass
 
 
 def _timed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -38,6 +38,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -496,10 +497,9 @@ def cached_session(
     entry = cache.lookup(cache_dir, key)
     status = "stored"
     if entry is not None:
-        if entry.verify():
-            options = session_options(threads)
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return ort.InferenceSession(str(entry.model), options, providers=providers), "hit"
+        session = session_from_cache(entry, providers, threads)
+        if session is not None:
+            return session, "hit"
         log.warning("graph cache: %s no longer matches its record; rebuilding it", entry.model)
         cache.discard(entry.model.parent)
         status = "rebuilt"
@@ -522,6 +522,26 @@ def cached_session(
     if made:
         return made[0], status
     return ort.InferenceSession(str(path), session_options(threads), providers=providers), status
+
+
+def session_from_cache(
+    entry: cache.CachedGraph, providers: list[Any], threads: int | None
+) -> Any | None:
+    """A session over a cached optimized graph, with the optimizer off; None unless every
+    file of the entry has the digest it was written with. ORT reads the files while another
+    thread hashes them: the session is dropped, unused, if the check fails."""
+    import onnxruntime as ort
+
+    options = session_options(threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with ThreadPoolExecutor(1, thread_name_prefix="sdrt-graph-check") as pool:
+        checking = pool.submit(entry.verify)
+        try:
+            session = ort.InferenceSession(str(entry.model), options, providers=providers)
+        except Exception:  # noqa: BLE001 - a damaged entry is rebuilt from the bundle's graph
+            session = None
+        intact = checking.result()
+    return session if intact else None
 
 
 # ONNX Runtime session config keys (onnxruntime_session_options_config_keys.h): where the
