@@ -108,3 +108,27 @@ def test_load_reports_milliseconds_for_the_bundle_and_each_engine(tiny_bundle):
     assert max(ms for name, ms in timings.items() if name != "total") <= timings["total"]
     assert timings["bundle"] + max(timings[name] for name in pipe.engines) <= timings["total"]
     assert timings["total"] <= wall_ms
+
+
+def test_engines_load_in_parallel_beside_the_hash_checks(tiny_bundle, monkeypatch):
+    """Each ONNX Runtime engine loads on its own thread while the hashes are checked: every
+    load and the check wait at one barrier, which a serial load would never fill."""
+    import threading
+
+    import sdrt.pipeline as pipeline
+
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    barrier = threading.Barrier(len(names) + 1, timeout=30)
+    load_engine, verify = pipeline.load_engine, pipeline._verify
+
+    def meet_then(call):
+        def wrapped(*args, **kwargs):
+            barrier.wait()
+            return call(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "load_engine", meet_then(load_engine))
+    monkeypatch.setattr(pipeline, "_verify", meet_then(verify))
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    assert list(pipe.engines) == names  # in the bundle's order, however the threads finished
