@@ -83,8 +83,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "| run | graph cache | import s | load s | ready s | "
         + " | ".join(f"{p} ms" for p in parts)
-        + " | peak RSS GiB |",
-        "|---" * (len(parts) + 6) + "|",
+        + " | CPU s | peak RSS GiB |",
+        "|---" * (len(parts) + 7) + "|",
     ]
     for number, run in enumerate(result["runs"], 1):
         statuses = sorted({s for engine in run["graph_cache"].values() for s in engine.values()})
@@ -95,6 +95,7 @@ def table(result: dict[str, Any]) -> str:
             f"{run['load_s']:.2f}",
             f"{run['import_s'] + run['load_s']:.2f}",
             *(f"{run['load_ms'].get(p, 0):.0f}" for p in parts),
+            f"{run['cpu_s']:.1f}",
             f"{run['max_rss_mib'] / 1024:.2f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

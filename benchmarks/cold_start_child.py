@@ -18,6 +18,7 @@ pipe = sdrt.Pipeline.load(
     args["bundle"], device=args["device"], verify=args["verify"], **args["options"]
 )
 loaded = time.perf_counter()
+usage = resource.getrusage(resource.RUSAGE_SELF)
 print(
     json.dumps(
         {
@@ -28,7 +29,9 @@ print(
                 name: getattr(engine, "graph_cache_status", {})
                 for name, engine in pipe.engines.items()
             },
-            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # CPU time of all threads: what a busier machine stretches, not what it adds
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "max_rss_mib": usage.ru_maxrss / 1024,
         }
     )
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -23,7 +24,7 @@ from .onnx_references import graph_references
 __all__ = ["COMPONENTS", "MANIFEST", "SCHEMA_VERSION", "Bundle", "ComponentInfo", "read_manifest"]
 
 MANIFEST = "manifest.json"
-# bytes hashed per call (hashlib releases the GIL while it hashes); a multiple of
+# bytes hashed per call (hashlib and zlib release the GIL while they hash); a multiple of
 # mmap.ALLOCATIONGRANULARITY, as window offsets must be
 HASH_CHUNK = 1 << 24
 # each text encoder and the folder of the tokenizer that feeds it
@@ -288,15 +289,21 @@ def file_sha256(*parts: Path | None) -> str:
     """One digest over the files in order (a graph, then its external weights, if any), so
     any of them changing is caught."""
     digest = hashlib.sha256()
+    for window in mapped_windows(parts):
+        digest.update(window)
+    return digest.hexdigest()
+
+
+def mapped_windows(parts: Iterable[Path | None]) -> Iterator[mmap.mmap]:
+    """The files' bytes in order, as read-only mappings of HASH_CHUNK bytes, each valid until
+    the next is taken: no copy into a buffer (10 % faster than reading 3.4 GB), and each
+    window is unmapped once used, so RSS stays small."""
     for part in parts:
         if part is None:
             continue
         with part.open("rb") as f:
             size = f.seek(0, 2)
-            # mapped a window at a time, not read: no copy into a buffer (10 % faster on
-            # 3.4 GB), and each window is unmapped once hashed, so RSS stays small
             for start in range(0, size, HASH_CHUNK):
                 length = min(HASH_CHUNK, size - start)
                 with mmap.mmap(f.fileno(), length, offset=start, access=mmap.ACCESS_READ) as window:
-                    digest.update(window)
-    return digest.hexdigest()
+                    yield window

@@ -5,8 +5,11 @@ An entry is a folder `CACHE/<key>/` with `model.onnx`, its weights `model.onnx.d
 graph's sha256 (from the manifest), the ORT version, the execution provider and the options
 that change its graph, the optimization level, and this CPU's instruction set (ORT's NCHWc
 layout pass writes weights blocked for the CPU's vector width, and ORT warns that such a graph
-is only valid where it was made). `record.json` holds each file's size and sha256 as written;
-an entry whose files no longer match is removed and rebuilt, never used. Entries are written
+is only valid where it was made). `record.json` holds each file's size and CRC-32 as written;
+an entry whose files no longer match is removed and rebuilt, never used. CRC-32, not sha256:
+it catches damage as well, at 2.2 GB/s against 1.4 (measured here), and a load checks 4.1 GB
+of cache beside the bundle's own 4.1 GB of sha256; a digest of any strength cannot stop
+someone who can write the folder, since they can write the record too. Entries are written
 in a staging folder and renamed into place whole, so a killed load leaves nothing half done.
 
 Pure file handling: ONNX Runtime itself is called by the backend, which passes `store` a
@@ -21,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic_files import write_atomic
-from .bundle import file_sha256
+from .bundle import mapped_windows
 from .engine_cache import staged_directory
 from .errors import UserError
 
@@ -59,16 +63,21 @@ class GraphKey:
 
 @dataclass(frozen=True)
 class CachedGraph:
-    """A committed entry: the optimized model to give ONNX Runtime, and its files' digests."""
+    """A committed entry: the optimized model to give ONNX Runtime, and its files' checksums."""
 
     model: Path
-    sha256: dict[str, str]  # file name in the entry -> sha256 as written
+    crc32: dict[str, str]  # file name in the entry -> CRC-32 as written
 
     def verify(self) -> bool:
-        """Whether every file still has the digest it was written with (reads them all)."""
-        return all(
-            file_sha256(self.model.parent / name) == digest for name, digest in self.sha256.items()
-        )
+        """Whether every file still has the checksum it was written with (reads them all)."""
+        return all(file_crc32(self.model.parent / name) == crc for name, crc in self.crc32.items())
+
+
+def file_crc32(path: Path) -> str:
+    crc = 0
+    for window in mapped_windows([path]):
+        crc = zlib.crc32(window, crc)
+    return f"{crc:08x}"
 
 
 def default_cache_dir() -> Path | None:
@@ -107,7 +116,7 @@ def host_tag() -> str:
 
 def lookup(cache_dir: Path, key: GraphKey) -> CachedGraph | None:
     """The committed entry for `key`, or None when there is none or its record is unusable
-    (then it is removed, so that the next `store` rebuilds it). File digests are checked by
+    (then it is removed, so that the next `store` rebuilds it). File checksums are checked by
     `CachedGraph.verify`, which the caller runs before trusting the entry."""
     folder = cache_dir / key.folder_name()
     if not (folder / RECORD).is_file():
@@ -116,7 +125,7 @@ def lookup(cache_dir: Path, key: GraphKey) -> CachedGraph | None:
         record = json.loads((folder / RECORD).read_text())
         if record.get("record_version") != RECORD_VERSION or record.get("key") != asdict(key):
             raise ValueError("the record describes another key")
-        files = {str(name): str(digest) for name, digest in record["sha256"].items()}
+        files = {str(name): str(crc) for name, crc in record["crc32"].items()}
         sizes = {str(name): int(size) for name, size in record["bytes"].items()}
         if MODEL not in files or set(files) != set(sizes):
             raise ValueError("the record lists no model")
@@ -131,18 +140,18 @@ def lookup(cache_dir: Path, key: GraphKey) -> CachedGraph | None:
 
 def store(cache_dir: Path, key: GraphKey, write: Callable[[Path], Any]) -> CachedGraph:
     """Run `write(path)`, which must write the optimized model at `path` (weights beside it
-    as WEIGHTS), in a staging folder; record each file's digest and commit the folder."""
+    as WEIGHTS), in a staging folder; record each file's checksum and commit the folder."""
     folder = cache_dir / key.folder_name()
     try:
         with staged_directory(folder) as staging:
             write(staging / MODEL)
             names = sorted(p.name for p in staging.iterdir())
-            digests = {name: file_sha256(staging / name) for name in names}
+            checksums = {name: file_crc32(staging / name) for name in names}
             sizes = {name: (staging / name).stat().st_size for name in names}
             record = {
                 "record_version": RECORD_VERSION,
                 "key": asdict(key),
-                "sha256": digests,
+                "crc32": checksums,
                 "bytes": sizes,
             }
             write_atomic(staging / RECORD, json.dumps(record, indent=1, sort_keys=True))
@@ -151,7 +160,7 @@ def store(cache_dir: Path, key: GraphKey, write: Callable[[Path], Any]) -> Cache
             f"cannot write the graph cache {cache_dir}: permission denied; pass a writable "
             "folder as graph_cache (--graph-cache DIR) or turn it off (--graph-cache off)"
         ) from err
-    return CachedGraph(folder / MODEL, digests)
+    return CachedGraph(folder / MODEL, checksums)
 
 
 def discard(folder: Path) -> None:

@@ -528,7 +528,7 @@ def session_from_cache(
     entry: cache.CachedGraph, providers: list[Any], threads: int | None
 ) -> Any | None:
     """A session over a cached optimized graph, with the optimizer off; None unless every
-    file of the entry has the digest it was written with. ORT reads the files while another
+    file of the entry has the checksum it was written with. ORT reads the files while another
     thread hashes them: the session is dropped, unused, if the check fails."""
     import onnxruntime as ort
 
