@@ -23,6 +23,7 @@ from typing import Any
 
 from sdrt.errors import UserError
 
+from . import report
 from .environment import command_line, machine, now, versions
 
 CHILD = Path(__file__).with_name("cold_start_child.py")
@@ -80,12 +81,9 @@ def measure(
 def table(result: dict[str, Any]) -> str:
     """Markdown: one row per run; times in seconds, each part of the load in milliseconds."""
     parts = list(result["runs"][0]["load_ms"])
-    lines = [
-        "| run | graph cache | import s | load s | ready s | "
-        + " | ".join(f"{p} ms" for p in parts)
-        + " | CPU s | peak RSS GiB |",
-        "|---" * (len(parts) + 7) + "|",
-    ]
+    header = ["run", "graph cache", "import s", "load s", "ready s"]
+    header += [f"{p} ms" for p in parts] + ["CPU s", "peak RSS GiB"]
+    rows = []
     for number, run in enumerate(result["runs"], 1):
         statuses = sorted({s for engine in run["graph_cache"].values() for s in engine.values()})
         cells = [
@@ -98,7 +96,8 @@ def table(result: dict[str, Any]) -> str:
             f"{run['cpu_s']:.1f}",
             f"{run['max_rss_mib'] / 1024:.2f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = report.table(header, rows)
     lines.append(
         f"\n{result['date']}, {result['machine']['cpu']} x{result['machine']['cpu_count']}, "
         f"onnxruntime {result['versions']['onnxruntime']}, threads "
@@ -131,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        report.write_json(result, args.json)
+    print(table(result))
     return 0
 
 

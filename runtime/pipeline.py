@@ -146,6 +146,12 @@ class Pipeline:
         timer.ms["total_ms"] = (tick - start) * 1e3
         return PipelineOutput(numpy_to_pil(images) if output_type == "pil" else images, timer.ms)
 
+    @property
+    def graph_cache_status(self) -> dict[str, dict[str, str]]:
+        """Per component, how ONNX Runtime got each graph loaded so far: "hit", "stored",
+        "rebuilt", "off" or "failed" (see `sdrt.graph_cache`); empty for other backends."""
+        return {n: dict(getattr(e, "graph_cache_status", {})) for n, e in self.engines.items()}
+
     def arguments(self, **call: Any) -> GenerationArgs:
         """A request checked against this bundle (`check_arguments` takes the keywords)."""
         return check_arguments(self.manifest, self.engines, **{"limits": self.limits, **call})
