@@ -159,3 +159,24 @@ def test_the_cache_folder_option(monkeypatch, tmp_path):
     monkeypatch.delenv(graph_cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert graph_cache.cache_dir_option(True) == tmp_path / "sdrt" / "onnxruntime"
+
+
+def test_a_graph_ort_cannot_save_loads_without_the_cache(
+    tiny_bundle, tmp_path, monkeypatch, uncached_image
+):
+    """ONNX Runtime refuses to save some optimized graphs (compiled nodes of some providers):
+    stands for onnxruntime 1.32's InferenceSession raising at creation when asked to save."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def refusing_to_save(path, options=None, **kwargs):
+        if options is not None and options.optimized_model_filepath:
+            raise RuntimeError("Unable to serialize model as it contains compiled nodes")
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", refusing_to_save)
+    pipe = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
+    assert statuses(pipe) == {"failed"}
+    assert entries(tmp_path) == []  # nothing half-written stays behind
+    np.testing.assert_array_equal(image(pipe), uncached_image)

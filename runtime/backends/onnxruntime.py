@@ -516,11 +516,12 @@ def cached_session(
 
     try:
         cache.store(cache_dir, key, optimize_into)
-    except (OSError, UserError) as err:
+    except Exception as err:  # noqa: BLE001 - e.g. a provider whose graphs ORT cannot save
         log.warning("graph cache: could not store the optimized %s (%s)", path.name, err)
         status = "failed"
     if made:
         return made[0], status
+    # a graph ORT cannot load fails here again, with ORT's own message
     return ort.InferenceSession(str(path), session_options(threads), providers=providers), status
 
 
