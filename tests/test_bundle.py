@@ -55,3 +55,14 @@ def test_manifest_of_another_schema_version(bundle_copy):
 def test_missing_bundle_directory(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Bundle.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("graph_cache", [False, True], ids=["optimized at load", "cached"])
+def test_a_changed_weight_is_refused_though_the_engines_load_it(bundle_copy, graph_cache):
+    """One flipped weight byte: the graph parses and ORT loads it while the hashes are checked
+    beside it, and the load still fails on the hash before it returns."""
+    data = bytearray((bundle_copy / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / "unet.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="unet.onnx does not match the sha256"):
+        Pipeline.load(bundle_copy, device="cpu", graph_cache=graph_cache)
