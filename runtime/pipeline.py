@@ -71,7 +71,7 @@ class Pipeline:
         start = time.perf_counter()
         loaded, checks = Bundle.open(bundle, trusted_key=trusted_key)
         timings = {"bundle": _ms_since(start)}
-        workers = 1 + (len(loaded.components) if backend in PARALLEL_LOAD else 1)
+        workers = 1 + len(loaded.components)  # the hash checks, and each engine
         with ThreadPoolExecutor(workers, thread_name_prefix="sdrt-load") as pool:
             verifying = pool.submit(_timed, _verify, checks if verify else [])
             engine_pool = pool if backend in PARALLEL_LOAD else None
