@@ -10,7 +10,8 @@ an entry whose files no longer match is removed and rebuilt, never used. CRC-32,
 it catches damage as well, at 2.2 GB/s against 1.4 (measured here), and a load checks 4.1 GB
 of cache beside the bundle's own 4.1 GB of sha256; a digest of any strength cannot stop
 someone who can write the folder, since they can write the record too. Entries are written
-in a staging folder and renamed into place whole, so a killed load leaves nothing half done.
+in a staging folder and renamed into place whole, so a killed load leaves nothing half done
+(ORT's files are not fsynced: data a power cut loses fails the CRC, and is rebuilt).
 
 Pure file handling: ONNX Runtime itself is called by the backend, which passes `store` a
 function that writes the optimized model.
