@@ -77,6 +77,11 @@ class Bundle:
     def path(self, component: str) -> Path:
         return self.root / self.components[component].file
 
+    def source_check(self, info: ComponentInfo) -> HashCheck:
+        """The hash check of one graph of this bundle and its external data."""
+        data = (self.root / info.external_data,) if info.external_data else ()
+        return HashCheck((self.root / info.file, *data), info.sha256)
+
     @classmethod
     def load(
         cls, root: str | Path, verify_hashes: bool = True, trusted_key: str | Path | None = None
@@ -117,7 +122,7 @@ class Bundle:
         for info in components.values():
             checks.append(check_files(root, info, listed))
             for variant in manifest["components"][info.name].get("static_variants", []):
-                checks.append(check_files(root, _variant(info, variant), listed))
+                checks.append(check_files(root, variant_info(info, variant), listed))
         bundle = cls(root, manifest, components)
         for folder in bundle.tokenizer_dirs().values():
             checks += check_tokenizer(root, folder.name, manifest["tokenizer_files"])
@@ -184,7 +189,7 @@ def _component(name: str, info: dict[str, Any]) -> ComponentInfo:
     )
 
 
-def _variant(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
+def variant_info(info: ComponentInfo, variant: dict[str, Any]) -> ComponentInfo:
     """A static-shape copy of a component, checked like the component itself; weights it
     shares with the component were checked with the component."""
     shared = variant.get("shares_external_data", False)

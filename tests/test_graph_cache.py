@@ -180,3 +180,25 @@ def test_a_graph_ort_cannot_save_loads_without_the_cache(
     assert statuses(pipe) == {"failed"}
     assert entries(tmp_path) == []  # nothing half-written stays behind
     np.testing.assert_array_equal(image(pipe), uncached_image)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_changed_bundle_file_leaves_no_entry_for_the_genuine_one(
+    tiny_bundle, tmp_path, uncached_image, verify
+):
+    """Entries are keyed by the manifest's sha256: one made from a changed file under that
+    key would be used by every later load of the genuine bundle, so none is committed."""
+    cache, bundle = tmp_path / "cache", tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    data = bytearray((bundle / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01  # a weight: the graph still parses and loads
+    (bundle / "unet.onnx").write_bytes(bytes(data))
+    if verify:
+        with pytest.raises(UserError, match="unet.onnx does not match the sha256"):
+            Pipeline.load(bundle, device="cpu", graph_cache=cache)
+    else:  # loading a changed file unchecked is the caller's choice; caching it is not
+        changed = Pipeline.load(bundle, device="cpu", graph_cache=cache, verify=False)
+        assert changed.graph_cache_status["unet"] == {"unet.onnx": "failed"}
+    genuine = Pipeline.load(tiny_bundle, device="cpu", graph_cache=cache)
+    assert genuine.graph_cache_status["unet"] == {"unet.onnx": "stored"}
+    np.testing.assert_array_equal(image(genuine), uncached_image)

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .. import graph_cache as cache
-from ..bundle import Bundle
+from ..bundle import Bundle, HashCheck, variant_info
 from ..errors import UserError
 from .base import io_table, parse_device
 
@@ -160,19 +160,22 @@ class StaticVariant:
 
     path: Path
     dims: dict[str, int]
-    sha256: str = ""  # of the variant's graph, from the manifest (keys its graph cache entry)
+    # its graph's hash check, then its component's (whose weights it may share): what a graph
+    # cache entry made from it is keyed by and checked against
+    sources: tuple[HashCheck, ...] = ()
 
 
 def static_variants(bundle: Bundle, component: str) -> list[StaticVariant]:
     """The manifest's static variants of `component`, each checked to exist."""
     entries = bundle.manifest["components"][component].get("static_variants") or []
+    info = bundle.components[component]
     variants = []
     for entry in entries:
         try:
             variant = StaticVariant(
                 bundle.root / entry["file"],
                 {k: int(v) for k, v in entry["dims"].items()},
-                str(entry.get("sha256", "")),
+                (bundle.source_check(variant_info(info, entry)), bundle.source_check(info)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise UserError(
@@ -257,7 +260,7 @@ class OnnxRuntimeEngine:
         self.outputs = io_table(info.outputs)
         self.cuda_graph = cuda_graph
         self._path = bundle.path(component)
-        self._sha256 = info.sha256
+        self._sources = (bundle.source_check(info),)
         self.graph_cache = cache.cache_dir_option(graph_cache)
         self.threads = threads
         # graph file name -> how its session got its graph: "hit" (from the cache), "stored"
@@ -295,7 +298,7 @@ class OnnxRuntimeEngine:
                     self._path,
                     session_providers(self._providers, self.cuda_options),
                     self,
-                    self._sha256,
+                    self._sources,
                 )
             return self._session
 
@@ -364,7 +367,7 @@ class OnnxRuntimeEngine:
                 variant.path,
                 session_providers(self._providers, self.cuda_options, cuda_graph=graph),
                 self,
-                f"{variant.sha256}+{self._sha256}",  # its graph, and the weights it shares
+                variant.sources,
             )
             return StaticRunner(session, self.inputs, self.device_type, self.device_id)
         except Exception as err:  # noqa: BLE001 - the dynamic graph computes the same thing
@@ -449,14 +452,12 @@ class StaticRunner:
 
 
 def create_session(
-    path: Path, providers: list[Any], engine: OnnxRuntimeEngine, source_sha256: str
+    path: Path, providers: list[Any], engine: OnnxRuntimeEngine, sources: Sequence[HashCheck]
 ) -> Any:
     """An InferenceSession for `path` (through the engine's graph cache), logged: which graphs
     hold weights on the device is what decides memory, so a debug log of `Pipeline.load` and
     of each request shows it."""
-    session, status = cached_session(
-        path, providers, engine.graph_cache, source_sha256, engine.threads
-    )
+    session, status = cached_session(path, providers, engine.graph_cache, sources, engine.threads)
     engine.graph_cache_status[path.name] = status
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
     if session.get_providers()[0] != wanted:
@@ -483,17 +484,21 @@ def cached_session(
     path: Path,
     providers: list[Any],
     cache_dir: Path | None,
-    source_sha256: str,
+    sources: Sequence[HashCheck],
     threads: int | None,
 ) -> tuple[Any, str]:
     """A session for `path` and how it got its graph (see `graph_cache_status`): from a cached
     optimized copy whose files still match their record, else optimized now and stored. A
-    cache that cannot be written costs the speed-up, never the load."""
+    cache that cannot be written costs the speed-up, never the load.
+
+    An entry is keyed by the manifest's sha256 of the graph it was made from (`sources`), and
+    committed only after those files are checked against it: a changed file must not leave an
+    entry that a later load of the genuine bundle would use."""
     import onnxruntime as ort
 
     if cache_dir is None:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers), "off"
-    key = graph_key(source_sha256, providers)
+    key = graph_key("+".join(check.sha256 for check in sources), providers)
     entry = cache.lookup(cache_dir, key)
     status = "stored"
     if entry is not None:
@@ -513,6 +518,8 @@ def cached_session(
         made.append(ort.InferenceSession(str(path), options, providers=providers))
         if not target.is_file():
             raise OSError(f"ONNX Runtime wrote no optimized model to {target}")
+        for check in sources:  # also with verify=False: the entry outlives this load
+            check.run()
 
     try:
         cache.store(cache_dir, key, optimize_into)
