@@ -209,9 +209,9 @@ def bias_add_step(channels: int):
 def test_nodes_the_cuda_kernels_refuse_are_written_back_as_standard_onnx(step, shape, reason):
     model = chain_of([step])
     x = RNG.standard_normal(shape).astype(np.float32)
-    want = ort.InferenceSession(
-        lower_cuda_ops(model).SerializeToString(), providers=CPU
-    ).run(None, {"x": x})
+    want = ort.InferenceSession(lower_cuda_ops(model).SerializeToString(), providers=CPU).run(
+        None, {"x": x}
+    )
     unfused = unfuse_unsupported(model)
     assert len(unfused) == 1 and reason in next(iter(unfused)), unfused
     assert cuda_only_ops(model) == {}  # runs on ORT CPU (and on CUDA) as standard ONNX
