@@ -208,32 +208,67 @@ def calibration_stats(
     where it was finite on every feed.
 
     The summaries are computed inside the graph (`stats_graph`), so a run returns three numbers
-    per tensor and each activation is freed once summarised. `chunk` tensors are summarised per
-    session (None: all in one). `folder` holds `model`'s external weights, ONNX Runtime reads
-    them there; None when `model` holds its weights in memory. ORT's graph optimisations are
-    off so the tensors are the graph's own.
+    per tensor and each activation is freed once summarised. Constants (weights and what is
+    computed from them alone) are summarised once, in a session of their own; the tensors that
+    depend on the inputs once per feed, `chunk` of them per session (None: all in one).
+    `folder` holds `model`'s external weights, ONNX Runtime reads them there; None when `model`
+    holds its weights in memory. ORT's graph optimisations are off so the tensors are the
+    graph's own.
     """
-    names = list(
-        dict.fromkeys(
-            [i.name for i in model.graph.input]
-            + [t.name for t in model.graph.initializer]
-            + [o for n in model.graph.node for o in n.output if o]
-        )
-    )
+    variable = input_dependent(model.graph)
+    tensors = [i.name for i in model.graph.input] + [t.name for t in model.graph.initializer]
+    tensors = list(dict.fromkeys(tensors + [o for n in model.graph.node for o in n.output if o]))
+    constant = [n for n in tensors if n not in variable]
+    varying = [n for n in tensors if n in variable]
+    step = chunk or len(varying) or 1
     merged: dict[str, TensorStats] = {}
     with weights_on_disk(model, folder) as base:
-        for start in range(0, len(names), chunk or len(names) or 1):
-            part = names[start : start + (chunk or len(names))]
+        constants = constant_graph(model, variable)
+        if constant:
+            session = _stats_session(stats_graph(constants, constant), base, providers)
+            _merge_stats(merged, constant, session.run(None, {}))
+            del session
+        for start in range(0, len(varying), step):
+            part = varying[start : start + step]
             session = _stats_session(stats_graph(model, part), base, providers)
             for feeds in calibration:
-                values = session.run(None, dict(feeds))
-                for name, (peak, nonfinite, probe) in zip(part, values, strict=True):
-                    if probe != 0.5:  # not a floating-point tensor
-                        continue
-                    old = merged.get(name, TensorStats(0.0, True))
-                    finite = not np.isnan(nonfinite)
-                    merged[name] = TensorStats(max(old.peak, float(peak)), old.finite and finite)
+                _merge_stats(merged, part, session.run(None, dict(feeds)))
+            del session
     return merged
+
+
+def _merge_stats(
+    merged: dict[str, TensorStats], names: Sequence[str], values: Sequence[np.ndarray]
+) -> None:
+    """Fold one run's [peak, nonfinite, kind] rows (see `stats_graph`) into `merged`."""
+    for name, (peak, nonfinite, kind) in zip(names, values, strict=True):
+        if kind != 0.5:  # not a floating-point tensor
+            continue
+        old = merged.get(name, TensorStats(0.0, True))
+        finite = old.finite and not np.isnan(nonfinite)
+        merged[name] = TensorStats(max(old.peak, float(peak)), finite)
+
+
+def input_dependent(graph: onnx.GraphProto) -> set[str]:
+    """Names of the graph inputs and of the tensors computed from one."""
+    variable = {i.name for i in graph.input}
+    for node in graph.node:  # in topological order, as the ONNX spec requires
+        if variable.intersection(_read_names(node)):
+            variable.update(node.output)
+    return variable
+
+
+def constant_graph(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProto:
+    """A copy of `model` holding only the nodes whose outputs depend on no graph input, and
+    no inputs (weights stay where they are)."""
+    constants = onnx.ModelProto()
+    constants.CopyFrom(model)
+    graph = constants.graph
+    kept = [n for n in graph.node if not variable.intersection(n.output)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.input[:]
+    return constants
 
 
 STATS = "sdrt_stats/"  # prefix of the names `stats_graph` adds
@@ -451,10 +486,7 @@ def constant_ancestors(graph: onnx.GraphProto, nodes: Sequence[onnx.NodeProto]) 
     """Names of the nodes feeding `nodes` that read no graph input: constants and what is
     computed from constants alone (e.g. an Exp of the frequencies, where not folded)."""
     producer = {o: n for n in graph.node for o in n.output if o}
-    variable = {i.name for i in graph.input}  # tensors that depend on a graph input
-    for node in graph.node:  # in topological order, as the ONNX spec requires
-        if variable.intersection(_read_names(node)):
-            variable.update(node.output)
+    variable = input_dependent(graph)
     found: set[str] = set()
     frontier = [producer[i] for n in nodes for i in n.input if i in producer]
     while frontier:
