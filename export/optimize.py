@@ -250,11 +250,19 @@ def _merge_stats(
 
 
 def input_dependent(graph: onnx.GraphProto) -> set[str]:
-    """Names of the graph inputs and of the tensors computed from one."""
+    """Names of the graph inputs and of the tensors computed from one. Follows readers, not
+    the node order: graph passes leave nodes out of topological order, which ORT accepts."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in _read_names(node):
+            readers.setdefault(name, []).append(node)
     variable = {i.name for i in graph.input}
-    for node in graph.node:  # in topological order, as the ONNX spec requires
-        if variable.intersection(_read_names(node)):
-            variable.update(node.output)
+    frontier = list(variable)
+    while frontier:
+        for node in readers.get(frontier.pop(), []):
+            new = [o for o in node.output if o and o not in variable]
+            variable.update(new)
+            frontier.extend(new)
     return variable
 
 
