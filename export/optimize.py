@@ -223,11 +223,9 @@ def calibration_stats(
     step = chunk or len(varying) or 1
     merged: dict[str, TensorStats] = {}
     with weights_on_disk(model, folder) as base:
-        constants = constant_graph(model, variable)
         if constant:
-            session = _stats_session(stats_graph(constants, constant), base, providers)
-            _merge_stats(merged, constant, session.run(None, {}))
-            del session
+            summary = stats_graph(constant_graph(model, variable), constant)
+            _merge_stats(merged, constant, _stats_session(summary, base, providers).run(None, {}))
         for start in range(0, len(varying), step):
             part = varying[start : start + step]
             session = _stats_session(stats_graph(model, part), base, providers)
@@ -267,8 +265,8 @@ def input_dependent(graph: onnx.GraphProto) -> set[str]:
 
 
 def constant_graph(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProto:
-    """A copy of `model` holding only the nodes whose outputs depend on no graph input, and
-    no inputs (weights stay where they are)."""
+    """A copy of `model` holding only the nodes that read no graph input (none of whose
+    outputs is `variable`), and no inputs; weights stay where they are."""
     constants = onnx.ModelProto()
     constants.CopyFrom(model)
     graph = constants.graph
@@ -286,7 +284,13 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     """A copy of `model` (weights stay where they are) whose outputs are, for each tensor in
     `names`, [largest finite |x| (0 when none), NaN if any x is inf or nan else 0, 0.5 if the
     tensor is floating point else 0 or 1]. Types are probed in the graph (CastLike of 0.5)
-    because the exporter leaves many intermediate types unstated."""
+    because the exporter leaves many intermediate types unstated.
+
+    Each tensor's summary nodes follow the node making it (graph inputs' and weights' come
+    first), so that ORT's priority-based order (`_stats_session`), which runs the ready node
+    listed first, summarises a tensor as soon as it exists and frees it: one weight or
+    activation at a time is copied, not all of them.
+    """
     summary = onnx.ModelProto()
     summary.CopyFrom(model)
     graph = summary.graph
@@ -299,11 +303,19 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     graph.initializer.extend(
         onnx.numpy_helper.from_array(v, STATS + k) for k, v in constants.items()
     )
-    for i, name in enumerate(names):
-        nodes = _summary_nodes(name, f"{STATS}{i}/")
-        graph.node.extend(nodes)
-        out = nodes[-1].output[0]
-        graph.output.append(onnx.helper.make_tensor_value_info(out, TensorProto.FLOAT, [3]))
+    index = {name: i for i, name in enumerate(names)}
+    summaries = {name: _summary_nodes(name, f"{STATS}{i}/") for i, name in enumerate(names)}
+    made = {o for n in graph.node for o in n.output}
+    nodes = [n for name in names if name not in made for n in summaries[name]]
+    for node in graph.node:
+        nodes.append(node)
+        nodes.extend(n for o in node.output if o in index for n in summaries[o])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend(
+        onnx.helper.make_tensor_value_info(summaries[name][-1].output[0], TensorProto.FLOAT, [3])
+        for name in names
+    )
     return summary
 
 
@@ -334,6 +346,7 @@ def _stats_session(graph: onnx.ModelProto, folder: Path, providers: Sequence[str
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # see `stats_graph`
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
     path = folder / "sdrt-stats.onnx"
