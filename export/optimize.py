@@ -225,7 +225,10 @@ def calibration_stats(
     with weights_on_disk(model, folder) as base:
         if constant:
             summary = stats_graph(constant_graph(model, variable), constant)
-            _merge_stats(merged, constant, _stats_session(summary, base, providers).run(None, {}))
+            # run once: an arena would only keep the copies made while summarising weights
+            session = _stats_session(summary, base, providers, arena=False)
+            _merge_stats(merged, constant, session.run(None, {}))
+            del session
         for start in range(0, len(varying), step):
             part = varying[start : start + step]
             session = _stats_session(stats_graph(model, part), base, providers)
@@ -284,13 +287,7 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     """A copy of `model` (weights stay where they are) whose outputs are, for each tensor in
     `names`, [largest finite |x| (0 when none), NaN if any x is inf or nan else 0, 0.5 if the
     tensor is floating point else 0 or 1]. Types are probed in the graph (CastLike of 0.5)
-    because the exporter leaves many intermediate types unstated.
-
-    Each tensor's summary nodes follow the node making it (graph inputs' and weights' come
-    first), so that ORT's priority-based order (`_stats_session`), which runs the ready node
-    listed first, summarises a tensor as soon as it exists and frees it: one weight or
-    activation at a time is copied, not all of them.
-    """
+    because the exporter leaves many intermediate types unstated."""
     summary = onnx.ModelProto()
     summary.CopyFrom(model)
     graph = summary.graph
@@ -303,19 +300,11 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     graph.initializer.extend(
         onnx.numpy_helper.from_array(v, STATS + k) for k, v in constants.items()
     )
-    index = {name: i for i, name in enumerate(names)}
-    summaries = {name: _summary_nodes(name, f"{STATS}{i}/") for i, name in enumerate(names)}
-    made = {o for n in graph.node for o in n.output}
-    nodes = [n for name in names if name not in made for n in summaries[name]]
-    for node in graph.node:
-        nodes.append(node)
-        nodes.extend(n for o in node.output if o in index for n in summaries[o])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.output.extend(
-        onnx.helper.make_tensor_value_info(summaries[name][-1].output[0], TensorProto.FLOAT, [3])
-        for name in names
-    )
+    for i, name in enumerate(names):
+        nodes = _summary_nodes(name, f"{STATS}{i}/")
+        graph.node.extend(nodes)
+        out = nodes[-1].output[0]
+        graph.output.append(onnx.helper.make_tensor_value_info(out, TensorProto.FLOAT, [3]))
     return summary
 
 
@@ -339,14 +328,16 @@ def _summary_nodes(name: str, prefix: str) -> list[onnx.NodeProto]:
     return nodes
 
 
-def _stats_session(graph: onnx.ModelProto, folder: Path, providers: Sequence[str]) -> Any:
+def _stats_session(
+    graph: onnx.ModelProto, folder: Path, providers: Sequence[str], arena: bool = True
+) -> Any:
     """An ORT session on `graph`, saved in `folder` beside the weights it points at: no graph
     optimisation, and no prepacked copy of the weights (it runs a few times only)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # see `stats_graph`
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
     path = folder / "sdrt-stats.onnx"

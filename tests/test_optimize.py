@@ -20,7 +20,6 @@ from sdrt.export.onnx_export import components, export_onnx, trace_dims
 from sdrt.export.optimize import (
     FP16_MAX,
     TensorStats,
-    _summary_nodes,
     calibration_stats,
     convert_fp16,
     count_nodes,
@@ -31,7 +30,6 @@ from sdrt.export.optimize import (
     nonfinite_origins,
     sort_topologically,
     static_variant_file,
-    stats_graph,
     timestep_embedding_nodes,
     write_static_variant,
 )
@@ -589,17 +587,3 @@ def test_tensors_depending_on_inputs_are_found_in_any_node_order():
     assert calibration_stats(model, [OVERFLOW_FEEDS]) == calibration_stats(
         overflowing_graph(), [OVERFLOW_FEEDS]
     )
-
-
-def test_each_summary_follows_the_node_making_its_tensor():
-    """ORT's priority-based order runs the ready node listed first: with each summary right
-    after its tensor's producer, one activation or weight at a time is alive for it."""
-    model = overflowing_graph()
-    names = ["x", "w", "y", "z"]
-    graph = stats_graph(model, names).graph
-    order = [n.name for n in graph.node]
-    summaries = [n for n in order if n.startswith("sdrt_stats/")]
-    assert len(summaries) == 4 * len(_summary_nodes("x", "p/"))
-    first = {n: order.index(f"sdrt_stats/{i}/float") for i, n in enumerate(names)}
-    assert first["x"] < first["w"] < order.index("project") < first["y"]
-    assert first["y"] < order.index("scale_down") < first["z"] < order.index("relu")
