@@ -46,6 +46,9 @@ from .stages import StageFn, no_stages
 OPSET = 17
 TWO_GB = 2**31
 INLINE_LIMIT = TWO_GB - 2**24  # protobuf's limit, less room for the graph itself
+# the most weight bytes a graph pass writes back inline, as the exporter writes small graphs:
+# protobuf builds the whole file in memory, about four copies of the weights
+INLINE_WRITE = 2**28
 # Relative error (max abs diff / max abs of the reference) above which export fails.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 
@@ -349,9 +352,10 @@ def _write(
     changed: bool,
 ) -> None:
     """Write `model` (its external weights in `folder`) to `path`: weights streamed into
-    `path`.data when asked or over 2 GB, else inline as the exporter writes small graphs;
-    `traced`, the exporter's own file, is moved there where no pass `changed` it."""
-    if external_tensors(model) and (external_data or external_bytes(model) > INLINE_LIMIT):
+    `path`.data when asked or over `INLINE_WRITE`, else inline as the exporter writes small
+    graphs; `traced`, the exporter's own file, is moved there where no pass `changed` it."""
+    big = external_bytes(model) > (INLINE_WRITE if changed else INLINE_LIMIT)
+    if external_tensors(model) and (external_data or big):
         gather_external_data(model, folder, path.with_name(f"{path.name}.data"))
         onnx.save_model(model, str(path))
     elif changed or external_tensors(model):

@@ -185,3 +185,23 @@ def test_released_export_frees_each_component_after_verifying_against_it(tmp_pat
         assert entry["parity"]["max_rel"] <= 1e-3
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
         assert sum(p.numel() for p in module.parameters()) == 0
+
+
+def test_graphs_a_pass_rewrote_keep_large_weights_in_a_data_file(tiny_pipe, tmp_path, monkeypatch):
+    """Writing a rewritten graph inline builds the whole file in memory; above INLINE_WRITE
+    its weights are streamed into a page-aligned .data file, and the bundle still matches."""
+    import onnx
+
+    from sdrt.export import onnx_export
+    from sdrt.export.bundle_writer import export_bundle
+    from sdrt.export.external_data import ALIGN, external_tensors
+
+    monkeypatch.setattr(onnx_export, "INLINE_WRITE", 0)
+    manifest = export_bundle(tiny_pipe, tmp_path / "b", "sd1", dtype="fp16", progress=False)
+    for name, entry in manifest["components"].items():
+        assert entry["external_data"] == f"{name}.onnx.data"
+        assert entry["parity"]["max_rel"] <= 3e-2
+        graph = onnx.load(str(tmp_path / "b" / entry["file"]), load_external_data=False)
+        offsets = [int(e.value) for t in external_tensors(graph) for e in t.external_data
+                   if e.key == "offset"]  # fmt: skip
+        assert offsets and all(o % ALIGN == 0 for o in offsets)
