@@ -225,8 +225,7 @@ def calibration_stats(
     with weights_on_disk(model, folder) as base:
         if constant:
             summary = stats_graph(constant_graph(model, variable), constant)
-            # run once: an arena would only keep the copies made while summarising weights
-            session = _stats_session(summary, base, providers, arena=False)
+            session = _stats_session(summary, base, providers, constant=True)
             _merge_stats(merged, constant, session.run(None, {}))
             del session
         for start in range(0, len(varying), step):
@@ -287,7 +286,14 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     """A copy of `model` (weights stay where they are) whose outputs are, for each tensor in
     `names`, [largest finite |x| (0 when none), NaN if any x is inf or nan else 0, 0.5 if the
     tensor is floating point else 0 or 1]. Types are probed in the graph (CastLike of 0.5)
-    because the exporter leaves many intermediate types unstated."""
+    because the exporter leaves many intermediate types unstated.
+
+    Node order matters to memory: `_stats_session` runs, of the nodes ready, the one listed
+    first. Each summary follows the node making its tensor (graph inputs' come first), so a
+    tensor is summarised as soon as it exists; nodes computing from weights alone (a
+    transposed or cast weight) go last, so each runs only when the node reading it is next.
+    In ORT's default order a weight's copy can be made at the start and held to the end.
+    """
     summary = onnx.ModelProto()
     summary.CopyFrom(model)
     graph = summary.graph
@@ -300,11 +306,28 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     graph.initializer.extend(
         onnx.numpy_helper.from_array(v, STATS + k) for k, v in constants.items()
     )
-    for i, name in enumerate(names):
-        nodes = _summary_nodes(name, f"{STATS}{i}/")
-        graph.node.extend(nodes)
-        out = nodes[-1].output[0]
-        graph.output.append(onnx.helper.make_tensor_value_info(out, TensorProto.FLOAT, [3]))
+    summaries = {name: _summary_nodes(name, f"{STATS}{i}/") for i, name in enumerate(names)}
+    made = {o for n in graph.node for o in n.output}
+    variable = input_dependent(graph)
+    nodes = [n for name in names if name not in made for n in summaries[name]]
+    late = []
+    for node in graph.node:
+        if not variable.intersection(node.output):
+            late.append(node)
+            continue
+        nodes.append(node)
+        nodes.extend(n for o in node.output if o in summaries for n in summaries[o])
+    nodes += [
+        n
+        for node in late
+        for n in (node, *(m for o in node.output if o in summaries for m in summaries[o]))
+    ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.output.extend(
+        onnx.helper.make_tensor_value_info(summaries[name][-1].output[0], TensorProto.FLOAT, [3])
+        for name in names
+    )
     return summary
 
 
@@ -329,15 +352,20 @@ def _summary_nodes(name: str, prefix: str) -> list[onnx.NodeProto]:
 
 
 def _stats_session(
-    graph: onnx.ModelProto, folder: Path, providers: Sequence[str], arena: bool = True
+    graph: onnx.ModelProto, folder: Path, providers: Sequence[str], constant: bool = False
 ) -> Any:
     """An ORT session on `graph`, saved in `folder` beside the weights it points at: no graph
-    optimisation, and no prepacked copy of the weights (it runs a few times only)."""
+    optimisation, and no prepacked copy of the weights (it runs a few times only). A graph of
+    inputs' tensors runs in priority order (see `stats_graph`); the `constant` graph, which
+    summarises the weights once, in ORT's default order without an arena, which measured
+    lower on it (SD 1.5's U-Net: 4.2 against 6.0 GiB)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = arena
+    if not constant:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = not constant
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_prepacking", "1")
     path = folder / "sdrt-stats.onnx"
