@@ -30,6 +30,7 @@ from sdrt.export.optimize import (
     nonfinite_origins,
     sort_topologically,
     static_variant_file,
+    stats_graph,
     timestep_embedding_nodes,
     write_static_variant,
 )
@@ -587,3 +588,19 @@ def test_tensors_depending_on_inputs_are_found_in_any_node_order():
     assert calibration_stats(model, [OVERFLOW_FEEDS]) == calibration_stats(
         overflowing_graph(), [OVERFLOW_FEEDS]
     )
+
+
+def test_summaries_follow_their_tensors_and_weight_copies_come_last():
+    """The measuring session runs the ready node listed first: each summary right after the
+    node making its tensor, and a node computing from weights alone (here a transposed
+    weight) after everything else, so it runs only when its reader is next."""
+    model = overflowing_graph()
+    model.graph.node.insert(0, oh.make_node("Transpose", ["w"], ["wt"], name="transpose"))
+    model.graph.node[1].input[1] = "wt"
+    names = ["x", "y", "z"]
+    order = [n.name for n in stats_graph(model, names).graph.node]
+    first = {n: order.index(f"sdrt_stats/{i}/float") for i, n in enumerate(names)}
+    assert first["x"] < order.index("project") < first["y"] < order.index("scale_down")
+    assert order.index("scale_down") < first["z"] < order.index("relu")
+    assert order[-1] == "transpose"
+    assert calibration_stats(model, [OVERFLOW_FEEDS])["y"].peak > FP16_MAX
