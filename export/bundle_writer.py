@@ -33,6 +33,7 @@ from .onnx_export import (
     ExportedOps,
     components,
     export_onnx,
+    reference_outputs,
     trace_dims,
     verify_onnx,
 )
@@ -216,7 +217,7 @@ def _write_bundle(
             release,
         )
         if release:
-            release()  # where verification kept the weights (an fp16 VAE that may fall back)
+            release()  # where export kept the weights (an fp16 VAE that may fall back)
         if component.name in CUDA_FUSED:
             with stage("write static") if static_sizes else nullcontext():
                 entries[component.name]["static_variants"] = [
@@ -273,22 +274,26 @@ def _export_component(
     stage: StageFn,
     release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Export, verify and describe one component. `release` frees its PyTorch weights; it is
-    called once verification has its PyTorch reference, unless a re-export may still follow."""
+    """Export, verify and describe one component. PyTorch's reference outputs are computed
+    first, so `release` (freeing its PyTorch weights) can run as soon as the graph is traced,
+    unless a re-export may still follow."""
     path = root / f"{component.name}.onnx"
+    may_fall_back = dtype == "fp16" and component.name.startswith("vae")
+    with stage("reference"):
+        want = reference_outputs(component, check_dims)
 
     def export(dtype: str) -> ExportedOps:
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
-        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc, stage)
+        traced = None if may_fall_back else release
+        return export_onnx(component, dims, path, dtype, fuse, external_data, nhwc, stage, traced)
 
-    def verify(last: bool) -> dict[str, Any]:
+    def verify() -> dict[str, Any]:
         with stage("verify"):
-            return verify_onnx(component, path, check_dims, release if last else None)
+            return verify_onnx(component, path, check_dims, want)
 
-    may_fall_back = dtype == "fp16" and component.name.startswith("vae")
     ops = export(dtype)
-    parity = verify(last=not may_fall_back)
+    parity = verify()
     fallback = None
     if may_fall_back and not _passes(parity, tolerance):
         # Some VAEs overflow fp16 (SDXL's does); measured, not assumed: keep this one fp32.
@@ -298,7 +303,7 @@ def _export_component(
         )
         dtype, tolerance = "fp32", TOLERANCE["fp32"]
         ops = export(dtype)
-        parity = verify(last=True)
+        parity = verify()
     if not _passes(parity, tolerance):
         hint = " (try --dtype fp32 for this model)" if dtype == "fp16" else ""
         raise UserError(

@@ -18,16 +18,17 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
+
+from .external_data import weights_to_disk
 
 MS_DOMAIN = "com.microsoft"
 CUDA_ONLY_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")
@@ -42,14 +43,15 @@ BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)
 BIAS_ADD_CHANNELS = (320, 640, 1280)
 
 
-def fuse_for_cuda(model: onnx.ModelProto) -> onnx.ModelProto:
+def fuse_for_cuda(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     """`model` (fp32, as exported) rewritten with ORT CUDA's SD fusions, attention excepted.
 
-    `model` is consumed: its weights move to a temporary file while the pass runs. The pass
-    copies the model for shape inference several times, which with an SD 1.5 U-Net's 3.4 GB
-    inline took the 24 GB export machine out of memory; on disk they cost nothing. The pass
-    reads the weights it needs (NhwcConv transposes the convolutions') relative to the working
-    directory, so that is the temporary folder for its duration.
+    `model`'s weights lie in files in `folder` (those it holds in memory are moved there
+    first), and so do the fused graph's: the convolution weights the pass transposes for
+    NhwcConv go to `sdrt-nhwc.data`. The pass copies the model for shape inference several
+    times, which with an SD 1.5 U-Net's 3.4 GB inline took the 24 GB export machine out of
+    memory; a skeleton costs nothing to copy. It reads the weights it needs relative to the
+    working directory, so that is `folder` for its duration.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -60,43 +62,28 @@ def fuse_for_cuda(model: onnx.ModelProto) -> onnx.ModelProto:
     options.enable_packed_qkv = options.enable_packed_kv = False  # attention options only
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
-    with tempfile.TemporaryDirectory(prefix="sdrt-fusion-") as tmp:
-        cwd = os.getcwd()
-        quiet.setLevel(logging.ERROR)
-        try:
-            os.chdir(tmp)
-            with redirect_stderr(io.StringIO()):  # its own progress bar, per component
-                weights_to_disk(model, "model")
-                fused = UnetOnnxModel(model, num_heads=0, hidden_size=0)
-                fused.optimize(options)
-                model = fused.model
-                del fused  # and the copies its shape inference holds
-                weights_to_disk(model, "nhwc")  # the convolutions it transposed, in memory
-                # NhwcConv's fusion casts each input to its weights' type where it cannot tell
-                # the input's: in our fp32 graphs a no-op, which fp16 conversion would keep
-                OnnxModel(model).remove_useless_cast_nodes()
-        finally:
-            os.chdir(cwd)
-            quiet.setLevel(level)
-        load_external_data_for_model(model, tmp)
+    cwd = os.getcwd()
+    quiet.setLevel(logging.ERROR)
+    try:
+        os.chdir(folder)
+        with redirect_stderr(io.StringIO()):  # its own progress bar, per component
+            weights_to_disk(model, folder, "sdrt-inline")
+            fused = UnetOnnxModel(model, num_heads=0, hidden_size=0)
+            fused.optimize(options)
+            model = fused.model
+            del fused  # and the copies its shape inference holds
+            weights_to_disk(model, folder, "sdrt-nhwc")  # the transposed convolutions
+            # NhwcConv's fusion casts each input to its weights' type where it cannot tell
+            # the input's: in our fp32 graphs a no-op, which fp16 conversion would keep
+            OnnxModel(model).remove_useless_cast_nodes()
+    finally:
+        os.chdir(cwd)
+        quiet.setLevel(level)
     if cuda_only_ops(model) and MS_DOMAIN not in {o.domain for o in model.opset_import}:
         # The optimizer adds contrib ops without importing their domain (its command-line
         # wrapper does that); without the import ORT refuses to load the graph.
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
-
-
-def weights_to_disk(model: onnx.ModelProto, name: str) -> None:
-    """Move the weights `model` holds in memory to the file `name`.data in the working
-    directory; weights already on disk stay where they are."""
-    onnx.save_model(
-        model,
-        f"{name}.onnx",
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=f"{name}.data",
-        size_threshold=1024,
-    )
 
 
 def cuda_only_ops(model: onnx.ModelProto) -> dict[str, int]:

@@ -1,8 +1,13 @@
 """Estimate export's peak RSS before it starts, and refuse an export the machine cannot hold.
 
-Export holds the whole pipeline in fp32 and, while one component is exported, some multiple of
-that component's weights on top (exporter, graph passes, ONNX Runtime session). The multiples
-below were measured with `python -m sdrt.benchmarks.export_memory` (benchmarks/RESULTS.md).
+Export loads the whole pipeline in fp32, then exports its components one at a time, freeing
+each one's PyTorch weights once traced. While a component is traced, the exporter holds more
+on top of the weights still loaded: for a graph under 2 GB it builds the whole protobuf in
+memory (and copies each weight for it), above 2 GB it writes the weights to files as it goes.
+The graph passes that follow (fp16 measure and convert, CUDA fusions, verification) run after
+the component's PyTorch weights are freed and hold about one copy of them, so the trace is
+each component's peak. The factors below were measured with
+`python -m sdrt.benchmarks.export_memory` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -17,17 +22,14 @@ from sdrt.errors import UserError
 GIB = 2**30
 # interpreter with torch, onnx and ONNX Runtime imported (measured: 0.23 GiB)
 BASE_BYTES = GIB // 4
-# peak above the loaded pipeline, in units of the largest component's fp32 weights:
-# (dtype, cuda_fusions) -> factor. fp32: SD 1.5 measured 0.52 (5.90 GiB peak; weights 3.97 GiB,
-# U-Net 3.20 GiB). fp16 and the fusions load the whole graph for their passes: 4.3 measured
-# before the streaming changes (SD 1.5 fp16 fused-attention static, 19.3 GB), past 5.7 with
-# --cuda-fusions (beyond 24 GB); not measured since, so kept as upper bounds.
-EXTRA_FACTOR = {
-    ("fp32", False): 0.6,
-    ("fp32", True): 6.0,
-    ("fp16", False): 4.5,
-    ("fp16", True): 6.0,
-}
+# the order export works in; a component it does not export (a safety checker) stays loaded
+EXPORT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
+INLINE_LIMIT = 2**31  # fp32 weights under which the exporter serialises the graph in memory
+# extra RSS while a component is traced, in units of its fp32 weights. Under 2 GB: SD 1.5's
+# text encoder, 1.49 GiB above the loaded pipeline for 0.46 GiB of weights (3.2).
+# Above: SD 1.5's U-Net, at most 0.16 GiB for 3.20 GiB (the sampled peak).
+INLINE_FACTOR = 3.3
+EXTERNAL_FACTOR = 0.2
 SAFETENSORS_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -66,10 +68,21 @@ def safetensors_elements(path: Path) -> int:
     return count
 
 
-def estimate_peak_bytes(component_bytes: dict[str, int], dtype: str, cuda_fusions: bool) -> int:
-    largest = max(component_bytes.values(), default=0)
-    factor = EXTRA_FACTOR[(dtype, cuda_fusions)]
-    return int(BASE_BYTES + sum(component_bytes.values()) + factor * largest)
+def estimate_peak_bytes(component_bytes: dict[str, int]) -> int:
+    """Peak RSS of exporting a pipeline whose components hold `component_bytes` fp32 weights.
+    The precision and graph passes do not enter: they run after the trace frees the weights
+    (see the module docstring). A single checkpoint file counts as one component."""
+    exported = [n for n in EXPORT_ORDER if n in component_bytes]
+    if not exported and component_bytes:
+        exported = [max(component_bytes, key=lambda n: component_bytes[n])]
+    held = sum(component_bytes.values())
+    peak = held
+    for name in exported:
+        size = component_bytes[name]
+        factor = INLINE_FACTOR if size < INLINE_LIMIT else EXTERNAL_FACTOR
+        peak = max(peak, int(held + factor * size))
+        held -= size
+    return BASE_BYTES + peak
 
 
 def available_bytes() -> int | None:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import load_external_data_for_model
 
 from sdrt.errors import UserError
 
@@ -33,12 +34,21 @@ from .cuda_fusions import (
     lower_cuda_ops,
     unfuse_unsupported,
 )
-from .external_data import external_tensors, gather_external_data
+from .external_data import (
+    external_bytes,
+    external_tensors,
+    gather_external_data,
+    weights_to_disk,
+)
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 from .stages import StageFn, no_stages
 
 OPSET = 17
 TWO_GB = 2**31
+INLINE_LIMIT = TWO_GB - 2**24  # protobuf's limit, less room for the graph itself
+# the most weight bytes a graph pass writes back inline, as the exporter writes small graphs:
+# protobuf builds the whole file in memory, about four copies of the weights
+INLINE_WRITE = 2**28
 # Relative error (max abs diff / max abs of the reference) above which export fails.
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 
@@ -266,6 +276,7 @@ def export_onnx(
     external_data: bool = False,
     cuda_fusions: bool = False,
     stage: StageFn = no_stages,
+    traced: Callable[[], None] | None = None,
 ) -> ExportedOps:
     """Trace `component` to `path` (plus `path.data` external weights when over 2 GB, or
     always with `external_data`, so static variants can share the weights); returns the
@@ -275,7 +286,12 @@ def export_onnx(
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
     graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
     measured on the fused graph written back as standard ops (`cuda_ops_lowered`). `stage`
-    brackets each step (trace, fuse, fp16 measure, fp16 convert, write).
+    brackets each step (trace, fuse, fp16 measure, fp16 convert, write); `traced` is called
+    once the graph is traced, when export no longer needs the PyTorch weights.
+
+    The graph passes work on a skeleton whose weights lie in files in a temporary folder
+    (`external_data.weights_to_disk`): no pass holds a copy of the weights in memory, and ONNX
+    Runtime reads them from those files where the fp16 policy is measured.
     """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
@@ -283,14 +299,17 @@ def export_onnx(
         spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
         for spec in component.inputs + component.outputs
     }
-    # Graph passes read and rewrite the weights; without one they stay in the exporter's files
-    # and are streamed into the bundle, so no second copy sits in memory beside PyTorch's.
     passes = cuda_fusions or dtype == "fp16"
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        traced = Path(tmp) / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp_name:
+        tmp = Path(tmp_name)
+        traced_file = tmp / "model.onnx"
         with stage("trace"):
-            fused = _trace(component, args, traced, dynamic_axes, fuse_attention)
-            model = onnx.load(str(traced), load_external_data=passes)
+            fused = _trace(component, args, traced_file, dynamic_axes, fuse_attention)
+            model = onnx.load(str(traced_file), load_external_data=False)
+            if passes or external_data:
+                weights_to_disk(model, tmp, "sdrt-inline")  # a graph under 2 GB holds them
+        if traced:
+            traced()
         found = count_nodes(model, "MultiHeadAttention", "com.microsoft")
         if fuse_attention and found != len(fused):
             raise UserError(
@@ -300,7 +319,7 @@ def export_onnx(
         unfused: Counter[str] = Counter()
         if cuda_fusions:
             with stage("fuse"):
-                model = fuse_for_cuda(model)
+                model = fuse_for_cuda(model, tmp)
                 unfused.update(unfuse_unsupported(model))
         if dtype == "fp16":
             calibration = component.calibration or [feeds]
@@ -311,22 +330,39 @@ def export_onnx(
                     standard,
                     calibration,
                     providers=calibration_providers(),
-                    chunk=stats_chunk(feeds, calibration),
+                    chunk=stats_chunk(feeds, calibration, len(standard.graph.node)),
                     always=always,
+                    folder=tmp,
                 )
                 keep = fused_node_names(measured, present)
             with stage("fp16 convert"):
-                model = convert_fp16(model, keep)
+                model = convert_fp16(model, keep, tmp, "sdrt-fp16.data")
                 unfused.update(unfuse_unsupported(model))
         with stage("write"):
-            if external_tensors(model):
-                gather_external_data(model, Path(tmp), path.with_name(f"{path.name}.data"))
-                onnx.save_model(model, str(path))
-            elif not passes and not external_data:
-                os.replace(traced, path)  # the exporter's file is the graph wanted: no re-save
-            else:
-                save_onnx(model, path, external_data)
+            _write(model, tmp, traced_file, path, external_data, passes)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
+
+
+def _write(
+    model: onnx.ModelProto,
+    folder: Path,
+    traced: Path,
+    path: Path,
+    external_data: bool,
+    changed: bool,
+) -> None:
+    """Write `model` (its external weights in `folder`) to `path`: weights streamed into
+    `path`.data when asked or over `INLINE_WRITE`, else inline as the exporter writes small
+    graphs; `traced`, the exporter's own file, is moved there where no pass `changed` it."""
+    big = external_bytes(model) > (INLINE_WRITE if changed else INLINE_LIMIT)
+    if external_tensors(model) and (external_data or big):
+        gather_external_data(model, folder, path.with_name(f"{path.name}.data"))
+        onnx.save_model(model, str(path))
+    elif changed or external_tensors(model):
+        load_external_data_for_model(model, str(folder))
+        save_onnx(model, path)
+    else:
+        os.replace(traced, path)
 
 
 def _trace(
@@ -355,15 +391,19 @@ def _trace(
     return list(fused or [])
 
 
-def stats_chunk(traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]]) -> int:
-    """Tensors exposed per measuring run: 512 at the trace size, fewer in proportion where the
-    calibration inputs are larger, so host memory stays what it is at the trace size."""
+def stats_chunk(
+    traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]], nodes: int
+) -> int | None:
+    """Tensors summarised per measuring session: all of a graph of `nodes` nodes at the trace
+    size (None), a share in proportion where the calibration inputs are larger (the CUDA
+    provider measures at the deployment size), so memory stays what it is at the trace size."""
     largest = max(sum(v.size for v in feeds.values()) for feeds in calibration)
-    return max(16, int(512 * sum(v.size for v in traced.values()) / largest))
+    share = sum(v.size for v in traced.values()) / largest
+    return None if share >= 1 else max(16, int(nodes * share))
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external_data: bool = False) -> None:
-    too_big = model.ByteSize() > TWO_GB - 2**24 if _fits_bytesize(model) else True
+    too_big = model.ByteSize() > INLINE_LIMIT if _fits_bytesize(model) else True
     external = external_data or too_big
     onnx.save_model(
         model,
@@ -395,36 +435,41 @@ def _lean_session_options(ort: Any) -> Any:
     return options
 
 
-def verify_onnx(
-    component: Component,
-    path: Path,
-    dims: dict[str, int],
-    release: Callable[[], None] | None = None,
-) -> dict[str, float]:
-    """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch; CUDA-only
-    ops are run as their standard-ONNX lowering (see `cuda_fusions`). PyTorch runs first, and
-    `release` (freeing its weights) before ONNX Runtime loads its own copy."""
-    import onnxruntime as ort
-
+def reference_outputs(component: Component, dims: dict[str, int]) -> list[np.ndarray]:
+    """PyTorch's outputs on the verification inputs; computed before export so that the
+    PyTorch weights can be freed once traced."""
     feeds = component.sample_inputs(dims, seed=1)
     with torch.no_grad():
         want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
-    if release:
-        release()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        runnable = path
-        if cuda_only_ops(onnx.load(str(path), load_external_data=False)):
-            runnable = Path(tmp) / path.name
-            save_onnx(lower_cuda_ops(onnx.load(str(path))), runnable)
+    return [w.numpy() for w in ([want] if isinstance(want, torch.Tensor) else want)]
+
+
+def verify_onnx(
+    component: Component, path: Path, dims: dict[str, int], want: list[np.ndarray]
+) -> dict[str, float]:
+    """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch's outputs
+    `want` (`reference_outputs`); CUDA-only ops are run as their standard-ONNX lowering (see
+    `cuda_fusions`), written beside `path` so that it reads the same weight file."""
+    import onnxruntime as ort
+
+    feeds = component.sample_inputs(dims, seed=1)
+    graph = onnx.load(str(path), load_external_data=False)
+    runnable = path.with_name(f".lowered-{path.name}") if cuda_only_ops(graph) else path
+    try:
+        if runnable != path:
+            save_onnx(lower_cuda_ops(graph), runnable)
         session = ort.InferenceSession(
             str(runnable), _lean_session_options(ort), providers=["CPUExecutionProvider"]
         )
         got = session.run(None, feeds)
         del session
+    finally:
+        if runnable != path:
+            runnable.unlink(missing_ok=True)
+            runnable.with_name(f"{runnable.name}.data").unlink(missing_ok=True)
     max_abs = max_ref = 0.0
     for g, w in zip(got, want, strict=True):
-        w64 = w.double().numpy()
+        w64 = w.astype(np.float64)
         max_abs = max(max_abs, float(np.abs(g.astype(np.float64) - w64).max()))
         max_ref = max(max_ref, float(np.abs(w64).max()))
     return {

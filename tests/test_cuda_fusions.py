@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from sdrt import Pipeline
 from sdrt.errors import UserError
@@ -208,9 +209,9 @@ def bias_add_step(channels: int):
 def test_nodes_the_cuda_kernels_refuse_are_written_back_as_standard_onnx(step, shape, reason):
     model = chain_of([step])
     x = RNG.standard_normal(shape).astype(np.float32)
-    want = ort.InferenceSession(
-        lower_cuda_ops(model).SerializeToString(), providers=CPU
-    ).run(None, {"x": x})
+    want = ort.InferenceSession(lower_cuda_ops(model).SerializeToString(), providers=CPU).run(
+        None, {"x": x}
+    )
     unfused = unfuse_unsupported(model)
     assert len(unfused) == 1 and reason in next(iter(unfused)), unfused
     assert cuda_only_ops(model) == {}  # runs on ORT CPU (and on CUDA) as standard ONNX
@@ -256,7 +257,11 @@ def fused_graphs(tiny_pipe, tmp_path_factory):
         path = folder / f"{name}.onnx"
         assert export_onnx(by_name[name], dims, path, "fp32", name == "unet").cuda_only == {}
         plain = onnx.load(str(path))
-        graphs[name] = (plain, fuse_for_cuda(onnx.load(str(path))), by_name[name], dims)
+        work = folder / f"{name}-fused"
+        work.mkdir()
+        fused = fuse_for_cuda(onnx.load(str(path)), work)
+        load_external_data_for_model(fused, str(work))
+        graphs[name] = (plain, fused, by_name[name], dims)
     return graphs
 
 

@@ -153,8 +153,8 @@ def test_ort_cuda_options_fused_attention_fp16_and_static_variants(
 def test_fp16_vae_that_fails_verification_is_kept_in_fp32(tiny_pipe, tmp_path, monkeypatch):
     real_verify = bundle_writer.verify_onnx
 
-    def overflowing_fp16_vae(component, path, dims, release=None):
-        parity = real_verify(component, path, dims, release)
+    def overflowing_fp16_vae(component, path, dims, want):
+        parity = real_verify(component, path, dims, want)
         graph = onnx.load(str(path), load_external_data=False).graph
         fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer)
         if component.name == "vae_decoder" and fp16:

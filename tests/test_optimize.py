@@ -20,15 +20,17 @@ from sdrt.export.onnx_export import components, export_onnx, trace_dims
 from sdrt.export.optimize import (
     FP16_MAX,
     TensorStats,
+    calibration_stats,
     convert_fp16,
     count_nodes,
     fix_dims,
     fused_attention_for_export,
+    input_dependent,
     keep_fp32_nodes,
     nonfinite_origins,
     sort_topologically,
     static_variant_file,
-    tensor_stats,
+    stats_graph,
     timestep_embedding_nodes,
     write_static_variant,
 )
@@ -201,7 +203,7 @@ OVERFLOW_FEEDS = {"x": np.linspace(10, 100, 8, dtype=np.float32).reshape(2, 4)}
 
 def test_nodes_making_or_reading_an_out_of_range_tensor_are_kept_fp32():
     model = overflowing_graph()
-    stats = tensor_stats(model, OVERFLOW_FEEDS)
+    stats = calibration_stats(model, [OVERFLOW_FEEDS])
     assert stats["y"].peak > FP16_MAX > stats["z"].peak
     # Relu sees only in-range values: blocking everything would also pass the parity test.
     # rounds=0: the range rule alone, without the fp16 run that follows it.
@@ -289,11 +291,19 @@ def underflowing_graph() -> onnx.ModelProto:
 UNDERFLOW_FEEDS = {"x": np.full(4, 2e-8, np.float32), "y": np.full(4, 1e-8, np.float32)}
 
 
-def fp16_kernel_stats(model, feeds, providers, chunk):
-    """tensor_stats computed as a GPU's fp16 kernels compute: onnx's reference evaluator runs
-    fp16 ops in fp16 (ORT's CPU provider runs Div in fp32 and drops the casts around it)."""
-    from sdrt.export.optimize import summarise
+def summarise(values: np.ndarray) -> TensorStats:
+    """What `calibration_stats` reports for one tensor, computed in numpy."""
+    if values.dtype.kind != "f" or values.size == 0:
+        return TensorStats(0.0, True)
+    finite = np.isfinite(values)
+    magnitudes = np.abs(values[finite])
+    return TensorStats(float(magnitudes.max()) if magnitudes.size else 0.0, bool(finite.all()))
 
+
+def fp16_kernel_stats(model, calibration, providers, chunk, folder=None):
+    """calibration_stats computed as a GPU's fp16 kernels compute: onnx's reference evaluator
+    runs fp16 ops in fp16 (ORT's CPU provider runs Div in fp32 and drops the casts around it)."""
+    (feeds,) = calibration
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     names = [o for n in model.graph.node for o in n.output if o]
@@ -307,7 +317,7 @@ def fp16_kernel_stats(model, feeds, providers, chunk):
 def test_fp16_rounds_keep_what_fp16_breaks_inside_the_fp16_range(monkeypatch):
     from sdrt.export import optimize
 
-    monkeypatch.setattr(optimize, "tensor_stats", fp16_kernel_stats)
+    monkeypatch.setattr(optimize, "calibration_stats", fp16_kernel_stats)
     model = underflowing_graph()
     assert keep_fp32_nodes(model, UNDERFLOW_FEEDS, rounds=0) == []  # the range rule sees ~2
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -323,7 +333,7 @@ def test_range_margin_keeps_values_a_quarter_of_the_way_to_the_fp16_limit():
     """Calibration peaks at 20 000 (fits fp16); a deployment input twice as large overflows.
     The margin (a quarter of 65504) keeps the node fp32 on the calibration alone."""
     model = overflowing_graph()
-    scale = 20_000 / tensor_stats(model, OVERFLOW_FEEDS)["y"].peak
+    scale = 20_000 / calibration_stats(model, [OVERFLOW_FEEDS])["y"].peak
     calibration = {"x": OVERFLOW_FEEDS["x"] * scale}
     deployment = {"x": calibration["x"] * 4}
     assert "project" in keep_fp32_nodes(model, calibration, rounds=0)
@@ -343,10 +353,77 @@ def test_calibration_over_several_feeds_takes_each_tensors_worst():
     assert keep_fp32_nodes(model, [small, OVERFLOW_FEEDS], rounds=0) == ["project", "scale_down"]
 
 
-def test_stats_do_not_depend_on_how_many_tensors_are_exposed_per_run():
+def test_stats_do_not_depend_on_how_many_tensors_are_summarised_per_session():
     model = overflowing_graph()
-    assert tensor_stats(model, OVERFLOW_FEEDS, chunk=1) == tensor_stats(model, OVERFLOW_FEEDS)
-    assert {"x", "w", "small", "y", "z", "out"} <= set(tensor_stats(model, OVERFLOW_FEEDS))
+    whole = calibration_stats(model, [OVERFLOW_FEEDS])
+    assert calibration_stats(model, [OVERFLOW_FEEDS], chunk=1) == whole
+    assert {"x", "w", "small", "y", "z", "out"} <= set(whole)
+
+
+def summarised_graph() -> onnx.ModelProto:
+    """Each kind of tensor the in-graph summary must tell apart: floats with inf and nan, an
+    empty one, fp16, an integer and a boolean."""
+    graph = oh.make_graph(
+        [
+            oh.make_node("Div", ["x", "y"], ["ratio"], name="divide"),
+            oh.make_node("Cast", ["ratio"], ["half"], name="to_half", to=TensorProto.FLOAT16),
+            oh.make_node("Slice", ["x", "start", "start"], ["empty"], name="empty"),
+            oh.make_node("Shape", ["x"], ["shape"], name="shape"),
+            oh.make_node("Less", ["x", "y"], ["less"], name="less"),
+        ],
+        "kinds",
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")],
+        [oh.make_tensor_value_info("half", TensorProto.FLOAT16, [2, 3])],
+        [numpy_helper.from_array(np.array([0], np.int64), "start")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_in_graph_stats_match_numpy_for_every_kind_of_tensor():
+    model = summarised_graph()
+    feeds = {
+        "x": np.array([[1, -3e5, 0], [0, 5, -1]], np.float32),
+        "y": np.array([[2, 1, 0], [1, 0, 4]], np.float32),  # 0/0 nan, 5/0 inf
+    }
+    stats = calibration_stats(model, [feeds])
+    values = ReferenceEvaluator(model).run(["ratio", "half", "empty"], feeds)
+    with np.errstate(all="ignore"):
+        want = {n: summarise(v) for n, v in zip(["ratio", "half", "empty"], values, strict=True)}
+    assert {n: stats[n] for n in want} == want
+    assert want["ratio"] == TensorStats(3e5, False)  # the largest finite value, and not finite
+    assert stats["x"] == TensorStats(3e5, True)
+    assert not {"shape", "less", "start"} & set(stats)  # not floating point
+
+
+def test_policy_on_weights_in_files_is_the_policy_in_memory(tmp_path):
+    """A skeleton (weights in a file) gets the nodes and the fp16 weights a graph holding its
+    weights gets, and the graph in memory is left as it was."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from sdrt.export.external_data import weights_to_disk
+
+    model = overflowing_graph()
+    model.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.linspace(100, 400, 1024, dtype=np.float32).reshape(4, 256), "w")
+    )
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 256
+    feeds = [OVERFLOW_FEEDS, {"x": OVERFLOW_FEEDS["x"] / 1000}]
+    before = model.SerializeToString()
+    keep = keep_fp32_nodes(model, feeds)
+    assert model.SerializeToString() == before
+    in_memory = convert_fp16(model, ["scale_down"])
+
+    weights_to_disk(model, tmp_path, "weights")
+    assert not model.graph.initializer[0].raw_data  # a skeleton now
+    assert keep_fp32_nodes(model, feeds, folder=tmp_path) == keep
+    on_disk = convert_fp16(model, ["scale_down"], tmp_path, "fp16.data")
+    assert (tmp_path / "fp16.data").exists()
+    load_external_data_for_model(on_disk, str(tmp_path))
+    for tensor in on_disk.graph.initializer:
+        tensor.ClearField("data_location")  # set to its default by the load
+    assert on_disk.SerializeToString() == in_memory.SerializeToString()
+    with pytest.raises(ValueError, match="pass the folder"):
+        convert_fp16(model, ["scale_down"])
 
 
 def test_fused_unet_converts_to_fp16_under_the_policy(fused_unet, unet_component, trace):
@@ -500,3 +577,30 @@ def test_variant_beside_external_weights_points_at_them_instead_of_copying(
     assert not dst.with_name(dst.name + ".data").exists()
     feeds = unet_component.sample_inputs({**trace, **CHECK_DIMS}, seed=5)
     assert relative_error(run_ort(dst, feeds), run_ort(src, feeds).astype(np.float64)) <= 1e-5
+
+
+def test_tensors_depending_on_inputs_are_found_in_any_node_order():
+    model = overflowing_graph()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # as a graph pass may leave them; ORT sorts
+    assert input_dependent(model.graph) == {"x", "y", "z", "out"}
+    assert calibration_stats(model, [OVERFLOW_FEEDS]) == calibration_stats(
+        overflowing_graph(), [OVERFLOW_FEEDS]
+    )
+
+
+def test_summaries_follow_their_tensors_and_weight_copies_come_last():
+    """The measuring session runs the ready node listed first: each summary right after the
+    node making its tensor, and a node computing from weights alone (here a transposed
+    weight) after everything else, so it runs only when its reader is next."""
+    model = overflowing_graph()
+    model.graph.node.insert(0, oh.make_node("Transpose", ["w"], ["wt"], name="transpose"))
+    model.graph.node[1].input[1] = "wt"
+    names = ["x", "y", "z"]
+    order = [n.name for n in stats_graph(model, names).graph.node]
+    first = {n: order.index(f"sdrt_stats/{i}/float") for i, n in enumerate(names)}
+    assert first["x"] < order.index("project") < first["y"] < order.index("scale_down")
+    assert order.index("scale_down") < first["z"] < order.index("relu")
+    assert order[-1] == "transpose"
+    assert calibration_stats(model, [OVERFLOW_FEEDS])["y"].peak > FP16_MAX
