@@ -34,7 +34,7 @@ def measure(preset: str, options: argparse.Namespace, progress: bool = False) ->
     with watch.stage("pipeline", "load"):
         pipe = load_pipeline(None, preset)
     with tempfile.TemporaryDirectory(prefix="export-memory-") as tmp:
-        bundle_writer.export_bundle(
+        manifest = bundle_writer.export_bundle(
             pipe,
             Path(tmp) / "bundle",
             PRESETS[preset]["family"],
@@ -58,6 +58,10 @@ def measure(preset: str, options: argparse.Namespace, progress: bool = False) ->
         "seconds": time.perf_counter() - started,
         "stages": [vars(r) for r in watch.records],
         "component_peaks": watch.component_peaks(),
+        "parity": {
+            name: {"precision": entry["precision"], **entry["parity"]}
+            for name, entry in manifest["components"].items()
+        },
     }
 
 
@@ -79,6 +83,15 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['component']} | {r['stage']} | {gib} | {r['seconds']:.1f} |")
     lines += ["", "| component | peak RSS (GiB) |", "|---|---|"]
     lines += [f"| {c} | {b / GIB:.2f} |" for c, b in result["component_peaks"].items()]
+    lines += [
+        "",
+        "| component | precision | max abs | max rel (vs PyTorch fp32) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {p['precision']} | {p['max_abs']:.2e} | {p['max_rel']:.2e} |"
+        for c, p in result["parity"].items()
+    ]
     lines += [
         "",
         f"process peak RSS {result['peak_rss_bytes'] / GIB:.2f} GiB "

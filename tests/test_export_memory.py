@@ -63,7 +63,7 @@ def test_benchmark_reports_every_stage_of_every_component(tiny_run):
     result, done = tiny_run
     stages = {(r["component"], r["stage"]) for r in result["stages"]}
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        assert {(component, s) for s in ("trace", "write", "verify")} <= stages
+        assert {(component, s) for s in ("reference", "trace", "write", "verify")} <= stages
     assert ("pipeline", "load") in stages
     peaks = result["component_peaks"]
     for component, peak in peaks.items():
@@ -71,6 +71,9 @@ def test_benchmark_reports_every_stage_of_every_component(tiny_run):
         assert peak == max(own)
     assert result["peak_rss_bytes"] >= max(peaks.values()) > result["start_rss_bytes"] > 0
     assert "| unet | verify |" in done.stdout and "process peak RSS" in done.stdout
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert result["parity"][component]["max_rel"] <= 1e-3  # fp32: export's tolerance
+        assert f"| {component} | fp32 |" in done.stdout
 
 
 def test_progress_bar_shows_the_stage_and_rss(tiny_run):
