@@ -4,10 +4,9 @@ Export loads the whole pipeline in fp32, then exports its components one at a ti
 each one's PyTorch weights once traced. While a component is traced, the exporter holds more
 on top of the weights still loaded: for a graph under 2 GB it builds the whole protobuf in
 memory (and copies each weight for it), above 2 GB it writes the weights to files as it goes.
-The graph passes that follow (fp16 measure and convert, CUDA fusions, verification) run after
-the component's PyTorch weights are freed and hold about one copy of them, so the trace is
-each component's peak. The factors below were measured with
-`python -m sdrt.benchmarks.export_memory` (benchmarks/RESULTS.md).
+The graph passes (fp16 measure and convert, CUDA fusions) run after the component's PyTorch
+weights are freed, with ONNX Runtime reading the weights from files. The factors below were
+measured with `python -m sdrt.benchmarks.export_memory` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ from typing import Any
 from sdrt.errors import UserError
 
 GIB = 2**30
-# interpreter with torch, onnx and ONNX Runtime imported (measured: 0.23 GiB)
-BASE_BYTES = GIB // 4
+# interpreter with torch, onnx and ONNX Runtime imported, and the pipeline's non-weight
+# memory (measured: a loaded pipeline is 0.44-0.47 GiB above its weights, SD 1.5 and SDXL)
+BASE_BYTES = int(0.47 * GIB)
 # the order export works in; a component it does not export (a safety checker) stays loaded
 EXPORT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
 INLINE_LIMIT = 2**31  # fp32 weights under which the exporter serialises the graph in memory
@@ -30,6 +30,10 @@ INLINE_LIMIT = 2**31  # fp32 weights under which the exporter serialises the gra
 # Above: SD 1.5's U-Net, at most 0.16 GiB for 3.20 GiB (the sampled peak).
 INLINE_FACTOR = 3.3
 EXTERNAL_FACTOR = 0.2
+# RSS of the graph passes for a component whose PyTorch weights are freed, in units of its
+# fp32 weights: SDXL's U-Net fp16 measure, 13.15 GiB (1.29) and with the CUDA fusions 14.83
+# GiB (1.46), the VAE and the later components still loaded.
+PASS_FACTOR = 1.5
 SAFETENSORS_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
@@ -68,10 +72,10 @@ def safetensors_elements(path: Path) -> int:
     return count
 
 
-def estimate_peak_bytes(component_bytes: dict[str, int]) -> int:
-    """Peak RSS of exporting a pipeline whose components hold `component_bytes` fp32 weights.
-    The precision and graph passes do not enter: they run after the trace frees the weights
-    (see the module docstring). A single checkpoint file counts as one component."""
+def estimate_peak_bytes(component_bytes: dict[str, int], passes: bool = False) -> int:
+    """Peak RSS of exporting a pipeline whose components hold `component_bytes` fp32 weights,
+    with graph `passes` (--dtype fp16 or --cuda-fusions) or without. A single checkpoint file
+    counts as one component."""
     exported = [n for n in EXPORT_ORDER if n in component_bytes]
     if not exported and component_bytes:
         exported = [max(component_bytes, key=lambda n: component_bytes[n])]
@@ -82,6 +86,8 @@ def estimate_peak_bytes(component_bytes: dict[str, int]) -> int:
         factor = INLINE_FACTOR if size < INLINE_LIMIT else EXTERNAL_FACTOR
         peak = max(peak, int(held + factor * size))
         held -= size
+        if passes:
+            peak = max(peak, int(held + PASS_FACTOR * size))
     return BASE_BYTES + peak
 
 

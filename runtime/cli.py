@@ -300,7 +300,7 @@ def _check_export_memory(args: argparse.Namespace) -> None:
         raise UserError(f"--max-memory {args.max_memory} is negative; give GiB, or 0 for no check")
     limit = mem.available_bytes() if args.max_memory is None else int(args.max_memory * mem.GIB)
     sizes = mem.source_component_bytes(args.source, args.random_weights)
-    estimate = mem.estimate_peak_bytes(sizes)
+    estimate = mem.estimate_peak_bytes(sizes, args.dtype == "fp16" or args.cuda_fusions)
     mem.check_fits(estimate, limit or None)
 
 
