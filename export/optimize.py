@@ -309,19 +309,14 @@ def stats_graph(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto
     summaries = {name: _summary_nodes(name, f"{STATS}{i}/") for i, name in enumerate(names)}
     made = {o for n in graph.node for o in n.output}
     variable = input_dependent(graph)
+
+    def followed(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        return [node, *(n for o in node.output if o in summaries for n in summaries[o])]
+
+    early = [n for n in graph.node if variable.intersection(n.output)]
+    late = [n for n in graph.node if not variable.intersection(n.output)]
     nodes = [n for name in names if name not in made for n in summaries[name]]
-    late = []
-    for node in graph.node:
-        if not variable.intersection(node.output):
-            late.append(node)
-            continue
-        nodes.append(node)
-        nodes.extend(n for o in node.output if o in summaries for n in summaries[o])
-    nodes += [
-        n
-        for node in late
-        for n in (node, *(m for o in node.output if o in summaries for m in summaries[o]))
-    ]
+    nodes += [n for node in early + late for n in followed(node)]
     del graph.node[:]
     graph.node.extend(nodes)
     graph.output.extend(
