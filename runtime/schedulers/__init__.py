@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from .common import Scheduler
+from .common import Scheduler, predicted_clean
 
 # name -> (module in this package, class, config overrides the name implies)
 SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -39,4 +39,4 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     return getattr(module, class_name)({**config, **overrides})
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "make_scheduler"]
+__all__ = ["SCHEDULERS", "Scheduler", "make_scheduler", "predicted_clean"]

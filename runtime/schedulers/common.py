@@ -203,6 +203,24 @@ def predicted_original(
     return model_output
 
 
+def predicted_clean(
+    config: Mapping[str, Any], model_input: np.ndarray, model_output: np.ndarray, timestep: float
+) -> np.ndarray:
+    """x0 as the model sees it at `timestep`, for every family (the server's previews).
+
+    `model_input` is what `scale_model_input` gave the model: every family brings its sample to
+    the variance-preserving form sqrt(abar) x0 + sqrt(1 - abar) noise there, so one formula
+    holds; abar comes from the training sigma at `timestep`, interpolated in log sigma as the
+    Karras schedules' fractional timesteps were made.
+    """
+    train = training_sigmas(config).astype(np.float64)
+    sigma = np.exp(np.interp(timestep, np.arange(len(train)), np.log(train)))
+    x0 = predicted_original(
+        config["prediction_type"], model_output, model_input, 1 / (1 + sigma**2)
+    )
+    return x0.astype(model_output.dtype, copy=False)
+
+
 def predicted_noise(
     prediction_type: str,
     model_output: np.ndarray,
