@@ -32,7 +32,7 @@ from .image_store import ImageStore, StoreFull
 from .metrics import Metrics
 from .previews import Previews
 from .requests import ImageRequest, image_request, open_upload, parse_json, read_body
-from .schema import ErrorResponse, ImagesResponse, openapi
+from .schema import ImagesResponse, openapi
 from .settings import Settings
 
 log = logging.getLogger("sdrt.serve")
@@ -45,8 +45,9 @@ ZERO_USAGE = {
     "output_tokens": 0,
     "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
 }
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 ERRORS = {
-    status: {"model": ErrorResponse, "description": "an OpenAI-shaped error"}
+    status: {"description": "an OpenAI-shaped error", "content": ERROR_BODY}
     for status in (400, 401, 404, 413, 429, 500, 503, 504)
 }
 
@@ -115,6 +116,7 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 size_multiple=max(m.get("size_multiple", 8) for m in manifests),
                 max_partial_images=settings.max_partial_images,
                 schedulers=list(SCHEDULERS),
+                models=list(models),
             )
         return app.openapi_schema
 
@@ -138,7 +140,7 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
             raise ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>")
 
     def pick(model: str | None) -> tuple[str, Batcher]:
-        if model is None and len(models) == 1:
+        if not model and len(models) == 1:  # None or "": the one model served
             return next(iter(models.items()))
         if model not in models:
             served = ", ".join(models)

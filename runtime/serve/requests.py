@@ -99,7 +99,7 @@ def image_request(
         raise ApiError(
             400, f"unknown field {unknown[0]!r}; the fields are {', '.join(known)}", unknown[0]
         )
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = {k: _whole_number(v) for k, v in fields.items() if v is not None}
     if "prompt" not in fields:
         raise ApiError(400, "prompt is required; send the text to draw", "prompt")
     for name in ("prompt", "model", "user"):
@@ -163,6 +163,11 @@ def _whole(
             400, f"{name} must be an integer from {lowest} to {highest}, got {value!r}", name
         )
     return value
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON's 2.0 is the integer 2 (JSON Schema says so); other values pass as they are."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _flag(value: Any, text: bool) -> bool:

@@ -1,7 +1,7 @@
 """The HTTP API's request and response models: the fields `requests.py` reads and the shapes
 `app.py` answers with, published at /openapi.json and /docs. OpenAI's Images API fields
 (as in its published OpenAPI description) plus sdrt's own; `openapi` fills in the limits the
-server was started with (largest n, steps, side; partial images; the bundles' schedulers)."""
+server was started with (largest n, steps, side; partial images; schedulers; models)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class _Fields(BaseModel):
     user: str | None = Field(None, description="accepted and ignored")
     negative_prompt: str | None = Field(None, description="sdrt: what not to draw")
     num_inference_steps: int | None = Field(None, ge=1, description="sdrt: denoising steps")
-    guidance_scale: float | None = Field(None, description="sdrt: classifier-free guidance")
+    guidance_scale: float | None = Field(None, ge=0, description="sdrt: classifier-free guidance")
     scheduler: str | None = Field(None, description="sdrt: the sampler")
     seed: int | None = Field(None, ge=0, description="sdrt: same seed, same image")
 
@@ -65,12 +65,18 @@ class CreateImageEditRequest(_Fields):
     )
 
 
-class ImageData(BaseModel):
+class _Answer(BaseModel):
+    """A response body: nothing beyond its fields (a stray `revised_prompt: null` is an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageData(_Answer):
     b64_json: str = Field(None, description="the encoded image, with response_format b64_json")
     url: str = Field(None, description="where to GET it, with response_format url")
 
 
-class ImagesResponse(BaseModel):
+class ImagesResponse(_Answer):
     created: int
     data: list[ImageData]
     background: Literal["opaque"] = Field(None)
@@ -83,12 +89,12 @@ class ImagesResponse(BaseModel):
     )
 
 
-class InputTokensDetails(BaseModel):
+class InputTokensDetails(_Answer):
     text_tokens: int
     image_tokens: int
 
 
-class ImagesUsage(BaseModel):
+class ImagesUsage(_Answer):
     """All zero: sdrt does not count tokens; OpenAI's event schema requires the object."""
 
     total_tokens: int
@@ -97,7 +103,7 @@ class ImagesUsage(BaseModel):
     input_tokens_details: InputTokensDetails
 
 
-class _Event(BaseModel):
+class _Event(_Answer):
     b64_json: str
     created_at: int
     size: Literal["1024x1024", "1024x1536", "1536x1024", "auto"] = Field(
@@ -128,14 +134,14 @@ class ImageEditCompletedEvent(_Event):
     usage: ImagesUsage
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(_Answer):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Answer):
     error: ErrorDetail
 
 
@@ -175,6 +181,7 @@ def openapi(
     size_multiple: int,
     max_partial_images: int,
     schedulers: list[str],
+    models: list[str],
 ) -> dict[str, Any]:
     """FastAPI's schema with the request bodies, streamed events and this server's limits."""
     components = base.setdefault("components", {}).setdefault("schemas", {})
@@ -189,6 +196,9 @@ def openapi(
         _limit(fields["partial_images"], maximum=min(3, max_partial_images))
         _limit(fields["size"], pattern=size_pattern(size_multiple, max_side))
         _limit(fields["scheduler"], enum=schedulers)
+        _limit(fields["model"], enum=models)
+    for name, field in components["CreateImageEditRequest"]["properties"].items():
+        components["CreateImageEditRequest"]["properties"][name] = _not_null(field)
     for path, (media, model) in BODIES.items():
         operation = base["paths"][path]["post"]
         operation["requestBody"] = {
@@ -199,6 +209,15 @@ def openapi(
         content = operation["responses"]["200"]["content"]
         content["text/event-stream"] = {"schema": {"anyOf": events}}
     return base
+
+
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """A form field's schema without the null branch: a multipart form cannot send null."""
+    branches = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return field
+    rest = {k: v for k, v in field.items() if k not in ("anyOf", "default")}
+    return {**rest, **branches[0]}
 
 
 def _limit(field: dict[str, Any], **constraints: Any) -> None:
