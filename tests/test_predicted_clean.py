@@ -44,4 +44,4 @@ def test_predicted_clean_matches_diffusers_pred_original_sample(
         expected = step.pred_original_sample.numpy()
         worst = max(worst, float(np.abs(x0 - expected).max() / np.abs(expected).max()))
         sample = ours.step(output, t, sample)
-    assert worst <= 2e-5, worst
+    assert worst <= 1e-5, worst  # measured at most 2.5e-6
