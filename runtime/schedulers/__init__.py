@@ -27,7 +27,13 @@ SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "lms": ("lms", "LMSDiscreteScheduler", {}),
     "heun": ("heun", "HeunDiscreteScheduler", {}),
+    "flow_match_euler": ("flow_match", "FlowMatchEulerDiscreteScheduler", {}),
+    "flow_match_heun": ("flow_match", "FlowMatchHeunDiscreteScheduler", {}),
 }
+
+# The schedulers of flow-matching (velocity-predicting) denoisers; every other name is for the
+# noise-predicting U-Nets. A bundle may only be driven by the names of its own kind.
+FLOW_SCHEDULERS = frozenset({"flow_match_euler", "flow_match_heun"})
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
@@ -39,4 +45,4 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     return getattr(module, class_name)({**config, **overrides})
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "make_scheduler"]
+__all__ = ["FLOW_SCHEDULERS", "SCHEDULERS", "Scheduler", "make_scheduler"]
