@@ -3,6 +3,9 @@ FlowMatchEulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler, on identical
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import diffusers
 import numpy as np
 import pytest
@@ -260,3 +263,20 @@ def test_a_bundle_is_driven_by_the_schedulers_of_its_kind():
     assert compatible_schedulers("flow_match_euler") == ["flow_match_euler", "flow_match_heun"]
     unet = compatible_schedulers("ddim")
     assert "euler" in unet and not FLOW_SCHEDULERS & set(unet)
+
+
+def test_the_flow_schedulers_import_no_torch_diffusers_or_scipy():
+    code = (
+        "import sys, sdrt.schedulers.flow_match; "
+        "print(sorted({'torch', 'diffusers', 'scipy'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_SCHEDULERS))
+@pytest.mark.parametrize("steps", [0, 1001])
+def test_a_step_count_outside_the_training_schedule_is_a_value_error(name, steps):
+    with pytest.raises(ValueError, match=f"num_inference_steps {steps}"):
+        make_scheduler(name, SD3_CONFIG).set_timesteps(steps)
