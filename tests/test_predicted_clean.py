@@ -45,3 +45,21 @@ def test_predicted_clean_matches_diffusers_pred_original_sample(
         worst = max(worst, float(np.abs(x0 - expected).max() / np.abs(expected).max()))
         sample = ours.step(output, t, sample)
     assert worst <= 1e-5, worst  # measured at most 2.5e-6
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_predicted_clean_is_where_diffusers_step_to_sigma_zero_lands(shift):
+    """A flow step to sigma 0 (diffusers' last) lands on x0; there its prev_sample is x0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = {"num_train_timesteps": 1000, "shift": shift}
+    theirs = FlowMatchEulerDiscreteScheduler.from_config(config)
+    theirs.set_timesteps(6)
+    rng = np.random.default_rng(1)
+    sample = torch.from_numpy(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    for t in theirs.timesteps:
+        output = torch.from_numpy(rng.standard_normal(sample.shape).astype(np.float32))
+        x0 = predicted_clean(config, sample.numpy(), output.numpy(), float(t))
+        sample = theirs.step(output, t, sample).prev_sample
+    expected = sample.numpy()  # the last step's target sigma is 0
+    assert np.abs(x0 - expected).max() <= 1e-5 * np.abs(expected).max()

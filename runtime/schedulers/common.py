@@ -70,12 +70,12 @@ def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> di
     filled_in = set(config.get("_use_default_values") or ())
     resolved = dict(defaults)
     resolved.update({k: v for k, v in config.items() if k in defaults and k not in filled_in})
-    if resolved.get("prediction_type") not in PREDICTION_TYPES:
+    if "prediction_type" in defaults and resolved["prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type {resolved.get('prediction_type')!r} is not supported; "
             f"use one of {', '.join(PREDICTION_TYPES)}"
         )
-    if resolved.get("timestep_spacing") not in TIMESTEP_SPACINGS:
+    if "timestep_spacing" in defaults and resolved["timestep_spacing"] not in TIMESTEP_SPACINGS:
         raise ValueError(
             f"timestep_spacing {resolved.get('timestep_spacing')!r} is not supported; "
             f"use one of {', '.join(TIMESTEP_SPACINGS)}"
@@ -208,11 +208,15 @@ def predicted_clean(
 ) -> np.ndarray:
     """x0 as the model sees it at `timestep`, for every family (the server's previews).
 
-    `model_input` is what `scale_model_input` gave the model: every family brings its sample to
-    the variance-preserving form sqrt(abar) x0 + sqrt(1 - abar) noise there, so one formula
-    holds; abar comes from the training sigma at `timestep`, interpolated in log sigma as the
-    Karras schedules' fractional timesteps were made.
+    Flow matching (the configs with `shift`): the input is (1 - sigma) x0 + sigma noise, the
+    output the velocity noise - x0, and the model's timestep is sigma times the training steps.
+    Every other family: `scale_model_input` brings the sample to the variance-preserving form
+    sqrt(abar) x0 + sqrt(1 - abar) noise, with abar from the training sigma at `timestep`
+    (interpolated in log sigma, as the Karras schedules' fractional timesteps were made).
     """
+    if "shift" in config:
+        sigma = np.float32(timestep / config["num_train_timesteps"])
+        return (model_input - sigma * model_output).astype(model_output.dtype, copy=False)
     train = training_sigmas(config).astype(np.float64)
     sigma = np.exp(np.interp(timestep, np.arange(len(train)), np.log(train)))
     x0 = predicted_original(

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import UserError
 from ..images import encode_image, generation_metadata, numpy_to_pil
-from ..schedulers import SCHEDULERS
+from ..schedulers import SCHEDULERS, compatible_schedulers
 from .batcher import Batcher, QueueFull, RequestTimeout, ShuttingDown
 from .errors import ApiError, bad_value
 from .image_store import ImageStore, StoreFull
@@ -115,7 +115,11 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 max_side=limits.max_side or 2048,
                 size_multiple=max(m.get("size_multiple", 8) for m in manifests),
                 max_partial_images=settings.max_partial_images,
-                schedulers=list(SCHEDULERS),
+                schedulers=[  # those every served bundle takes
+                    name
+                    for name in SCHEDULERS
+                    if all(name in compatible_schedulers(m["scheduler"]) for m in manifests)
+                ],
                 models=list(models),
             )
         return app.openapi_schema
