@@ -115,10 +115,10 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 max_side=limits.max_side or 2048,
                 size_multiple=max(m.get("size_multiple", 8) for m in manifests),
                 max_partial_images=settings.max_partial_images,
-                schedulers=[  # those every served bundle takes
+                schedulers=[  # those some served bundle takes (each bundle: its kind's)
                     name
                     for name in SCHEDULERS
-                    if all(name in compatible_schedulers(m["scheduler"]) for m in manifests)
+                    if any(name in compatible_schedulers(m["scheduler"]) for m in manifests)
                 ],
                 models=list(models),
             )
