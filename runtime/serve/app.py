@@ -122,6 +122,13 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 ],
                 models=list(models),
             )
+            if settings.api_key is not None:  # /docs' Authorize button; probes stay open
+                schemes = app.openapi_schema["components"].setdefault("securitySchemes", {})
+                schemes["apiKey"] = {"type": "http", "scheme": "bearer"}
+                for path, operations in app.openapi_schema["paths"].items():
+                    for operation in operations.values():
+                        if path not in ("/health", "/ready"):
+                            operation["security"] = [{"apiKey": []}]
         return app.openapi_schema
 
     app.openapi = api_schema  # type: ignore[method-assign]

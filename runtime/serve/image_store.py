@@ -56,11 +56,6 @@ class ImageStore:
             self._drop_expired()
             return self._images.get(image_id)
 
-    @property
-    def bytes_held(self) -> int:
-        with self._lock:
-            return self._bytes
-
     def _drop_expired(self) -> None:
         now = self.clock()
         while self._images:
