@@ -24,6 +24,7 @@ DOCUMENTED_LIMITS = (
     "is not an image file",  # an upload must decode as a picture
     "pass a mask of the image's size",
     "scheduler can spread over",  # a step count a scheduler's schedule cannot hold
+    "leaves no step of",  # an edit's strength times its steps under one step
     "the models are still loading",
     "is not here: it expired",  # an image id this server never made
 )

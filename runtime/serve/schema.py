@@ -205,10 +205,29 @@ def openapi(
             "required": True,
             "content": {media: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
         }
-        events = [{"$ref": f"#/components/schemas/{e.__name__}"} for e in EVENTS[path]]
+        events = [_sse(e.model_fields["type"].annotation.__args__[0], e) for e in EVENTS[path]]
+        events.append(_sse("error", ErrorResponse))
         content = operation["responses"]["200"]["content"]
         content["text/event-stream"] = {"schema": {"anyOf": events}}
     return base
+
+
+def _sse(name: str, model: type[BaseModel]) -> dict[str, Any]:
+    """One Server-Sent Event as OpenAPI 3.2 describes an event-stream item: `event` names it,
+    `data` is the JSON text of `model`."""
+    data = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": data,
+            },
+        },
+    }
 
 
 def _not_null(field: dict[str, Any]) -> dict[str, Any]:
