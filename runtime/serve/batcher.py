@@ -31,13 +31,7 @@ MODES = ("continuous", "request")
 DEFAULT_MAX_BATCH_ROWS = 16
 # Timer stages spent in engines; the rest of a tick is the batcher's own bookkeeping (the
 # vae_encode stage also holds the scheduler set-up of admitted requests, a small cost)
-ENGINE_STAGES = (
-    "text_encoder_ms",
-    "vae_encode_ms",
-    "unet_ms",
-    "vae_decode_ms",
-    "preview_decode_ms",
-)
+ENGINE_STAGES = ("text_encoder_ms", "vae_encode_ms", "unet_ms", "vae_decode_ms")
 
 
 class QueueFull(Exception):

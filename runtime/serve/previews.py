@@ -50,7 +50,7 @@ def send_previews(pipeline: Any, jobs: Sequence[Any], timer: Timer) -> None:
         except Exception:  # a preview is a courtesy: the request itself goes on
             log.exception("preview decode failed")
             continue
-        timer("preview_decode_ms", tick)
+        timer("vae_decode_ms", tick)  # engine time, as the final decode
         start = 0
         for job, latents in group:
             job.previews.deliver(job.previews.sent, images[start : start + len(latents)])
