@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdrt import Pipeline
-from sdrt.denoise import start_request, step
+from sdrt.denoise import preview_steps, start_request, step
 from sdrt.errors import UserError
 
 REQUESTS = [
@@ -80,8 +80,6 @@ def test_arguments_refuse_bad_values_in_one_sentence(runtime, kwargs, message):
 
 
 def test_preview_steps_are_evenly_spaced_inside_the_run_and_fewer_when_it_is_short():
-    from sdrt.denoise import preview_steps
-
     assert preview_steps(12, 3) == {3, 6, 9}
     assert preview_steps(20, 1) == {10}
     assert preview_steps(2, 3) == {1}  # never the first state nor the finished image
