@@ -362,3 +362,19 @@ def test_bad_openai_field_gets_one_sentence(server, fields, fragment, param):
     error = response.json()["error"]
     assert fragment in error["message"] and "\n" not in error["message"]
     assert error["param"] == (param or next(iter(fields)))
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        (["--image-store-mb", "-1"], "--image-store-mb >= 0, got 60.0 and -1.0"),
+        (["--image-url-ttl", "0"], "--image-url-ttl must be > 0"),
+        (["--max-partial-images", "4"], "--max-partial-images must be 0 to 3, got 4"),
+    ],
+)
+def test_bad_new_serve_flag_is_one_line_and_exit_2(capsys, flags, line):
+    from sdrt.cli import main
+
+    assert main(["serve", "no-such-bundle", *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and line in lines[0], lines
