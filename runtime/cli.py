@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
         with _terminate_as_interrupt():
             return args.handler(args)
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+
+
+def _warning_line(message: Warning | str, *_: Any, **__: Any) -> str:
+    """A warning as one line, as errors are: the user needs the message, not sdrt's source."""
+    return f"sdrt: warning: {message}\n"
 
 
 @contextmanager
