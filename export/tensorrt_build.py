@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.backends.tensorrt import (
+    CUDA_EXTRAS,
     TensorRT,
     cuda_device_index,
     current_environment,
+    driver_cuda_major,
     import_cudart,
     import_tensorrt,
     shared_device,
@@ -453,6 +455,24 @@ def weakly_typed(trt_api: TensorRT) -> bool:
     return trt_api.backend != "tensorrt-rtx" and hasattr(trt_api.module.BuilderFlag, "FP16")
 
 
+# TensorRT-RTX 1.7 loads engines on compute capability 8.0, 8.6, 8.9, 12.0 and 12.1 only: on an
+# H100 it built an engine, then deserialize_cuda_engine refused it. Data-centre Hopper and
+# Blackwell (9.x, 10.x) need TensorRT itself.
+RTX_REFUSED_MAJORS = ("9", "10")
+
+
+def check_rtx_runs_here(env: Environment, driver_major: int) -> None:
+    """Refuse TensorRT-RTX before a build whose engines it would then refuse to run."""
+    major = env.compute_capability.split(".")[0]
+    if env.backend == "tensorrt-rtx" and major in RTX_REFUSED_MAJORS:
+        extra = f"tensorrt-cu{driver_major}" if driver_major in CUDA_EXTRAS else "tensorrt-cu13"
+        raise UserError(
+            f"TensorRT-RTX builds engines for {env.gpu_name} (compute capability "
+            f"{env.compute_capability}) that it then refuses to run; install TensorRT for this "
+            f"driver instead, `pip install 'sdrt[{extra}]'`"
+        )
+
+
 def build_engines(
     bundle_dir: str | Path,
     *,
@@ -508,8 +528,10 @@ def build_engines(
     names = select_components(bundle, components)
     check_builder_options(optimization_level, workspace_gb)
     trt_api = import_tensorrt(tensorrt_module)
-    env = current_environment(trt_api, shared_device(import_cudart(), cuda_device_index(device)))
+    cudart = import_cudart()
+    env = current_environment(trt_api, shared_device(cudart, cuda_device_index(device)))
     log(f"{trt_api.describe()} on {env.gpu_name} (compute capability {env.compute_capability})")
+    check_rtx_runs_here(env, driver_cuda_major(cudart))
     options = {"optimization_level": optimization_level, "workspace_gb": workspace_gb}
     spec = engine_spec(bundle, sizes, env, names, vae_precision, options)
     log(f"engine key {cache_key(spec)}")

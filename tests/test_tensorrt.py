@@ -1171,3 +1171,22 @@ def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
     )
     assert main(["info", str(root)]) == 0
     assert f"  unet           fp16  {sources['unet']}" in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("driver, extra", [(12080, "tensorrt-cu12"), (13000, "tensorrt-cu13")])
+def test_tensorrt_rtx_is_refused_before_building_on_a_data_centre_gpu(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, driver: int, extra: str
+) -> None:
+    """TensorRT-RTX 1.7 built an engine on an H100 (compute capability 9.0), then refused to
+    load it: no build time is spent on engines that cannot run."""
+    api = FakeBuildAPI(None, "11")
+    trt_api = trt_backend.TensorRT(api.module(), "tensorrt-rtx", "tensorrt_rtx")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(driver=driver, runtime=12080))
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+    with pytest.raises(UserError) as err:
+        tb.build_engines(tiny_bundle, batch=(1, 1), static=(64, 64), progress=False)
+    assert "NVIDIA H100 80GB HBM3 (compute capability 9.0)" in str(err.value)
+    assert f"pip install 'sdrt[{extra}]'" in str(err.value)
+    assert api.calls == [] and not (tiny_bundle / ENGINES_DIR).exists()
