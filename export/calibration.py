@@ -11,11 +11,12 @@ it (latents / scaling_factor).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import torch
+
+if TYPE_CHECKING:  # sdrt build imports this module for PROMPTS: no torch or onnx at import
+    import onnx
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
@@ -52,6 +53,8 @@ def token_ids(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
 def prompt_embeddings(pipe: Any) -> dict[str, np.ndarray]:
     """The U-Net's conditioning for each prompt with its unconditional half (""), as
     classifier-free guidance batches them: encoder_hidden_states (and SDXL's text_embeds)."""
+    import torch
+
     prompts = [p for prompt in PROMPTS for p in ("", prompt)]
     second = getattr(pipe, "text_encoder_2", None)
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
