@@ -40,6 +40,26 @@ def calibration_providers() -> list[str]:
     )
 
 
+def measuring_room(weight_bytes: int) -> float:
+    """How many times the fp16 measurement's working memory at the trace size (what
+    `memory_estimate` counts for the graph passes) fits where it runs, beside the graph's
+    weights: 1 on the CPU, whose RAM --max-memory sized for the trace size; on the CUDA
+    provider, the device's free memory, not the host's RAM."""
+    from .memory_estimate import PASS_EXTRA_BYTES
+
+    if CUDA not in calibration_providers():
+        return 1.0
+    return max(cuda_free_bytes() - weight_bytes, 0) / PASS_EXTRA_BYTES
+
+
+def cuda_free_bytes() -> int:
+    """Free memory on the CUDA device the measuring sessions use (device 0)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(0)
+    return int(free)
+
+
 def token_ids(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
     return np.asarray(
         tokenizer(
