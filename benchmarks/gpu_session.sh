@@ -92,6 +92,7 @@ cmd_install() {
 import onnxruntime as ort
 from sdrt.backends import onnxruntime as b
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+print("--device auto takes", b.providers_for("auto"))  # preload_dlls, then the probe
 print("torch-free CUDA provider starts:", b.cuda_provider_starts(), "| torch imported:",
       "torch" in sys.modules)'
 }
