@@ -150,8 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.bundle:
         result["bound"] = unet_bound(Path(args.bundle), mix, args.max_batch_rows)
         result["bookkeeping"] = bookkeeping_share(Path(args.bundle), mix, active=16)
-    # continuous first: its closed-loop capacity sets the one Poisson rate every mode gets
-    first = ["url"] if args.url else sorted(modes, key=lambda m: m != "continuous")
+    first = ["url"] if args.url else modes
+    if args.rate is None:  # continuous first: its capacity sets the Poisson rate of every mode
+        first = sorted(first, key=lambda m: m != "continuous")
     runs, result["rounds"] = measure_rounds(args, first, mix, concurrency)
     result["modes"] = [merge_rounds(runs[m], concurrency) for m in (["url"] if args.url else modes)]
     result["targets"] = targets(result)
