@@ -5,9 +5,9 @@ its rows/s at one guided request (the bound). Then, for each mode (no batching, 
 continuous), starts the server (or targets --url), drives it with closed loops of C clients
 and an open-loop Poisson arrival rate from a mixed workload, and reads latency, time to first
 U-Net step and rows per U-Net call. With --rounds N the modes are measured N times, interleaved
-(each round reverses the order of the one before; each mode's server runs from its first round
-to its last), so that drift in a shared machine's load falls on every mode alike and the
-spread between rounds shows. Writes bench-serve.json, .md and .png.
+(each round reverses the order of the one before and starts each server afresh), so that drift
+in a shared machine's load falls on every mode alike and the spread between rounds shows.
+Writes bench-serve.json, .md and .png.
 """
 
 from __future__ import annotations
@@ -163,26 +163,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def measure_rounds(
     args: argparse.Namespace, first: list[str], mix: Mix, concurrency: list[int]
 ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Every mode's rounds (see `measure_mode`), and each round's order and load average. A
-    mode's server runs from its first round to its last."""
-    rate, runs, servers = args.rate, {mode: [] for mode in first}, {}
+    """Every mode's rounds (see `measure_mode`), and each round's order and load average.
+    Each round starts each mode's server afresh: a server process that happens to run fast or
+    slow (placement, memory layout) then weighs on one round, not on every round of its mode."""
+    rate, runs = args.rate, {mode: [] for mode in first}
     rounds: list[dict[str, Any]] = []
-    try:
-        for number, order in enumerate(round_orders(first, args.rounds), 1):
-            rounds.append({"order": order, "load_average": _load_average()})
-            for mode in order:
-                log(f"serve: round {number}/{args.rounds}: {MODE_TITLES.get(mode, mode)}")
-                if mode not in servers:
-                    servers[mode] = start_server(args, mode)
-                url = servers[mode].url if servers[mode] else args.url.rstrip("/")
+    for number, order in enumerate(round_orders(first, args.rounds), 1):
+        rounds.append({"order": order, "load_average": _load_average()})
+        for mode in order:
+            log(f"serve: round {number}/{args.rounds}: {MODE_TITLES.get(mode, mode)}")
+            server = start_server(args, mode)
+            try:
+                url = server.url if server else args.url.rstrip("/")
                 runs[mode].append(measure_mode(args, url, mode, mix, concurrency, rate))
-                rate = runs[mode][-1]["poisson_rate"]
-                if number == args.rounds and servers[mode]:
-                    servers[mode].stop()  # one model copy fewer for the modes still to run
-    finally:
-        for server in servers.values():
-            if server:
-                server.stop()
+            finally:
+                if server:
+                    server.stop()
+            rate = runs[mode][-1]["poisson_rate"]
     return runs, rounds
 
 
