@@ -263,6 +263,17 @@ def test_loop_overhead_reports_every_scheduler(tiny_bundle, capsys):
     assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
 
 
+def test_lone_request_cost_is_measured_through_pipeline_and_batcher(tiny_bundle):
+    from sdrt import Pipeline
+    from sdrt.benchmarks.loop_overhead import lone_request_us_per_step, make_instant
+
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    unet = make_instant(pipe)
+    lone = lone_request_us_per_step(pipe, 64, steps=3, repeats=1)
+    assert unet.calls == 4 * 3  # two rounds (one untimed) of Pipeline and Batcher, 3 steps each
+    assert 0 < lone["pipeline"] < 1e6 and 0 < lone["batcher"] < 1e6
+
+
 def test_cuda_bench_exports_the_ort_fast_path_bundle_at_the_native_size(tiny_pipe, tmp_path):
     from sdrt.benchmarks.cli import _export
 
