@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdrt import Pipeline
-from sdrt.schedulers import SCHEDULERS
+from sdrt.schedulers import compatible_schedulers
 
 
 class InstantEngine:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline.load(args.bundle, device="cpu")
     unet = make_instant(pipe)
     print("| scheduler | numpy per step (us) |\n|---|---|")
-    for name in SCHEDULERS:
+    for name in compatible_schedulers(pipe.manifest["scheduler"]):
         us = numpy_us_per_step(pipe, unet, name, args.size, args.steps, args.repeats)
         print(f"| {name} | {us:.0f} |")
     lone = lone_request_us_per_step(pipe, args.size, args.steps, args.repeats)
