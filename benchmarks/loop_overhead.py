@@ -84,14 +84,14 @@ def numpy_us_per_step(
 
 
 def lone_request_us_per_step(pipe: Pipeline, size: int, steps: int, repeats: int) -> dict:
-    """CPU time per step of one ddim request alone, through Pipeline and through the serving
-    Batcher, best of `repeats`, on a pipe with instant engines (`make_instant`). Process time,
-    not wall time: only one thread works at a time here, and other jobs on a shared machine
-    do not count."""
+    """CPU time per step of one request alone (the bundle's first scheduler, ddim for U-Nets),
+    through Pipeline and through the serving Batcher, best of `repeats`, on a pipe with
+    instant engines (`make_instant`). Process time, not wall time: only one thread works at a
+    time here, and other jobs on a shared machine do not count."""
     from sdrt.serve import Batcher
 
     call = dict(prompt="a cat", num_inference_steps=steps, height=size, width=size)
-    call.update(scheduler="ddim", output_type="np")
+    call.update(scheduler=compatible_schedulers(pipe.manifest["scheduler"])[0], output_type="np")
     batcher = Batcher(pipe)
     batcher.start()
     paths = {"pipeline": lambda: pipe(**call), "batcher": lambda: batcher.submit(call).result()}
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {us:.0f} |")
     lone = lone_request_us_per_step(pipe, args.size, args.steps, args.repeats)
     print(
-        f"\nOne ddim request alone, CPU per step: Pipeline {lone['pipeline']:.1f} us, "
+        f"\nOne request alone, CPU per step: Pipeline {lone['pipeline']:.1f} us, "
         f"through the Batcher {lone['batcher']:.1f} us "
         f"(+{lone['batcher'] - lone['pipeline']:.1f} us of batcher bookkeeping)"
     )
