@@ -130,6 +130,7 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
     from . import baselines
     from .harness import Plan, log
     from .report import write_json, write_reports
+    from .sdrt_paths import check_same_model
     from .settings import resolve_settings
 
     report = report or log
@@ -139,6 +140,8 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
     settings.out.mkdir(parents=True, exist_ok=True)
     report(f"loading {settings.model}")
     pipe = load_pipeline(settings.source, settings.random_weights, settings.allow_pickle)
+    if settings.bundle is not None:
+        check_same_model(pipe, settings.bundle, settings.model)
     with tempfile.TemporaryDirectory(dir=settings.out, prefix=".bench-bundle-") as tmp:
         bundle, export_s = settings.bundle, None
         if bundle is None:
