@@ -1,9 +1,9 @@
 """`sdrt triton-repo` against a real Triton Inference Server on 127.0.0.1 (CPU).
 
-The server is the `tritonserver` binary from nvidia-pytriton (scripts/install.sh builds
-.venv-triton); a missing binary fails these tests rather than skipping them. The model is
-decoupled, which Triton serves through gRPC streaming only (HTTP /infer refuses decoupled
-models); HTTP is checked for health, metadata and config.
+The server is the `tritonserver` binary from nvidia-pytriton (`scripts/install.sh --test`,
+which scripts/test.sh runs, builds .venv-triton); a missing binary fails these tests rather
+than skipping them. The model is decoupled, which Triton serves through gRPC streaming only
+(HTTP /infer refuses decoupled models); HTTP is checked for health, metadata and config.
 """
 
 from __future__ import annotations
