@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from .arguments import GenerationArgs, Limits, check_arguments
-from .backends import PARALLEL_LOAD, Engine, backend_option_names, load_engine
+from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
-from .errors import UserError
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
 from .tokenizer import ClipTokenizer
@@ -69,7 +68,7 @@ class Pipeline:
         "total" (this call).
         """
         parse_device(device)  # a typo is refused before anything loads, for every backend
-        _check_backend_options(backend, backend_options)
+        check_backend_options(backend, backend_options)
         start = time.perf_counter()
         loaded, checks = Bundle.open(bundle, trusted_key=trusted_key)
         timings = {"bundle": _ms_since(start)}
@@ -271,19 +270,6 @@ def _timed(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, fl
     """call(*args, **kwargs) and the milliseconds it took."""
     start = time.perf_counter()
     return call(*args, **kwargs), _ms_since(start)
-
-
-def _check_backend_options(backend: str, options: dict[str, Any]) -> None:
-    """Refuse an option the backend's engines do not take, naming those they do, before the
-    bundle is read (rather than a TypeError from inside a loading thread)."""
-    valid = backend_option_names(backend)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise UserError(
-            f"Pipeline.load got unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
-            f"for backend {backend!r}; "
-            f"it takes {', '.join(valid)} (beside backend, device, verify, trusted_key)"
-        )
 
 
 def _ms_since(start: float) -> float:

@@ -49,17 +49,25 @@ def engine_class(backend: str) -> Any:
     return getattr(module, class_name)
 
 
-def backend_option_names(backend: str) -> list[str]:
-    """The keyword options the backend's engines take (what `Pipeline.load` passes on)."""
+def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Refuse an option the backend's engines do not take, naming those they do, before the
+    bundle is read (rather than a TypeError from inside `Pipeline.load`'s loading threads)."""
     parameters = inspect.signature(engine_class(backend).__init__).parameters.values()
-    return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    valid = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(
+            f"Pipeline.load got unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+            f"for backend {backend!r}; it takes {', '.join(valid)} (beside backend, device, "
+            "verify, trusted_key)"
+        )
 
 
 __all__ = [
     "BACKENDS",
     "PARALLEL_LOAD",
     "Engine",
-    "backend_option_names",
+    "check_backend_options",
     "engine_class",
     "load_engine",
 ]
