@@ -264,7 +264,8 @@ def check_graph_numbers(
 ) -> None:
     """The manifest's latent layout against what the graph itself states: the U-Net's input
     and output channels, the VAE decoder's latent channels and its upsampling (one Resize per
-    doubling in an exported decoder, dynamic shapes or not). A number edited in the manifest
+    doubling in an exported decoder, dynamic shapes or not; a decoder without Resize nodes
+    states no factor and is not checked for it). A number edited in the manifest
     would otherwise size wrong latents and images, or fail deep inside the engine."""
     expected: list[tuple[str, str, int, int | str | None]] = []
     latent = manifest["latent_channels"]
@@ -282,7 +283,7 @@ def check_graph_numbers(
                 "vae_scale_factor",
                 f"its {resizes} 2x upsamplings",
                 manifest["vae_scale_factor"],
-                2**resizes,
+                2**resizes if resizes else None,  # upsampling by other ops: not stated
             ),
         ]
     for key, what, declared, actual in expected:
