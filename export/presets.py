@@ -275,7 +275,7 @@ FLUX_TRANSFORMER = {
     "axes_dims_rope": [16, 56, 56],
 }
 TINY_T5 = {
-    "d_model": 48,
+    "d_model": 80,
     "d_ff": 37,
     "d_kv": 8,
     "num_heads": 4,
@@ -308,7 +308,7 @@ TINY_SD3: dict[str, Any] = {
         "num_layers": 2,
         "attention_head_dim": 8,
         "num_attention_heads": 4,
-        "joint_attention_dim": 48,
+        "joint_attention_dim": 80,
         "caption_projection_dim": 32,
         "pooled_projection_dim": 64,
         "pos_embed_max_size": 16,
@@ -330,7 +330,7 @@ TINY_FLUX: dict[str, Any] = {
         "num_single_layers": 1,
         "attention_head_dim": 16,
         "num_attention_heads": 2,
-        "joint_attention_dim": 48,
+        "joint_attention_dim": 80,
         "pooled_projection_dim": 32,
         "guidance_embeds": True,
         "axes_dims_rope": [4, 6, 6],

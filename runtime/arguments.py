@@ -17,7 +17,7 @@ from PIL import Image
 
 from .errors import UserError
 from .image_inputs import image_size, strength_start
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -101,7 +101,9 @@ def check_arguments(
     scheduler = manifest["scheduler"] if scheduler is None else scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
+    _check_scheduler_kind(manifest, scheduler)
+    if scheduler not in FLOW_SCHEDULERS:  # flow schedules are continuous: any count spreads
+        _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
     if seed is not None and seed < 0:
@@ -190,6 +192,18 @@ def _check_size(height: Any, width: Any, multiple: int, limits: Limits) -> None:
         raise UserError(
             f"{height}x{width} is {height * width} pixels, above the limit of "
             f"{limits.max_pixels}; ask for a smaller size or raise the limit (--max-pixels)"
+        )
+
+
+def _check_scheduler_kind(manifest: dict[str, Any], scheduler: str) -> None:
+    """Flow-matching models (prediction_type "flow") need a flow scheduler, and noise- or
+    v-predicting ones any other: the wrong kind would step along the wrong quantity."""
+    flow_model = manifest["prediction_type"] == "flow"
+    if flow_model != (scheduler in FLOW_SCHEDULERS):
+        kinds = sorted(FLOW_SCHEDULERS if flow_model else set(SCHEDULERS) - FLOW_SCHEDULERS)
+        raise UserError(
+            f"scheduler {scheduler!r} does not fit this {manifest['family']} model; choose one "
+            f"of {', '.join(kinds)}"
         )
 
 

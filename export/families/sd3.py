@@ -103,6 +103,7 @@ def manifest_fields(pipe: Any) -> dict[str, Any]:
         "schema_version": 2,
         "prediction_type": "flow",
         "denoiser_in_channels": pipe.transformer.config.in_channels,
+        "patch_size": pipe.transformer.config.patch_size,
         "text_max_length": pipe.tokenizer.model_max_length,
         "t5_max_length": t5_max_length(pipe),
     }

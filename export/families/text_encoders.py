@@ -59,7 +59,12 @@ def write_t5_tokenizer(path: Path) -> int:
     pieces += [(f"▁{word}", -1.0) for word in T5_WORDS]
     pieces += [(char, -3.0) for char in string.ascii_letters + string.digits + string.punctuation]
     tokenizer = Tokenizer(models.Unigram(pieces, unk_id=T5_SPECIALS.index("<unk>")))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(  # as transformers' T5Tokenizer sets it
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+        ]
+    )
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", T5_SPECIALS.index("</s>"))]

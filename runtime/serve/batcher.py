@@ -300,7 +300,7 @@ class Batcher:
         return groups
 
     def _step_group(self, jobs: list[Job], timer: Timer) -> None:
-        unet = self.pipeline.engines["unet"]
+        unet = self.pipeline.denoiser
         rows = sum(job.state.rows for job in jobs)
         latents = jobs[0].state.latents
         before = timer.ms.get("unet_ms", 0.0)
