@@ -20,8 +20,8 @@ from sdrt.t5_tokenizer import T5Tokenizer
 
 PROMPTS = ["a photo of a cat on a red chair", "The dog, at dawn!"]
 NEGATIVES = ["blurry", "a cat"]
-# Max abs image difference (images in [0, 1]); measured 1.5e-6 to 4.8e-6 on the 2-core CPU
-# machine, 2026-12-03. A wrong shift factor or packing order moves it to 1e-2 or more.
+# Max abs image difference (images in [0, 1]); measured 2.3e-6 to 4.5e-6 on the 2-core CPU
+# machine, 2026-12-03. Without the shift factor it is 3.5e-2, with a wrong packing order 1.0.
 TOLERANCE = 1e-5
 T5_LENGTH = 16  # the tiny presets' max_sequence_length
 
