@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tqdm import tqdm
@@ -115,6 +116,7 @@ def export_bundle(
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    check_options(export_family(family), dtype, fused_attention, cuda_fusions, static_sizes)
     out = Path(out)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # check_destination vetted the nearest parent
@@ -140,6 +142,29 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def check_options(
+    kind: ModuleType,
+    dtype: str,
+    fused_attention: bool,
+    cuda_fusions: bool,
+    static_sizes: Sequence[tuple[int, int]],
+) -> None:
+    """Refuse, in one line, the options this family's export does not implement."""
+    asked = {  # option -> (its flag, whether it was asked for)
+        "fp16": ("--dtype fp16", dtype == "fp16"),
+        "fused_attention": ("--fused-attention", fused_attention),
+        "cuda_fusions": ("--cuda-fusions", cuda_fusions),
+        "static_sizes": ("--static-size", bool(static_sizes)),
+    }
+    supported = kind.OPTIONS
+    refused = [flag for option, (flag, on) in asked.items() if on and option not in supported]
+    if refused:
+        raise UserError(
+            f"{', '.join(refused)} is not supported for {kind.LABEL} models yet; export without it "
+            "(fp32, plain attention, dynamic shapes)"
+        )
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sdrt.errors import UserError
@@ -52,6 +53,36 @@ def load_pipeline(
     raise UserError(f"{path.name} is neither a diffusers folder nor a .safetensors file")
 
 
+def source_family(source: str | None, random_weights: str | None) -> ModuleType | None:
+    """The export family of what `load_pipeline` would load, read without loading it (a
+    preset's, or a folder's model_index.json class); None where that cannot be told."""
+    if random_weights is not None:
+        return (
+            export_family(PRESETS[random_weights]["family"]) if random_weights in PRESETS else None
+        )
+    path = Path(source or "")
+    if not (path / "model_index.json").is_file():
+        return None  # a single file, or a mistake load_pipeline names
+    return PIPELINE_CLASSES[_pipeline_class(path)]
+
+
+def _pipeline_class(path: Path) -> str:
+    """A diffusers folder's pipeline class, refused unless sdrt exports it."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read {path / 'model_index.json'} ({err}); fix or re-save it"
+        ) from err
+    class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
+    if class_name not in PIPELINE_CLASSES:
+        raise UserError(
+            f"{path} holds a {class_name or 'unknown'} model; sdrt exports "
+            f"{', '.join(PIPELINE_CLASSES)}"
+        )
+    return class_name
+
+
 def _load_folder(path: Path, allow_pickle: bool) -> Any:
     import diffusers
 
@@ -70,12 +101,7 @@ def _load_folder(path: Path, allow_pickle: bool) -> Any:
             f"({', '.join(pickled)}), which can run arbitrary code when loaded; "
             "convert them to safetensors or pass --allow-pickle"
         )
-    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-    if class_name not in PIPELINE_CLASSES:
-        raise UserError(
-            f"{path} holds a {class_name or 'unknown'} model; sdrt exports "
-            f"{', '.join(PIPELINE_CLASSES)}"
-        )
+    class_name = _pipeline_class(path)
     extra = PIPELINE_CLASSES[class_name].load_options(class_name)
     return getattr(diffusers, class_name).from_pretrained(
         path,

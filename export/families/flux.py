@@ -13,6 +13,9 @@ from ..onnx_export import Component, TensorSpec
 from .text_encoders import random_text_encoders, text_encoder_components
 from .vae import vae_components, vae_manifest
 
+LABEL = "Flux"  # in messages
+# the export options this family's graphs support: fp32 graphs, plain attention, dynamic shapes
+OPTIONS: frozenset[str] = frozenset()
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 
 

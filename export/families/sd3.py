@@ -11,6 +11,9 @@ from ..onnx_export import Component, TensorSpec
 from .text_encoders import random_text_encoders, text_encoder_components
 from .vae import vae_components, vae_manifest
 
+LABEL = "SD3"  # in messages
+# the export options this family's graphs support: fp32 graphs, plain attention, dynamic shapes
+OPTIONS: frozenset[str] = frozenset()
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 
 

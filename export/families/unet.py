@@ -9,6 +9,9 @@ from ..onnx_export import components as unet_components
 from .text_encoders import random_clip
 from .vae import vae_manifest
 
+LABEL = "U-Net"  # in messages
+# the export options this family's graphs support (ONNX Runtime CUDA's fast path, fp16)
+OPTIONS = frozenset({"fused_attention", "cuda_fusions", "static_sizes", "fp16"})
 PIPELINE_CLASSES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
