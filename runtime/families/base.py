@@ -34,6 +34,7 @@ class Family:
     """Defaults are the U-Net's where a family may share them."""
 
     denoiser = "unet"  # the component the loop calls each step
+    classifier_free = True  # guidance can double the denoiser's rows (TensorRT profiles)
 
     def tokenizers(self, bundle: Bundle) -> dict[str, Any]:
         """Text encoder name -> its tokenizer, in the order the encoders run."""

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 class Flux(FlowTransformer):
     t5_encoder = "text_encoder_2"
+    classifier_free = False
 
     def guided(self, pipe: Pipeline, args: GenerationArgs) -> bool:
         return False  # dev embeds the scale; schnell has none
