@@ -163,7 +163,7 @@ def check_options(
     if refused:
         raise UserError(
             f"{', '.join(refused)} is not supported for {kind.LABEL} models yet; export without it "
-            "(fp32, plain attention, dynamic shapes)"
+            "(plain attention, dynamic shapes)"
         )
 
 

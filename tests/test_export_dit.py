@@ -63,7 +63,7 @@ def error_line(capsys) -> str:
     ("flags", "refused"),
     [
         (["--cuda-fusions"], "--cuda-fusions"),
-        (["--fused-attention", "--dtype", "fp16"], "--dtype fp16, --fused-attention"),
+        (["--fused-attention", "--static-size", "64x64"], "--fused-attention, --static-size"),
     ],
 )
 def test_options_a_transformer_does_not_support_are_one_line(tmp_path, capsys, flags, refused):
@@ -71,7 +71,7 @@ def test_options_a_transformer_does_not_support_are_one_line(tmp_path, capsys, f
     assert main([*args, *flags]) == 2
     assert error_line(capsys) == (
         f"sdrt: error: {refused} is not supported for Flux models yet; export without it "
-        "(fp32, plain attention, dynamic shapes)"
+        "(plain attention, dynamic shapes)"
     )
     assert not (tmp_path / "b").exists()
 

@@ -12,8 +12,9 @@ from .text_encoders import random_text_encoders, text_encoder_components
 from .vae import vae_components, vae_manifest
 
 LABEL = "SD3"  # in messages
-# the export options this family's graphs support: fp32 graphs, plain attention, dynamic shapes
-OPTIONS: frozenset[str] = frozenset()
+# the export options this family's graphs support: fp32 or fp16 (the measured policy), plain
+# attention, dynamic shapes
+OPTIONS = frozenset({"fp16"})
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 
 
