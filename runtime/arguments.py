@@ -17,7 +17,7 @@ from PIL import Image
 
 from .errors import UserError
 from .image_inputs import image_size, strength_start
-from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -101,9 +101,14 @@ def check_arguments(
     scheduler = manifest["scheduler"] if scheduler is None else scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    _check_scheduler_kind(manifest, scheduler)
-    if scheduler not in FLOW_SCHEDULERS:  # flow schedules are continuous: any count spreads
-        _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
+    fitting = compatible_schedulers(manifest["scheduler"])
+    if scheduler not in fitting:
+        kind = "a flow-matching" if scheduler in FLOW_SCHEDULERS else "a noise-predicting"
+        raise UserError(
+            f"scheduler {scheduler!r} is for {kind} model, not this bundle's; "
+            f"choose one of {', '.join(fitting)}"
+        )
+    _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
     if seed is not None and seed < 0:
@@ -195,21 +200,12 @@ def _check_size(height: Any, width: Any, multiple: int, limits: Limits) -> None:
         )
 
 
-def _check_scheduler_kind(manifest: dict[str, Any], scheduler: str) -> None:
-    """Flow-matching models (prediction_type "flow") need a flow scheduler, and noise- or
-    v-predicting ones any other: the wrong kind would step along the wrong quantity."""
-    flow_model = manifest["prediction_type"] == "flow"
-    if flow_model != (scheduler in FLOW_SCHEDULERS):
-        kinds = sorted(FLOW_SCHEDULERS if flow_model else set(SCHEDULERS) - FLOW_SCHEDULERS)
-        raise UserError(
-            f"scheduler {scheduler!r} does not fit this {manifest['family']} model; choose one "
-            f"of {', '.join(kinds)}"
-        )
-
-
 def _check_steps_for_scheduler(config: dict[str, Any], scheduler: str, steps: int) -> None:
     """Set the schedule up once: a step count the scheduler cannot spread over its training
-    steps (timesteps past the last one, or repeated) is refused instead of crashing mid-run."""
+    steps (timesteps past the last one, or repeated) is refused instead of crashing mid-run.
+    Flow schedules are continuous in sigma: any step count up to the training one fits."""
+    if scheduler in FLOW_SCHEDULERS:
+        return
     sched = make_scheduler(scheduler, config)
     try:
         sched.set_timesteps(int(steps))

@@ -3,13 +3,16 @@ FlowMatchEulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler, on identical
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import diffusers
 import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from sdrt.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler
+from sdrt.schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 from sdrt.schedulers.flow_match import dynamic_shift_mu, flux_sigmas
 
 # The published scheduler_config.json of each family (the keys that matter).
@@ -170,6 +173,21 @@ def test_heun_img2img_start_matches_diffusers(begin):
     run_both("flow_match_heun", SD3_CONFIG, 6, begin=begin)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_noise_rounds_like_diffusers_at_every_timestep(dtype):
+    # 1 - sigma is taken in the sample's precision: in float32 it rounds for some sigmas (3e-8),
+    # which the trajectory tolerance would hide; at every index the two agree exactly.
+    ours, theirs = build_pair("flow_match_euler", SD3_CONFIG)
+    set_both(ours, theirs, 28)
+    rng = np.random.default_rng(3)
+    clean, noise = (100 * rng.standard_normal((2, *SHAPE))).astype(dtype)
+    for k, t in enumerate(ours.timesteps):
+        expected = theirs.scale_noise(
+            torch.from_numpy(clean), theirs.timesteps[k : k + 1], torch.from_numpy(noise)
+        )
+        np.testing.assert_array_equal(ours.add_noise(clean, noise, t), expected.numpy())
+
+
 @pytest.mark.parametrize("image_seq_len", [256, 1024, 4096, 4096 * 2, 333])
 @pytest.mark.parametrize("config", [FLUX_DEV_CONFIG, {}], ids=["flux-dev", "defaults"])
 def test_mu_is_diffusers_calculate_shift(image_seq_len, config):
@@ -239,3 +257,26 @@ def test_heun_refuses_a_flux_schedule():
     scheduler = make_scheduler("flow_match_heun", FLUX_SCHNELL_CONFIG)
     with pytest.raises(ValueError, match="use flow_match_euler"):
         scheduler.set_timesteps(4, sigmas=flux_sigmas(4), mu=FLUX_MU)
+
+
+def test_a_bundle_is_driven_by_the_schedulers_of_its_kind():
+    assert compatible_schedulers("flow_match_euler") == ["flow_match_euler", "flow_match_heun"]
+    unet = compatible_schedulers("ddim")
+    assert "euler" in unet and not FLOW_SCHEDULERS & set(unet)
+
+
+def test_the_flow_schedulers_import_no_torch_diffusers_or_scipy():
+    code = (
+        "import sys, sdrt.schedulers.flow_match; "
+        "print(sorted({'torch', 'diffusers', 'scipy'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", sorted(FLOW_SCHEDULERS))
+@pytest.mark.parametrize("steps", [0, 1001])
+def test_a_step_count_outside_the_training_schedule_is_a_value_error(name, steps):
+    with pytest.raises(ValueError, match=f"num_inference_steps {steps}"):
+        make_scheduler(name, SD3_CONFIG).set_timesteps(steps)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .common import (
+    check_num_inference_steps,
     exponential_sigmas,
     img2img_index,
     karras_sigmas,
@@ -77,13 +78,6 @@ def train_sigmas(num_train_timesteps: int, shift: float | None) -> np.ndarray:
     return sigmas if shift is None else shifted(sigmas, float(shift)).astype(np.float32)
 
 
-def _check_steps(num_inference_steps: int) -> None:
-    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
-        raise ValueError(
-            f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
-        )
-
-
 class FlowMatchEulerDiscreteScheduler:
     """Euler steps along the predicted velocity from sigma 1 (noise) to 0 (image)."""
 
@@ -127,7 +121,7 @@ class FlowMatchEulerDiscreteScheduler:
         else evenly spaced between the training ends; dynamic shifting needs `mu`
         (`dynamic_shift_mu` of the image's token count)."""
         cfg = self.config
-        _check_steps(num_inference_steps)
+        check_num_inference_steps(cfg, num_inference_steps)
         if cfg["use_dynamic_shifting"] and mu is None:
             raise ValueError(
                 "this scheduler config shifts dynamically (use_dynamic_shifting): pass mu, "
@@ -240,7 +234,7 @@ class FlowMatchHeunDiscreteScheduler:
         mu: float | None = None,
         sigmas: Sequence[float] | np.ndarray | None = None,
     ) -> None:
-        _check_steps(num_inference_steps)
+        check_num_inference_steps(self.config, num_inference_steps)
         if mu is not None or sigmas is not None:
             raise ValueError(
                 "flow_match_heun takes neither mu nor custom sigmas (diffusers' "
