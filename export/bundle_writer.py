@@ -116,7 +116,9 @@ def export_bundle(
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
-    check_options(export_family(family), dtype, fused_attention, cuda_fusions, static_sizes)
+    check_options(
+        export_family(family), dtype, fused_attention, cuda_fusions, static_sizes, bool(loras)
+    )
     out = Path(out)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # check_destination vetted the nearest parent
@@ -150,6 +152,7 @@ def check_options(
     fused_attention: bool,
     cuda_fusions: bool,
     static_sizes: Sequence[tuple[int, int]],
+    lora: bool = False,
 ) -> None:
     """Refuse, in one line, the options this family's export does not implement."""
     asked = {  # option -> (its flag, whether it was asked for)
@@ -157,6 +160,7 @@ def check_options(
         "fused_attention": ("--fused-attention", fused_attention),
         "cuda_fusions": ("--cuda-fusions", cuda_fusions),
         "static_sizes": ("--static-size", bool(static_sizes)),
+        "lora": ("--lora", lora),
     }
     supported = kind.OPTIONS
     refused = [flag for option, (flag, on) in asked.items() if on and option not in supported]

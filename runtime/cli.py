@@ -270,13 +270,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     bundle_writer.check_destination(Path(args.bundle))
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
-    for path, _ in loras:  # fail on a typo before the slow model load
-        lora.check_lora_file(path)
     kind = load.source_family(args.source, args.random_weights)
     if kind is not None:  # an option the family lacks: before the slow model load
         bundle_writer.check_options(
-            kind, args.dtype, args.fused_attention, args.cuda_fusions, static_sizes
+            kind, args.dtype, args.fused_attention, args.cuda_fusions, static_sizes, bool(loras)
         )
+    for path, _ in loras:  # fail on a typo before the slow model load
+        lora.check_lora_file(path)
     _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)

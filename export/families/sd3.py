@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from sdrt.errors import UserError
+
 from ..onnx_export import Component, TensorSpec
 from .text_encoders import random_text_encoders, text_encoder_components
 from .vae import vae_components, vae_manifest
@@ -59,6 +61,11 @@ class _Transformer(torch.nn.Module):
 def components(pipe: Any) -> list[Component]:
     """Text encoders, the transformer over rows of latents [rows, 16, h, w] (the CLIP tokens
     and the T5 tokens on one sequence), and the VAE."""
+    if pipe.text_encoder_3 is None:
+        raise UserError(
+            "this SD3 pipeline has no T5 text encoder (text_encoder_3); sdrt exports SD3 with "
+            "all three encoders: load the folder with its T5"
+        )
     config = pipe.transformer.config
     t5_length = t5_max_length(pipe)
     tokens = pipe.tokenizer.model_max_length + t5_length

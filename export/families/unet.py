@@ -11,7 +11,7 @@ from .vae import vae_manifest
 
 LABEL = "U-Net"  # in messages
 # the export options this family's graphs support (ONNX Runtime CUDA's fast path, fp16)
-OPTIONS = frozenset({"fused_attention", "cuda_fusions", "static_sizes", "fp16"})
+OPTIONS = frozenset({"fused_attention", "cuda_fusions", "static_sizes", "fp16", "lora"})
 PIPELINE_CLASSES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
