@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ..image_inputs import strength_start
 from ..t5_tokenizer import T5Tokenizer
 from ..tokenizer import ClipTokenizer
 from .base import Family
@@ -27,12 +27,5 @@ class FlowTransformer(Family):
     def first_step(self, num_inference_steps: int, strength: float) -> int:
         """As diffusers' SD3 and Flux img2img pipelines count it: n - n * strength, rounded
         down (the U-Net pipelines round n * strength down instead)."""
-        if not 0.0 < strength <= 1.0:
-            raise UserError(f"strength must be in (0, 1], got {strength!r}")
-        first = int(max(num_inference_steps - num_inference_steps * strength, 0))
-        if first >= num_inference_steps:
-            raise UserError(
-                f"strength {strength} leaves no step of {num_inference_steps} to run; "
-                "raise strength or num_inference_steps"
-            )
-        return first
+        strength_start(num_inference_steps, strength)  # the same checks as every family's
+        return int(max(num_inference_steps - num_inference_steps * strength, 0))
