@@ -5,6 +5,10 @@ guidance, img2img; and the T5 tokenizer gives transformers' ids."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +144,21 @@ def test_flow_models_refuse_other_schedulers_and_masks(preset_bundle):
         runtime("x", scheduler="euler", num_inference_steps=2)
     with pytest.raises(UserError, match="inpainting"):
         runtime("x", image=random_image(0), mask_image=np.ones((64, 64)), num_inference_steps=2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_transformer_generation_never_imports_torch(preset_bundle, preset):
+    bundle = preset_bundle(preset)[1]
+    script = textwrap.dedent(f"""
+        import sys
+        from sdrt import Pipeline
+        pipe = Pipeline.load({str(bundle)!r}, device="cpu")
+        out = pipe("cat", num_inference_steps=2, image=None)
+        assert out.images[0].size == (64, 64)
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in
+                        ("torch", "diffusers", "transformers"))
+        print("LEAKED", leaked)
+        sys.exit(1 if leaked else 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
