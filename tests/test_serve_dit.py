@@ -50,10 +50,10 @@ def test_concurrent_flux_requests_share_transformer_calls(server, bundles):
     import httpx
 
     runtime = Pipeline.load(bundles["tiny-flux"], device="cpu")
+    # enough requests and steps that they overlap in the server even on a loaded machine
     mixed = [
-        {"seed": 1, "num_inference_steps": 4, "guidance_scale": 2.0},
-        {"seed": 2, "num_inference_steps": 6, "guidance_scale": 5.0},
-        {"seed": 3, "num_inference_steps": 4, "guidance_scale": 3.5},
+        {"seed": i, "num_inference_steps": 20 + 5 * (i % 3), "guidance_scale": 1.0 + i}
+        for i in range(6)
     ]
     calls_before = metric(server, "sdrt_unet_call_seconds_count")
     barrier = threading.Barrier(len(mixed))
