@@ -44,6 +44,11 @@ class Family:
         """Classifier-free guidance: two denoiser rows per image."""
         return args.guidance_scale > 1.0
 
+    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+        """The denoiser's text conditioning, one row per prompt, each text encoder called
+        once (what `conditionings` builds on; build-time fp16 calibration uses it too)."""
+        raise NotImplementedError
+
     def conditionings(
         self, pipe: Pipeline, requests: Sequence[GenerationArgs]
     ) -> list[dict[str, np.ndarray]]:

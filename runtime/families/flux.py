@@ -30,18 +30,20 @@ class Flux(FlowTransformer):
     def conditionings(
         self, pipe: Pipeline, requests: Sequence[GenerationArgs]
     ) -> list[dict[str, np.ndarray]]:
-        prompts = [text for args in requests for text in args.prompts]
-        pooled = encode(pipe, "text_encoder", prompts, pipe.manifest["text_max_length"])
-        t5 = encode(pipe, "text_encoder_2", prompts, pipe.manifest["t5_max_length"])
-        stacked = {
-            "encoder_hidden_states": t5["text_embeddings"],
-            "pooled_projections": pooled["pooled_embeddings"],
-        }
-        conds = split_rows(stacked, [len(args.prompts) for args in requests])
+        text = self.encode_text(pipe, [text for args in requests for text in args.prompts])
+        conds = split_rows(text, [len(args.prompts) for args in requests])
         if "guidance" in pipe.denoiser.inputs:  # dev
             for cond, args in zip(conds, requests, strict=True):
                 cond["guidance"] = np.full(len(args.prompts), args.guidance_scale, np.float32)
         return conds
+
+    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+        clip = encode(pipe, "text_encoder", prompts, pipe.manifest["text_max_length"])
+        t5 = encode(pipe, "text_encoder_2", prompts, pipe.manifest["t5_max_length"])
+        return {
+            "encoder_hidden_states": t5["text_embeddings"],
+            "pooled_projections": clip["pooled_embeddings"],
+        }
 
     def timestep_options(self, manifest: dict[str, Any], args: GenerationArgs) -> dict[str, Any]:
         tokens = _tokens(manifest, args.height, args.width)

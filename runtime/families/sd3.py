@@ -25,20 +25,22 @@ class SD3(FlowTransformer):
         self, pipe: Pipeline, requests: Sequence[GenerationArgs]
     ) -> list[dict[str, np.ndarray]]:
         rows = [prompt_rows(args, self.guided(pipe, args)) for args in requests]
-        prompts = [text for texts in rows for text in texts]
+        text = self.encode_text(pipe, [text for texts in rows for text in texts])
+        return split_rows(text, [len(texts) for texts in rows])
+
+    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
         clip_length, t5_length = pipe.manifest["text_max_length"], pipe.manifest["t5_max_length"]
         clip_l = encode(pipe, "text_encoder", prompts, clip_length)
         clip_g = encode(pipe, "text_encoder_2", prompts, clip_length)
         t5 = encode(pipe, "text_encoder_3", prompts, t5_length)["text_embeddings"]
         clip = np.concatenate([clip_l["text_embeddings"], clip_g["text_embeddings"]], axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
-        stacked = {
+        return {
             "encoder_hidden_states": np.concatenate([clip, t5], axis=1),
             "pooled_projections": np.concatenate(
                 [clip_l["pooled_embeddings"], clip_g["pooled_embeddings"]], axis=-1
             ),
         }
-        return split_rows(stacked, [len(texts) for texts in rows])
 
     def timestep_options(self, manifest: dict[str, Any], args: GenerationArgs) -> dict[str, Any]:
         """SD3 configs that shift dynamically take `mu` from the image's patch count."""

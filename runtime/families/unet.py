@@ -31,20 +31,23 @@ class UNet(Family):
         self, pipe: Pipeline, requests: Sequence[GenerationArgs]
     ) -> list[dict[str, np.ndarray]]:
         plans = [self._rows(pipe, args) for args in requests]
-        prompts = [text for texts, _ in plans for text in texts]
+        text = self.encode_text(pipe, [text for texts, _ in plans for text in texts])
+        parts = split_rows(text, [len(texts) for texts, _ in plans])
+        return [
+            _conditioning(pipe, args, part, zeros)
+            for args, (_, zeros), part in zip(requests, plans, parts, strict=True)
+        ]
+
+    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+        """Hidden states of every text encoder joined on the feature axis, and SDXL's pooled
+        embedding (the last encoder's) as `text_embeds`."""
         hidden, pooled = [], None
         for name in pipe.tokenizers:
             out = encode(pipe, name, prompts, pipe.manifest["text_max_length"])
             hidden.append(out["text_embeddings"])
-            pooled = out.get("pooled_embeddings", pooled)  # SDXL: the last encoder's
-        stacked = {"hidden": np.concatenate(hidden, axis=-1)}
-        if pooled is not None:
-            stacked["pooled"] = pooled
-        parts = split_rows(stacked, [len(texts) for texts, _ in plans])
-        return [
-            _conditioning(pipe, args, part["hidden"], part.get("pooled"), zeros)
-            for args, (_, zeros), part in zip(requests, plans, parts, strict=True)
-        ]
+            pooled = out.get("pooled_embeddings", pooled)
+        text = {"encoder_hidden_states": np.concatenate(hidden, axis=-1)}
+        return text if pooled is None else text | {"text_embeds": pooled}
 
     def _rows(self, pipe: Pipeline, args: GenerationArgs) -> tuple[list[str], bool]:
         """The texts to encode, and whether the negative rows are zeros instead (`negatives`
@@ -57,17 +60,13 @@ class UNet(Family):
 
 
 def _conditioning(
-    pipe: Pipeline,
-    args: GenerationArgs,
-    hidden: np.ndarray,
-    pooled: np.ndarray | None,
-    zeros: bool,
+    pipe: Pipeline, args: GenerationArgs, text: dict[str, np.ndarray], zeros: bool
 ) -> dict[str, np.ndarray]:
     if zeros:
-        hidden = np.concatenate([np.zeros_like(hidden), hidden])
-        pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
-    cond = {"encoder_hidden_states": hidden}
+        text = {k: np.concatenate([np.zeros_like(v), v]) for k, v in text.items()}
+    cond = {"encoder_hidden_states": text["encoder_hidden_states"]}
     unet_inputs = pipe.denoiser.inputs
+    pooled = text.get("text_embeds")
     if "text_embeds" in unet_inputs and pooled is not None:
         # SDXL micro-conditioning: original size, crop top-left, target size
         height, width = args.height, args.width
