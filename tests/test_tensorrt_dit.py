@@ -39,3 +39,38 @@ def test_sd3_profiles_double_the_rows_for_guidance_over_the_joint_sequence(prese
         (2, 93, 80), (2, 93, 80), (8, 93, 80)
     )
     assert profile["pooled_projections"] == ShapeRange((2, 64), (2, 64), (8, 64))
+
+
+def test_flux_fp32_bundle_builds_on_tensorrt_11_with_a_measured_fp16_copy(
+    preset_bundle, tmp_path, monkeypatch
+):
+    """The whole build with the version-shaped fake of TensorRT 11 (strongly typed only):
+    every engine comes from an fp16 copy converted at build time, its calibration encoded by
+    the bundle's own CLIP and T5; the transformer's sinusoids stay fp32 as in diffusers: the
+    timestep's and guidance's embeddings and the RoPE angles of the position ids."""
+    import shutil
+
+    import onnx
+    from fake_tensorrt import FakeBuildAPI, FakeCudart
+
+    from sdrt.backends import tensorrt as trt_backend
+    from sdrt.engine_cache import read_entry
+    from sdrt.export import tensorrt_build as tb
+
+    root = shutil.copytree(preset_bundle("tiny-flux")[1], tmp_path / "bundle")
+    api = FakeBuildAPI(None, "11")
+    trt_api = trt_backend.TensorRT(api.module(), "tensorrt", "tensorrt")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart())
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+    directory = tb.build_engines(root, batch=(1, 1), static=(64, 64), progress=False)
+    sources = read_entry(directory).fp16_sources
+    assert set(sources) == set(Bundle.load(root).components)
+    assert all(s.startswith("converted at build time, ") for s in sources.values())
+    [transformer] = [d for path, d in api.parsed if path.endswith("transformer.onnx")]
+    typed = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(transformer))
+    types = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in typed.graph.initializer}
+    sines = [n.output[0] for n in typed.graph.node if n.op_type in ("Sin", "Cos")]
+    assert len(sines) == 10 and {types[name] for name in sines} == {onnx.TensorProto.FLOAT}
