@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
+from sdrt.atomic_files import clear_staging, disk_full, staging_dir, write_atomic
 from sdrt.bundle import MANIFEST, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
@@ -140,8 +140,14 @@ def export_bundle(
         )
         _normal_permissions(staging)
         _move_into_place(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full(err)
+        if full is not None:
+            raise UserError(
+                f"could not write the bundle {out}: {full.strerror}; nothing of it was kept; "
+                "free some space or export elsewhere"
+            ) from err
         raise
     return manifest
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from sdrt.errors import UserError
 
+from .checkpoint_files import check_pickle_checkpoint, safetensors_header
 from .families import PIPELINE_CLASSES, export_family
 from .presets import PRESETS
 
@@ -29,6 +30,16 @@ def load_pipeline(
     """A diffusers StableDiffusionPipeline in float32 on the CPU, ready to trace."""
     if random_weights is not None:
         return random_pipeline(random_weights, seed=seed)
+    path = checked_source(source, allow_pickle)
+    if path.is_dir():
+        return _load_folder(path, allow_pickle)
+    return _load_single_file(path)
+
+
+def checked_source(source: str | None, allow_pickle: bool) -> Path:
+    """The model path, refused in one line unless it is a folder, a .safetensors file whose
+    header holds together, or (with `allow_pickle`) a pickle checkpoint: checked from the
+    file's first bytes, before anything is sized from its numbers."""
     if source is None:
         raise UserError(
             "no model given: pass a diffusers folder or .safetensors file, "
@@ -40,16 +51,18 @@ def load_pipeline(
             f"model {source!r} does not exist; pass a diffusers folder or a .safetensors file"
         )
     if path.is_dir():
-        return _load_folder(path, allow_pickle)
+        return path
     if path.suffix == ".safetensors":
-        return _load_single_file(path)
+        safetensors_header(path)
+        return path
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise UserError(
                 f"{path.name} is a pickle checkpoint, which can run arbitrary code "
                 "when loaded; convert it to .safetensors or pass --allow-pickle"
             )
-        return _load_single_file(path)
+        check_pickle_checkpoint(path)
+        return path
     raise UserError(f"{path.name} is neither a diffusers folder nor a .safetensors file")
 
 
@@ -118,8 +131,9 @@ def _load_single_file(path: Path) -> Any:
             str(path), safety_checker=None, requires_safety_checker=False
         )
     except OSError as err:  # diffusers fetches the architecture config from the Hub
+        reason = " ".join(str(err).split())  # diffusers' Hub errors span several lines
         raise UserError(
-            f"could not read {path.name} as a single-file checkpoint ({err}); "
+            f"could not read {path.name} as a single-file checkpoint ({reason}); "
             "convert it to a diffusers folder first"
         ) from err
 

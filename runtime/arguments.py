@@ -20,6 +20,7 @@ from .image_inputs import image_size, strength_start
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
+DEFAULT_STEPS = 30
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
@@ -59,7 +60,7 @@ def check_arguments(
     components: Collection[str],
     prompt: Any,
     negative_prompt: Any = None,
-    num_inference_steps: Any = 30,
+    num_inference_steps: Any = DEFAULT_STEPS,
     guidance_scale: Any = 7.5,
     height: Any = None,
     width: Any = None,

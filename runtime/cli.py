@@ -287,6 +287,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
+    if args.random_weights is None:  # a file that is not what it says, before the estimate
+        load.checked_source(args.source, args.allow_pickle)
     _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .arguments import GenerationArgs, Limits, check_arguments
-from .backends import PARALLEL_LOAD, Engine, load_engine
+from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
@@ -67,6 +67,7 @@ class Pipeline:
         "total" (this call).
         """
         parse_device(device)  # a typo is refused before anything loads, for every backend
+        check_backend_options(backend, backend_options)
         start = time.perf_counter()
         loaded, checks = Bundle.open(bundle, trusted_key=trusted_key)
         timings = {"bundle": _ms_since(start)}

@@ -144,6 +144,21 @@ def test_a_given_bundle_is_reused_instead_of_exported(tiny_model_dir, tiny_bundl
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bench-bundle")]
 
 
+def test_a_bundle_of_another_architecture_is_refused_naming_each_difference(
+    preset_bundle, tmp_path, capsys
+):
+    _, sdxl = preset_bundle("tiny-sdxl")
+    argv = ["--random-weights", "tiny", *QUICK, "--bundle", str(sdxl), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sdrt: error: --bundle {sdxl} was not exported from the model benchmarked: "
+        "text encoders text_encoder+text_encoder_2 in the bundle, text_encoder in random "
+        "weights: tiny; text width 64 in the bundle, 32 in random weights: tiny; pass the "
+        "bundle exported from this model, or leave out --bundle to export one"
+    )
+    assert not (tmp_path / "bench.json").exists()  # refused before any row was measured
+
+
 def test_unknown_preset_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
     code = main(["--random-weights", "no-such-preset", *QUICK, "--out", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -262,6 +277,17 @@ def test_loop_overhead_reports_every_scheduler(tiny_bundle, capsys):
     unet_schedulers = [name for name in SCHEDULERS if name not in FLOW_SCHEDULERS]
     assert [row.split("|")[1].strip() for row in rows[1:]] == unet_schedulers
     assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
+
+
+def test_lone_request_cost_is_measured_through_pipeline_and_batcher(tiny_bundle):
+    from sdrt import Pipeline
+    from sdrt.benchmarks.loop_overhead import lone_request_us_per_step, make_instant
+
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    unet = make_instant(pipe)
+    lone = lone_request_us_per_step(pipe, 64, steps=3, repeats=1)
+    assert unet.calls == 4 * 3  # two rounds (one untimed) of Pipeline and Batcher, 3 steps each
+    assert 0 < lone["pipeline"] < 1e6 and 0 < lone["batcher"] < 1e6
 
 
 def test_cuda_bench_exports_the_ort_fast_path_bundle_at_the_native_size(tiny_pipe, tmp_path):
