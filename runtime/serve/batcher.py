@@ -282,7 +282,9 @@ class Batcher:
                 job.state = start_request(
                     self.pipeline, job.args, cond, self.pipeline.guided(job.args)
                 )
-                job.state.cond_device = upload_constants(self.pipeline.engines["unet"], cond)
+                job.state.cond_device = upload_constants(
+                    self.pipeline.denoiser, {**cond, **job.state.layout.constants}
+                )
             except Exception as err:  # e.g. an image the VAE cannot take
                 self._fail_job(job, err)
                 continue
