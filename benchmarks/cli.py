@@ -222,10 +222,11 @@ def _jsonable(value: Any) -> Any:
 def _export(pipe: Any, bundle: Path, settings: Settings, report: Callable[[str], None]) -> float:
     """Export `pipe` to `bundle`; the seconds it takes are the sdrt rows' build time."""
     from sdrt.export.bundle_writer import export_bundle, native_size
+    from sdrt.export.families import export_family
     from sdrt.export.load import family_of
 
     fast: dict[str, Any] = {}
-    if settings.ort_fast_path:
+    if settings.ort_fast_path and "cuda_fusions" in export_family(family_of(pipe)).OPTIONS:
         native = native_size(pipe)
         size = (settings.height or native, settings.width or native)
         fast = {"fused_attention": True, "cuda_fusions": True, "static_sizes": [size]}

@@ -32,7 +32,7 @@ class SdrtRunner:
         request = pipeline.arguments(**workload.call(1), scheduler=workload.scheduler)
         self.stages: dict[str, Callable[[], Any]] = {
             "text_encoder": lambda: pipeline.conditionings([request]),
-            "unet_step": lambda: engines["unet"].run(workload.unet_feeds),
+            "unet_step": lambda: pipeline.denoiser.run(workload.unet_feeds),
             "vae_decode": lambda: engines["vae_decoder"].run({"latent": workload.latent}),
         }
 

@@ -25,7 +25,14 @@ GIB = 2**30
 # memory (measured: a loaded pipeline is 0.44-0.47 GiB above its weights, SD 1.5 and SDXL)
 BASE_BYTES = int(0.47 * GIB)
 # the order export works in; a component it does not export (a safety checker) stays loaded
-EXPORT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
+EXPORT_ORDER = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "unet",
+    "transformer",
+    "vae",
+)
 INLINE_LIMIT = 2**31  # fp32 weights under which the exporter serialises the graph in memory
 # extra RSS while a component is traced, in units of its fp32 weights. Under 2 GB: SD 1.5's
 # text encoder, 1.49 GiB above the loaded pipeline for 0.46 GiB of weights (3.2).

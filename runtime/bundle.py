@@ -28,7 +28,11 @@ MANIFEST = "manifest.json"
 # mmap.ALLOCATIONGRANULARITY, as window offsets must be
 HASH_CHUNK = 1 << 24
 # each text encoder and the folder of the tokenizer that feeds it
-TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TOKENIZERS = {
+    "text_encoder": "tokenizer",
+    "text_encoder_2": "tokenizer_2",
+    "text_encoder_3": "tokenizer_3",
+}
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); re-export the bundle") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise UserError(
-            f"{path} has schema version {version}, this sdrt reads version {SCHEMA_VERSION}; "
-            "re-export with this sdrt"
+            f"{path} has schema version {version}, this sdrt reads versions up to "
+            f"{SCHEMA_VERSION}; upgrade sdrt or re-export with this one"
         )
     found = problems(manifest)
     if found:

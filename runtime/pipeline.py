@@ -21,9 +21,9 @@ from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
+from .families import family_for
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
-from .tokenizer import ClipTokenizer
 
 
 @dataclass
@@ -33,13 +33,12 @@ class PipelineOutput:
 
 
 class Pipeline:
-    def __init__(
-        self, bundle: Bundle, engines: dict[str, Engine], tokenizers: dict[str, ClipTokenizer]
-    ):
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine], tokenizers: dict[str, Any]):
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.family = family_for(bundle.manifest)
         self.engines = engines
-        self.tokenizers = tokenizers  # text encoder name -> its tokenizer
+        self.tokenizers = tokenizers  # text encoder name -> its tokenizer (CLIP or T5)
         # milliseconds `load` spent (see `load`)
         self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
@@ -87,10 +86,7 @@ class Pipeline:
             engines = {}
             for name, future in loading.items():
                 engines[name], timings[name] = future.result()
-        tokenizers = {
-            name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
-        }
-        pipe = cls(loaded, engines, tokenizers)
+        pipe = cls(loaded, engines, family_for(loaded.manifest).tokenizers(loaded))
         timings["total"] = _ms_since(start)
         pipe.load_timings = timings
         return pipe
@@ -132,14 +128,15 @@ class Pipeline:
             output_type=output_type,
         )
         timer, start = Timer(), time.perf_counter()
-        unet = self.engines["unet"]
+        denoiser = self.denoiser
         (cond,) = self.conditionings([args])
         tick = timer("text_encoder_ms", start)
         state = start_request(self, args, cond, self.guided(args))
-        state.cond_device = upload_constants(unet, cond)  # once per request, not per step
+        # once per request, not per step
+        state.cond_device = upload_constants(denoiser, {**cond, **state.layout.constants})
         tick = timer("vae_encode_ms" if image is not None else "scheduler_ms", tick)
         for _ in _progress(len(state.timesteps), progress):
-            step(unet, [state], timer)
+            step(denoiser, [state], timer)
         tick = time.perf_counter()
         images = self.decode_latents(state.latents)
         tick = timer("vae_decode_ms", tick)
@@ -157,9 +154,14 @@ class Pipeline:
         """A request checked against this bundle (`check_arguments` takes the keywords)."""
         return check_arguments(self.manifest, self.engines, **{"limits": self.limits, **call})
 
+    @property
+    def denoiser(self) -> Engine:
+        """The engine each step calls: the U-Net or the transformer."""
+        return self.engines[self.family.denoiser]
+
     def guided(self, args: GenerationArgs) -> bool:
-        """Classifier-free guidance runs two U-Net rows per image."""
-        return args.guidance_scale > 1.0 and not self.guidance_embedded
+        """Classifier-free guidance runs two denoiser rows per image."""
+        return self.family.guided(self, args)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -168,67 +170,15 @@ class Pipeline:
 
     @property
     def guidance_embedded(self) -> bool:
-        """Guidance-distilled U-Nets (LCM) take the scale as an input instead of a 2x batch."""
-        return "timestep_cond" in self.engines["unet"].inputs
+        """Guidance-distilled denoisers (LCM, Flux-dev) take the scale as an input instead of
+        a 2x batch."""
+        inputs = self.denoiser.inputs
+        return "timestep_cond" in inputs or "guidance" in inputs
 
     def conditionings(self, requests: Sequence[GenerationArgs]) -> list[dict[str, np.ndarray]]:
-        """Each request's U-Net inputs that stay fixed over its loop, uncond rows first; the
+        """Each request's denoiser inputs that stay fixed over its loop, uncond rows first; the
         prompts of all requests go through each text encoder in one call."""
-        plans = [self._prompt_rows(args) for args in requests]
-        hidden, pooled = self.encode_prompts([text for texts, _ in plans for text in texts])
-        conds, row = [], 0
-        for args, (texts, zeros) in zip(requests, plans, strict=True):
-            rows = slice(row, row + len(texts))
-            row += len(texts)
-            conds.append(
-                self._conditioning(
-                    args, hidden[rows], None if pooled is None else pooled[rows], zeros
-                )
-            )
-        return conds
-
-    def _prompt_rows(self, args: GenerationArgs) -> tuple[list[str], bool]:
-        """The texts to encode for a request, and whether its negative rows are zeros instead
-        (`negatives` None means the model's own choice: SDXL zeros, others "")."""
-        guided = self.guided(args)
-        zeros = (
-            guided and args.negatives is None and self.manifest.get("zero_negative_prompt", False)
-        )
-        negatives = args.negatives or [""] * len(args.prompts)
-        return (negatives + args.prompts if guided and not zeros else args.prompts), zeros
-
-    def _conditioning(
-        self, args: GenerationArgs, hidden: np.ndarray, pooled: np.ndarray | None, zeros: bool
-    ) -> dict[str, np.ndarray]:
-        if zeros:
-            hidden = np.concatenate([np.zeros_like(hidden), hidden])
-            pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
-        cond = {"encoder_hidden_states": hidden}
-        unet_inputs = self.engines["unet"].inputs
-        if "text_embeds" in unet_inputs and pooled is not None:
-            # SDXL micro-conditioning: original size, crop top-left, target size
-            height, width = args.height, args.width
-            cond["text_embeds"] = pooled
-            cond["time_ids"] = np.tile(
-                np.array([[height, width, 0, 0, height, width]], np.float32), (len(pooled), 1)
-            )
-        if self.guidance_embedded:
-            cond["timestep_cond"] = guidance_embedding(
-                np.full(len(args.prompts), args.guidance_scale - 1.0, np.float32),
-                unet_inputs["timestep_cond"][1][-1],
-            )
-        return cond
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Hidden states of every text encoder joined on the feature axis, and the pooled
-        embedding of the last one that has it (SDXL); None for SD 1/2."""
-        hidden, pooled = [], None
-        for name, tokenizer in self.tokenizers.items():
-            ids = tokenizer.encode(prompts, self.manifest["text_max_length"])
-            out = self.engines[name].run({"input_ids": ids})
-            hidden.append(out["text_embeddings"])
-            pooled = out.get("pooled_embeddings", pooled)
-        return np.concatenate(hidden, axis=-1), pooled
+        return self.family.conditionings(self, requests)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         scaled = latents / np.float32(self.manifest["vae_scaling_factor"])
@@ -247,15 +197,6 @@ class Pipeline:
         if self.manifest.get("vae_shift_factor") is not None:
             latents = latents - np.float32(self.manifest["vae_shift_factor"])
         return latents * np.float32(self.manifest["vae_scaling_factor"])
-
-
-def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
-    """Sinusoidal embedding of the guidance scale that guidance-distilled U-Nets take."""
-    half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1)))
-    angles = (w.astype(np.float32) * 1000.0)[:, None] * freqs[None, :]
-    emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
 def _verify(checks: Sequence[HashCheck]) -> None:
