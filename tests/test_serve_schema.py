@@ -72,6 +72,11 @@ def test_schema_valid_requests_succeed_and_every_answer_fits_the_schema(server, 
     api = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     for result in api.get_all_operations():
         operation = result.ok()
+        if mode == GenerationMode.NEGATIVE and _multipart(operation):
+            # schemathesis 4.32 cannot build negative multipart cases with file parts: its check
+            # that a mutated case is invalid hands the upload's bytes to jsonschema_rs, which
+            # has no bytes type ("Unsupported type: 'Binary'"); the edit form runs positive only
+            continue
         fuzz = settings(
             max_examples=EXAMPLES,
             deadline=None,
@@ -83,3 +88,7 @@ def test_schema_valid_requests_succeed_and_every_answer_fits_the_schema(server, 
             fuzz()
         except Unsatisfiable:  # an operation without inputs has no invalid input
             assert mode == GenerationMode.NEGATIVE
+
+
+def _multipart(operation) -> bool:
+    return any(body.media_type.startswith("multipart/") for body in operation.body)

@@ -10,7 +10,15 @@ from test_triton import MODEL, _inputs, _metric, _stream
 from sdrt import Pipeline
 from sdrt.serve.triton_repo import RepoOptions, write_repository
 
-REQUESTS = [("a red bicycle", 3, 3.5, 1), ("a blue house", 4, 6.0, 2), ("a cat", 2, 1.0, 3)]
+# enough requests and steps that they meet inside the batcher on a busy machine too
+REQUESTS = [
+    ("a red bicycle", 8, 3.5, 1),
+    ("a blue house", 10, 6.0, 2),
+    ("a cat", 6, 1.0, 3),
+    ("a dog on grass", 9, 2.0, 4),
+    ("mountains", 7, 4.5, 5),
+    ("a boat", 10, 3.5, 6),
+]
 
 
 @pytest.fixture(scope="module")
