@@ -25,6 +25,7 @@ from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
 from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
+from . import lora_branch
 from .calibration import CUDA, calibration_feeds, calibration_providers
 from .onnx_export import (
     OPSET,
@@ -98,6 +99,7 @@ def export_bundle(
     cuda_fusions: bool = False,
     watch: StageWatch | None = None,
     release_weights: bool = False,
+    lora_rank: int = 0,
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
@@ -107,7 +109,8 @@ def export_bundle(
     and fixed-shape copies of those graphs so CUDA graphs can be captured. `watch` records
     each stage's time and peak RSS (the memory benchmark reads it). `release_weights` frees
     each component's PyTorch weights once verified, keeping the peak near one model's size;
-    `pipe` cannot run afterwards.
+    `pipe` cannot run afterwards. `lora_rank` R > 0 gives the U-Net and text encoders the
+    run-time LoRA branch of that rank (`lora_branch`).
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
@@ -129,6 +132,7 @@ def export_bundle(
             cuda_fusions,
             watch or StageWatch(),
             release_weights,
+            lora_rank,
         )
         _normal_permissions(staging)
         _move_into_place(staging, out)
@@ -165,6 +169,7 @@ def _write_bundle(
     cuda_fusions: bool,
     watch: StageWatch,
     release_weights: bool,
+    lora_rank: int,
 ) -> dict[str, Any]:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     default_size = native_size(pipe)
@@ -192,6 +197,16 @@ def _write_bundle(
     }
     entries = {}
     parts = components(pipe)
+    branch = None
+    if lora_rank:
+        if static_sizes:
+            raise UserError(
+                "--lora-rank cannot be combined with --static-size yet (the adapter inputs have "
+                "dynamic sizes); export without one of them"
+            )
+        branch = lora_branch.with_branches(pipe, parts, lora_rank)
+        dims.update(lora_branch.branch_dims(lora_rank, check=False))
+        check_dims.update(lora_branch.branch_dims(lora_rank, check=True))
     if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
         size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
         for component in parts:
@@ -255,6 +270,7 @@ def _write_bundle(
         "cuda_fusions": cuda_fusions,
         "zero_negative_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "loras": loras or [],
+        **({"lora_branch": branch} if branch else {}),
         "export": _versions(dtype),
     }
     write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -24,6 +24,7 @@ from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
 from .engine_cache import ENGINES_DIR, read_entry
 from .errors import UserError
 
+MAX_LORA_RANK = 1024
 DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 
 
@@ -73,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATH[:SCALE]",
         help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
+    )
+    export.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="give the U-Net and text encoders a run-time LoRA branch of rank R, so adapters "
+        "load per request (`generate --lora`, `serve --lora-dir`); default 0, none",
     )
     export.add_argument(
         "--max-memory",
@@ -264,6 +273,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.source is None and args.random_weights is None:
         raise UserError("give a model to export, or --random-weights tiny|sd15|sd21|sdxl")
     bundle_writer.check_destination(Path(args.bundle))
+    if not 0 <= args.lora_rank <= MAX_LORA_RANK:
+        raise UserError(f"--lora-rank {args.lora_rank} is outside 0-{MAX_LORA_RANK}; try 32")
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
     for path, _ in loras:  # fail on a typo before the slow model load
@@ -285,6 +296,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fused_attention=args.fused_attention,
         static_sizes=static_sizes,
         cuda_fusions=args.cuda_fusions,
+        lora_rank=args.lora_rank,
         release_weights=True,  # the pipeline is not used again: hold one model at a time
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")

@@ -21,8 +21,10 @@ from .backends import PARALLEL_LOAD, Engine, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
+from .errors import UserError
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
+from .lora_pool import DEFAULT_MAX_LORAS, NO_ADAPTER, AdapterPool, Hold, stack_rows
 from .tokenizer import ClipTokenizer
 
 
@@ -43,6 +45,8 @@ class Pipeline:
         # milliseconds `load` spent (see `load`)
         self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
+        # run-time LoRAs, for bundles exported with --lora-rank (`load_lora`)
+        self.adapters: AdapterPool | None = None
 
     @classmethod
     def load(
@@ -52,6 +56,7 @@ class Pipeline:
         device: str = "auto",
         verify: bool = True,
         trusted_key: str | Path | None = None,
+        max_loras: int = DEFAULT_MAX_LORAS,
         **backend_options: Any,
     ) -> Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests.
@@ -90,6 +95,8 @@ class Pipeline:
             name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
         }
         pipe = cls(loaded, engines, tokenizers)
+        if "lora_branch" in pipe.manifest:  # bundles exported with --lora-rank
+            pipe.adapters = AdapterPool(pipe.manifest["lora_branch"], engines, max_loras)
         timings["total"] = _ms_since(start)
         pipe.load_timings = timings
         return pipe
@@ -110,10 +117,12 @@ class Pipeline:
         strength: float | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        loras: dict[str, float] | None = None,
     ) -> PipelineOutput:
         """txt2img; img2img with `image` (+ `strength`); inpainting with `image` + `mask_image`.
 
-        `latents` is the initial noise (B, C, H/8, W/8); without it, `seed` draws it.
+        `latents` is the initial noise (B, C, H/8, W/8); without it, `seed` draws it. `loras`
+        {name: scale} applies adapters loaded with `load_lora` (several stack).
         """
         args = self.arguments(
             prompt=prompt,
@@ -129,14 +138,22 @@ class Pipeline:
             mask_image=mask_image,
             strength=strength,
             output_type=output_type,
+            loras=loras,
         )
+        hold = self.hold_loras(args)
+        try:
+            return self._generate(args, hold, progress)
+        finally:
+            hold.release()
+
+    def _generate(self, args: GenerationArgs, hold: Hold, progress: bool) -> PipelineOutput:
         timer, start = Timer(), time.perf_counter()
         unet = self.engines["unet"]
-        (cond,) = self.conditionings([args])
+        (cond,) = self.conditionings([args], [hold])
         tick = timer("text_encoder_ms", start)
         state = start_request(self, args, cond, self.guided(args))
         state.cond_device = upload_constants(unet, cond)  # once per request, not per step
-        tick = timer("vae_encode_ms" if image is not None else "scheduler_ms", tick)
+        tick = timer("vae_encode_ms" if args.image is not None else "scheduler_ms", tick)
         for _ in _progress(len(state.timesteps), progress):
             step(unet, [state], timer)
         tick = time.perf_counter()
@@ -144,7 +161,34 @@ class Pipeline:
         tick = timer("vae_decode_ms", tick)
         timer.ms["unet_step_ms"] = timer.ms.get("unet_ms", 0.0) / max(len(state.timesteps), 1)
         timer.ms["total_ms"] = (tick - start) * 1e3
-        return PipelineOutput(numpy_to_pil(images) if output_type == "pil" else images, timer.ms)
+        pil = args.output_type == "pil"
+        return PipelineOutput(numpy_to_pil(images) if pil else images, timer.ms)
+
+    def load_lora(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Load LoRA file `path` (diffusers/peft or kohya safetensors) as adapter `name`, for
+        requests' `loras={name: scale}`; returns what was loaded (file, rank, layers, bytes).
+        When `max_loras` are loaded, the least recently used one no request holds is evicted."""
+        return self._adapter_pool().load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._adapter_pool().unload(name)
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The loaded adapters, least recently used first."""
+        pool = self._adapter_pool()
+        return [pool.describe(name) for name in pool.names()]
+
+    def hold_loras(self, args: GenerationArgs) -> Hold:
+        """The request's adapters, kept loaded until the hold is released (every request of a
+        --lora-rank bundle takes its branch inputs from one, adapters or not)."""
+        return self._adapter_pool().hold(args.loras) if args.loras else NO_ADAPTER
+
+    def _adapter_pool(self) -> AdapterPool:
+        if self.adapters is None:
+            raise UserError(
+                "this bundle has no run-time LoRA branch; re-export it with --lora-rank R"
+            )
+        return self.adapters
 
     @property
     def graph_cache_status(self) -> dict[str, dict[str, str]]:
@@ -170,20 +214,29 @@ class Pipeline:
         """Guidance-distilled U-Nets (LCM) take the scale as an input instead of a 2x batch."""
         return "timestep_cond" in self.engines["unet"].inputs
 
-    def conditionings(self, requests: Sequence[GenerationArgs]) -> list[dict[str, np.ndarray]]:
+    def conditionings(
+        self, requests: Sequence[GenerationArgs], holds: Sequence[Hold] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Each request's U-Net inputs that stay fixed over its loop, uncond rows first; the
-        prompts of all requests go through each text encoder in one call."""
+        prompts of all requests go through each text encoder in one call. `holds`: each
+        request's adapters (`hold_loras`), for a --lora-rank bundle."""
+        holds = holds or [NO_ADAPTER] * len(requests)
         plans = [self._prompt_rows(args) for args in requests]
-        hidden, pooled = self.encode_prompts([text for texts, _ in plans for text in texts])
+        branch = [hold.rows(len(texts)) for hold, (texts, _) in zip(holds, plans, strict=True)]
+        hidden, pooled = self.encode_prompts(
+            [text for texts, _ in plans for text in texts],
+            {k: stack_rows([rows[k] for rows in branch]) for k in branch[0]},
+        )
         conds, row = [], 0
-        for args, (texts, zeros) in zip(requests, plans, strict=True):
+        for args, hold, (texts, zeros) in zip(requests, holds, plans, strict=True):
             rows = slice(row, row + len(texts))
             row += len(texts)
-            conds.append(
-                self._conditioning(
-                    args, hidden[rows], None if pooled is None else pooled[rows], zeros
-                )
+            cond = self._conditioning(
+                args, hidden[rows], None if pooled is None else pooled[rows], zeros
             )
+            if "lora_index" in self.engines["unet"].inputs:
+                cond.update(hold.rows(len(cond["encoder_hidden_states"])))
+            conds.append(cond)
         return conds
 
     def _prompt_rows(self, args: GenerationArgs) -> tuple[list[str], bool]:
@@ -218,13 +271,20 @@ class Pipeline:
             )
         return cond
 
-    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode_prompts(
+        self, prompts: list[str], lora_rows: dict[str, np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Hidden states of every text encoder joined on the feature axis, and the pooled
-        embedding of the last one that has it (SDXL); None for SD 1/2."""
+        embedding of the last one that has it (SDXL); None for SD 1/2. `lora_rows`: each
+        prompt's adapter columns, for encoders with the run-time LoRA branch."""
         hidden, pooled = [], None
         for name, tokenizer in self.tokenizers.items():
             ids = tokenizer.encode(prompts, self.manifest["text_max_length"])
-            out = self.engines[name].run({"input_ids": ids})
+            engine = self.engines[name]
+            feeds = {"input_ids": ids}
+            if "lora_index" in engine.inputs:
+                feeds.update(lora_rows or NO_ADAPTER.rows(len(prompts)))
+            out = engine.run(feeds)
             hidden.append(out["text_embeddings"])
             pooled = out.get("pooled_embeddings", pooled)
         return np.concatenate(hidden, axis=-1), pooled

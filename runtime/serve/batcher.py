@@ -24,6 +24,7 @@ from ..arguments import GenerationArgs
 from ..denoise import RequestState, Timer, start_request, step
 from ..errors import UserError
 from ..images import numpy_to_pil
+from ..lora_pool import NO_ADAPTER, Hold
 from ..pipeline import Pipeline, PipelineOutput
 
 MODES = ("continuous", "request")
@@ -58,6 +59,7 @@ class Job:
     submitted: float
     deadline: float
     state: RequestState | None = None
+    loras: Hold = NO_ADAPTER  # its run-time adapters, held until the future is done
     admitted: float | None = None
     first_step: float | None = None  # when its first U-Net call finished
 
@@ -140,6 +142,8 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue, self._retry_after_s())
+            job.loras = self.pipeline.hold_loras(args)  # an unknown adapter fails here
+            job.future.add_done_callback(lambda _: job.loras.release())
             self._waiting.append(job)
             self._wake.notify()
         return job.future
@@ -262,7 +266,9 @@ class Batcher:
         each one's scheduler, rng and latents (img2img: encode its image)."""
         tick = time.perf_counter()
         try:
-            conds = self.pipeline.conditionings([job.args for job in jobs])
+            conds = self.pipeline.conditionings(
+                [job.args for job in jobs], [job.loras for job in jobs]
+            )
         except Exception as err:  # a failing engine fails these requests only
             for job in jobs:
                 self._fail_job(job, err)
