@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--mask", help="inpainting mask: white is repainted, black kept")
     generate.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:SCALE]",
+        help="apply this LoRA file at SCALE (default 1.0) at run time; repeatable (the bundle "
+        "must be exported with --lora-rank)",
+    )
+    generate.add_argument(
         "--strength",
         type=float,
         default=None,
@@ -362,6 +370,7 @@ def _print_parity(manifest: dict[str, Any]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .arguments import Limits
     from .images import generation_metadata, save_png
+    from .lora_files import check_lora_file, parse_named_lora_arg
     from .pipeline import Pipeline
 
     if args.num_images < 1:
@@ -369,9 +378,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(_check_output(Path(args.output)), args.num_images)
     image = _open_image(args.image, "--image", args.max_pixels) if args.image else None
     mask = _open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
+    loras = [parse_named_lora_arg(arg) for arg in args.lora]
+    for _, path, _ in loras:  # a typo fails before the engines load
+        check_lora_file(path)
     pipe = Pipeline.load(
         args.bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
     )
+    for name, path, _ in loras:
+        pipe.load_lora(name, path)
     pipe.limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels)
     call = {
         "prompt": [args.prompt] * args.num_images,
@@ -385,6 +399,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "image": image,
         "mask_image": mask,
         "strength": args.strength,
+        "loras": {name: scale for name, _, scale in loras},
     }
     metadata = generation_metadata(
         pipe.arguments(**call),

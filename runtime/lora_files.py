@@ -71,6 +71,18 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     )
 
 
+def parse_named_lora_arg(arg: str) -> tuple[str, str, float]:
+    """`NAME=PATH[:SCALE]` from `generate --lora`: (name, path, scale)."""
+    name, sep, rest = arg.partition("=")
+    if not sep or not name or not rest:
+        raise UserError(
+            f"--lora {arg!r} is not NAME=PATH[:SCALE]; pass e.g. --lora "
+            "style=style.safetensors:0.8 (SCALE 1.0 when left out)"
+        )
+    path, scale = parse_lora_arg(rest)
+    return name, path, scale
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

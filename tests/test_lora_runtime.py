@@ -280,3 +280,19 @@ def test_loading_while_requests_run_changes_no_running_image(pipe, files, tmp_pa
         pipe.unload_lora("extra")
     worker.join()
     assert np.abs(results[0] - want).max() == 0.0
+
+
+def test_generate_command_applies_named_loras(bundles, files, pipe, tmp_path, capsys):
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    out = tmp_path / "x.png"
+    common = [str(bundles["branch"]), "--prompt", PROMPT, "--steps", "2", "--seed", "1"]
+    lora = ["--lora", f"attn={files['attn']}:0.5"]
+    assert main(["generate", *common, *lora, "--device", "cpu", "--output", str(out)]) == 0
+    call = {"num_inference_steps": 2, "seed": 1, "output_type": "np"}
+    want = (pipe(PROMPT, loras={"attn": 0.5}, **call).images[0] * 255).round()
+    assert np.abs(np.asarray(Image.open(out).convert("RGB"), np.float32) - want).max() <= 1
+    assert main(["generate", *common, "--lora", "attn", "--output", str(out)]) == 2
+    assert "is not NAME=PATH[:SCALE]" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..images import generation_metadata, numpy_to_pil, save_png
 from .batcher import Batcher, QueueFull, RequestTimeout, ShuttingDown
 from .errors import ApiError, bad_value
+from .lora_routes import add_lora_routes, preload
 from .metrics import Metrics
 from .requests import ImageRequest, image_request, open_upload, parse_json, read_body
 from .settings import Settings
@@ -60,6 +61,8 @@ class ServerState:
 def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) -> FastAPI:
     """Starts the batchers at startup and drains them at shutdown."""
     settings = settings or Settings()
+    if settings.lora_dir is not None:
+        preload(models, settings.lora_dir)
     state = ServerState(models, settings)
     metrics = Metrics(models)
 
@@ -138,6 +141,8 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 {"id": name, "object": "model", "created": 0, "owned_by": "sdrt"} for name in models
             ],
         }
+
+    add_lora_routes(app, models, settings, authorize)
 
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> JSONResponse:

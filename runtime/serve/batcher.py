@@ -83,6 +83,7 @@ class Stats:
     unet_seconds: float = 0.0
     rows_per_call: collections.Counter = field(default_factory=collections.Counter)
     requests_per_call: collections.Counter = field(default_factory=collections.Counter)
+    adapters_per_call: collections.Counter = field(default_factory=collections.Counter)
     # active requests -> [ticks, tick seconds, engine seconds]: bookkeeping = tick - engine
     ticks_by_active: dict[int, list[float]] = field(default_factory=dict)
 
@@ -170,6 +171,7 @@ class Batcher:
             copy = Stats(**vars(self._stats))
             copy.rows_per_call = collections.Counter(self._stats.rows_per_call)
             copy.requests_per_call = collections.Counter(self._stats.requests_per_call)
+            copy.adapters_per_call = collections.Counter(self._stats.adapters_per_call)
             copy.ticks_by_active = {k: list(v) for k, v in self._stats.ticks_by_active.items()}
             copy.queued, copy.active = len(self._waiting), len(self._active)
             return copy
@@ -324,6 +326,7 @@ class Batcher:
             self._stats.unet_seconds += seconds
             self._stats.rows_per_call[rows] += 1
             self._stats.requests_per_call[len(jobs)] += 1
+            self._stats.adapters_per_call[len({n for job in jobs for n in job.loras.names})] += 1
         self._unet_ms_per_row = seconds * 1e3 / rows
         for job in jobs:
             job.first_step = job.first_step or now

@@ -7,6 +7,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..arguments import Limits
@@ -44,6 +45,12 @@ def register(commands: Any) -> None:
     serve.add_argument("--max-steps", type=int, default=150)
     serve.add_argument("--max-size", type=int, default=2048, help="largest width or height")
     serve.add_argument("--no-warmup", action="store_true", help="ready without a warm-up run")
+    serve.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="load every *.safetensors here as a run-time LoRA named by its stem; POST "
+        "/v1/loras loads files from here only",
+    )
     serve.add_argument(
         "--trusted-key", help="public key (PEM): refuse any bundle not signed by its pair"
     )
@@ -109,6 +116,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         limits=Limits(args.max_steps, args.max_images, args.max_size),
         drain_deadline_s=args.drain_timeout,
         warmup=not args.no_warmup,
+        lora_dir=args.lora_dir,
     )
 
 

@@ -26,8 +26,10 @@ SDRT_FIELDS = {
     "scheduler": str,
     "seed": int,
     "strength": float,
+    "loras": dict,  # run-time LoRA name -> scale; a JSON object in a form field
 }
 UPLOADS = ("image", "image[]", "mask")
+KINDS_SAID = {int: "an integer", float: "a number", dict: "a JSON object"}
 
 
 @dataclass
@@ -118,11 +120,11 @@ def _typed(value: Any, name: str, kind: type) -> Any:
     if kind is str or not isinstance(value, str):
         return value
     try:
-        return kind(value)
+        return json.loads(value) if kind is dict else kind(value)
     except ValueError as err:
         raise ApiError(
             400,
-            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+            f"{name} must be {KINDS_SAID[kind]}, got {value!r}",
             name,
         ) from err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..arguments import Limits
 
@@ -17,3 +18,4 @@ class Settings:
     )
     drain_deadline_s: float = 30.0  # on SIGTERM: how long in-flight requests may still run
     warmup: bool = True  # one 1-step request per model before /ready says yes
+    lora_dir: Path | None = None  # LoRA files loaded at start and by POST /v1/loras

@@ -1,0 +1,102 @@
+"""Run-time LoRA through `sdrt serve --lora-dir` as a real process on 127.0.0.1: adapters
+preloaded by file stem, listed, loaded (API key, paths inside --lora-dir only) and deleted,
+requests naming them get Pipeline's image, unknown names a 400, and the metrics count them."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from test_lora_runtime import peft_file
+from test_serve import AUTH, KEY, alone, metric, pixels, png, post
+
+from sdrt import Pipeline
+from sdrt.benchmarks.serve_process import ServeProcess
+from sdrt.export.bundle_writer import export_bundle
+from sdrt.export.load import random_pipeline
+
+PROMPT = "a lighthouse"
+CALL = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 3, "size": "64x64"}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_lora")
+    export_bundle(random_pipeline("tiny", seed=0), root / "tiny", "sd1", lora_rank=8)
+    loras = root / "loras"
+    loras.mkdir()
+    peft_file(loras, "attn", 1, ["to_q", "to_k", "to_v", "to_out.0"])
+    spare = root / "spare"
+    spare.mkdir()
+    peft_file(spare, "ff", 2, ["to_k", "ff.net.0.proj", "ff.net.2"])
+    return {"bundle": root / "tiny", "loras": loras, "spare": spare}
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    process = ServeProcess(
+        [folders["bundle"]], ["--api-key", KEY, "--lora-dir", str(folders["loras"])]
+    ).start()
+    yield process
+    assert process.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def runtime(folders):
+    pipe = Pipeline.load(folders["bundle"], device="cpu")
+    pipe.load_lora("attn", folders["loras"] / "attn.safetensors")
+    return pipe
+
+
+def names(server) -> list[str]:
+    data = httpx.get(f"{server.url}/v1/loras", headers=AUTH).json()["data"]
+    return sorted(entry["id"] for entry in data)
+
+
+def test_lora_dir_is_preloaded_by_stem(server):
+    assert names(server) == ["attn"]
+    assert metric(server, "sdrt_lora_loaded") == 1
+
+
+def test_request_with_adapter_is_pipelines_image(server, runtime):
+    reply = post(server, "/v1/images/generations", json={**CALL, "loras": {"attn": 0.8}})
+    assert reply.status_code == 200, reply.text
+    got = pixels(png(reply.json()["data"][0]["b64_json"]))
+    call = {"num_inference_steps": 2, "seed": 3, "height": 64, "width": 64}
+    want = alone(runtime, prompt=PROMPT, loras={"attn": 0.8}, **call)
+    plain = alone(runtime, prompt=PROMPT, **call)
+    assert np.abs(want - plain).max() > 2  # the adapter shows in the PNG
+    assert np.abs(got - want).max() <= 1
+    assert metric(server, "sdrt_unet_adapters_per_call_sum") >= 2  # 2 steps, 1 adapter
+
+
+def test_unknown_adapter_is_a_400_in_one_line(server):
+    reply = post(server, "/v1/images/generations", json={**CALL, "loras": {"nope": 1.0}})
+    assert reply.status_code == 400
+    message = reply.json()["error"]["message"]
+    assert "unknown LoRA 'nope'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("path", ["../spare/ff.safetensors", "/etc/passwd", ""])
+def test_post_refuses_paths_outside_the_lora_dir(server, path):
+    reply = post(server, "/v1/loras", json={"name": "x", "path": path})
+    assert reply.status_code == 400
+    assert "\n" not in reply.json()["error"]["message"]
+    assert names(server) == ["attn"]
+
+
+def test_post_needs_the_api_key_then_loads_and_delete_unloads(server, folders):
+    shutil.copy(folders["spare"] / "ff.safetensors", folders["loras"] / "ff2.safetensors")
+    body = {"name": "ff", "path": "ff2.safetensors"}
+    anonymous = httpx.post(f"{server.url}/v1/loras", json=body, timeout=60)
+    assert anonymous.status_code == 401 and names(server) == ["attn"]
+    reply = post(server, "/v1/loras", json=body)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["data"][0]["rank"] == 4
+    assert names(server) == ["attn", "ff"]
+    assert post(server, "/v1/images/generations", json={**CALL, "loras": {"ff": 1}}).is_success
+    deleted = httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH)
+    assert deleted.status_code == 200 and names(server) == ["attn"]
+    assert httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH).status_code == 404
