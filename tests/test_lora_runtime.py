@@ -296,3 +296,34 @@ def test_generate_command_applies_named_loras(bundles, files, pipe, tmp_path, ca
     assert np.abs(np.asarray(Image.open(out).convert("RGB"), np.float32) - want).max() <= 1
     assert main(["generate", *common, "--lora", "attn", "--output", str(out)]) == 2
     assert "is not NAME=PATH[:SCALE]" in capsys.readouterr().err
+
+
+def test_manifest_records_rank_and_the_attention_and_feed_forward_layers(bundles):
+    import json
+
+    manifest = json.loads((bundles["branch"] / "manifest.json").read_text())
+    branch = manifest["lora_branch"]
+    unet = {layer["name"] for layer in branch["layers"]["unet"]}
+    text = {layer["name"] for layer in branch["layers"]["text_encoder"]}
+    block = "down_blocks.1.attentions.0.transformer_blocks.0"
+    assert branch["rank"] == RANK
+    assert {f"{block}.attn2.to_k", f"{block}.attn1.to_out.0", f"{block}.ff.net.2"} <= unet
+    assert len(unet) == 4 * 10  # 4 transformer blocks x (2 x q/k/v/out + 2 feed-forward)
+    assert "encoder.layers.1.mlp.fc1" in text and len(text) == 2 * 6
+    assert not any("time_emb" in name or "conv" in name for name in unet)
+    inputs = {spec["name"] for spec in manifest["components"]["unet"]["inputs"]}
+    assert {"lora_index", "lora_scale", f"lora_a.{block}.attn1.to_q"} <= inputs
+    assert "lora_branch" not in json.loads((bundles["plain"] / "manifest.json").read_text())
+
+
+def test_static_sizes_with_the_branch_are_refused_before_export(tmp_path):
+    with pytest.raises(UserError, match="--lora-rank cannot be combined with --static-size"):
+        export_bundle(
+            random_pipeline("tiny", seed=0),
+            tmp_path / "b",
+            "sd1",
+            lora_rank=4,
+            static_sizes=[(64, 64)],
+            progress=False,
+        )
+    assert not (tmp_path / "b").exists()

@@ -4,6 +4,8 @@ requests naming them get Pipeline's image, unknown names a 400, and the metrics 
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 
 import httpx
@@ -70,6 +72,24 @@ def test_request_with_adapter_is_pipelines_image(server, runtime):
     assert np.abs(want - plain).max() > 2  # the adapter shows in the PNG
     assert np.abs(got - want).max() <= 1
     assert metric(server, "sdrt_unet_adapters_per_call_sum") >= 2  # 2 steps, 1 adapter
+
+
+def test_edit_request_takes_loras_as_a_json_form_field(server, runtime):
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+    form = {"prompt": PROMPT, "num_inference_steps": "2", "seed": "3", "strength": "0.5"}
+    files = {"image": ("red.png", picture.getvalue(), "image/png")}
+    replies = [
+        post(server, "/v1/images/edits", data={**form, **extra}, files=files)
+        for extra in ({"loras": json.dumps({"attn": 1.0})}, {})
+    ]
+    assert all(reply.status_code == 200 for reply in replies), replies[0].text
+    with_lora, without = (pixels(png(r.json()["data"][0]["b64_json"])) for r in replies)
+    assert np.abs(with_lora - without).max() > 2
+    bad = post(server, "/v1/images/edits", data={**form, "loras": "{oops"}, files=files)
+    assert bad.status_code == 400 and "loras must be a JSON object" in bad.text
 
 
 def test_unknown_adapter_is_a_400_in_one_line(server):
