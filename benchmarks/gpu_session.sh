@@ -9,6 +9,7 @@
 #   device: bash benchmarks/gpu_session.sh export      SD 1.5 fast-path bundle + images (<= 9 min)
 #   device: bash benchmarks/gpu_session.sh bench       sdrt bench 512x512 50 steps (<= 6 min)
 #   device: bash benchmarks/gpu_session.sh trt         TensorRT, if `import tensorrt` works there
+#   device: bash benchmarks/gpu_session.sh lora        run-time LoRA branch cost, SD 1.5 (<= 9 min)
 #   here:   bash benchmarks/gpu_session.sh commands    the sdrt command lines, one per line
 # The limits are ceilings for a first run whose export time is unknown; the pieces take about a
 # minute. Run `trt` only with device time left: it skips at once where TensorRT is absent.
@@ -118,6 +119,13 @@ cmd_trt() {
     fi
 }
 
+cmd_lora() {
+    setup
+    step 540 "run-time LoRA cost, SD 1.5 512x512 R=32" python3 -m sdrt.benchmarks.lora \
+        --preset sd15 --size 512 --rank 32 --device cuda --work /tmp/sdrt-lora \
+        --json "$OUT/lora.json"
+}
+
 cmd_commands() {
     for name in EXPORT INFO GENERATE BENCH TRT_EXPORT TRT_BUILD TRT_GENERATE; do
         local -n args=$name
@@ -131,6 +139,7 @@ case "${1:-}" in
     export) cmd_export ;;
     bench) cmd_bench ;;
     trt) cmd_trt ;;
+    lora) cmd_lora ;;
     commands) cmd_commands ;;
-    *) sed -n '2,14p' "$0"; exit 2 ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

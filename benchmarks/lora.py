@@ -1,7 +1,7 @@
 """What the run-time LoRA branch costs: U-Net call time with the branch vs the plain graph, and
 loading an adapter while the U-Net keeps stepping.
 
-    python -m sdrt.benchmarks.lora --preset sd15 --size 256 --rank 32 --work DIR [--device cpu]
+    python -m sdrt.benchmarks.lora --preset sd15 --size 256 --rank 32 --work DIR [--device cuda]
 
 Exports the preset's U-Net twice into DIR (plain, and with the branch of rank R), then on ONNX
 Runtime, with the two graphs' calls interleaved (a shared machine drifts; interleaving makes
@@ -55,14 +55,19 @@ def export_unets(preset: str, rank: int, work: Path) -> tuple[Path, Path, dict[s
 
 
 class Runner:
-    """One ONNX Runtime session over IO binding, with banks bound once (as OnnxRuntimeEngine)."""
+    """One ONNX Runtime session over IO binding, with banks bound once (as OnnxRuntimeEngine):
+    on the CPU sharing the pool's arrays, on CUDA device values refilled when written."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, device: str) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+        self.device = device
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.inputs = {i.name: ("int64" if "int64" in i.type else "float32", []) for i in
                        self.session.get_inputs()}  # fmt: skip
         self.bound: dict[str, Any] = {}
@@ -72,8 +77,11 @@ class Runner:
     def bind_banks(self, banks: dict[str, np.ndarray]) -> Any:
         import onnxruntime as ort
 
-        self.bound.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in banks.items()})
-        return lambda name, rows: None  # CPU: the OrtValues share the arrays
+        values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device) for k, v in banks.items()}
+        self.bound.update(values)
+        if self.device == "cpu":
+            return lambda name, rows: None  # the OrtValues share the arrays
+        return lambda name, rows: values[name].update_inplace(banks[name])
 
     def run(self, feeds: dict[str, np.ndarray]) -> float:
         """Seconds for one call."""
@@ -137,7 +145,8 @@ def summary(times: dict[str, list[float]], plain: str, branch: str) -> dict[str,
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     plain_path, branch_path, record = export_unets(args.preset, args.rank, work)
-    plain, branch = Runner(plain_path, args.threads), Runner(branch_path, args.threads)
+    plain = Runner(plain_path, args.threads, args.device)
+    branch = Runner(branch_path, args.threads, args.device)
     pool = AdapterPool(record, {"unet": branch}, max_loras=16)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +193,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "threads": args.threads,
         "versions": versions(),
-        "machine": machine("cpu", None),
+        "machine": machine(args.device, None),
         **report,
     }
 
@@ -225,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", required=True, help="folder for the exported U-Nets (reused)")
     parser.add_argument("--json", help="also write the report here")

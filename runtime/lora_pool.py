@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .lora_files import Adapter, check_scale, read_adapter
+from .lora_files import LORA_SUFFIX, Adapter, check_scale, read_adapter
 
 INDEX, SCALE = "lora_index", "lora_scale"
 DEFAULT_MAX_LORAS = 16
@@ -119,6 +119,15 @@ class AdapterPool:
             self._loaded[name] = _Loaded(adapter, slot)
             self._loaded.move_to_end(name)
         return self.describe(name)
+
+    def load_folder(self, folder: Path) -> list[str]:
+        """Load every *.safetensors of `folder`, each named by its file's stem."""
+        if not folder.is_dir():
+            raise UserError(f"LoRA folder {folder} is not a folder")
+        paths = sorted(folder.glob(f"*{LORA_SUFFIX}"))
+        for path in paths:
+            self.load(path.stem, path)
+        return [path.stem for path in paths]
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 
 from ..errors import UserError
-from ..lora_files import LORA_SUFFIX
 from .batcher import Batcher
 from .errors import ApiError, bad_value
 from .requests import parse_json, read_body
@@ -43,13 +42,9 @@ def lora_file_in(folder: Path, relative: Any) -> Path:
 def preload(models: Mapping[str, Batcher], folder: Path) -> None:
     """Load every *.safetensors of `folder`, named by its stem, into each model that takes
     run-time adapters."""
-    if not folder.is_dir():
-        raise UserError(f"--lora-dir {folder} is not a folder")
-    files = sorted(folder.glob(f"*{LORA_SUFFIX}"))
-    for batcher in _with_adapters(models).values():
-        for path in files:
-            batcher.pipeline.load_lora(path.stem, path)
-    log.info("loaded %d LoRA(s) from %s", len(files), folder)
+    for name, batcher in _with_adapters(models).items():
+        loaded = batcher.pipeline.adapters.load_folder(folder)
+        log.info("%s: loaded %d LoRA(s) from %s", name, len(loaded), folder)
 
 
 def _with_adapters(models: Mapping[str, Batcher]) -> dict[str, Batcher]:
