@@ -178,8 +178,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(handler=cmd_info)
 
-    sign = commands.add_parser("sign", help="sign a bundle with an elliptic-curve private key")
-    sign.add_argument("bundle")
+    sign = commands.add_parser(
+        "sign", help="sign a bundle (or a run-time LoRA .safetensors) with an EC private key"
+    )
+    sign.add_argument("bundle", help="bundle folder, or a LoRA file (signature: FILE.sig)")
     sign.add_argument("--key", required=True, help="private key, PEM")
     sign.set_defaults(handler=cmd_sign)
 
@@ -552,8 +554,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     from .bundle import Bundle
-    from .signing import sign_bundle
+    from .lora_files import LORA_SUFFIX
+    from .signing import sign_bundle, sign_file
 
+    if args.bundle.lower().endswith(LORA_SUFFIX):  # a run-time LoRA file
+        print(f"wrote {sign_file(args.bundle, args.key)}")
+        return 0
     Bundle.load(args.bundle)  # sign only what loads: a signature vouches for a sound bundle
     print(f"wrote {sign_bundle(args.bundle, args.key)}")
     return 0

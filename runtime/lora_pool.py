@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
-from .lora_files import LORA_SUFFIX, Adapter, check_scale, read_adapter
+from .lora_files import LORA_SUFFIX, Adapter, check_lora_file, check_scale, read_adapter
+from .signing import verify_file
 
 INDEX, SCALE = "lora_index", "lora_scale"
 DEFAULT_MAX_LORAS = 16
@@ -74,13 +75,20 @@ class AdapterPool:
     """Up to `max_loras` adapters for one pipeline's engines; thread-safe."""
 
     def __init__(
-        self, branch: dict[str, Any], engines: Mapping[str, Any], max_loras: int = DEFAULT_MAX_LORAS
+        self,
+        branch: dict[str, Any],
+        engines: Mapping[str, Any],
+        max_loras: int = DEFAULT_MAX_LORAS,
+        trusted_key: str | Path | None = None,
     ) -> None:
+        """`trusted_key`: a public key (PEM); each adapter file must then carry a signature
+        by its pair (FILE.sig, `sdrt sign FILE --key PRIVATE.pem`)."""
         if not 1 <= max_loras <= 1024:
             raise UserError(f"max_loras must be in 1-1024, got {max_loras!r}")
         self.branch = branch
         self.rank = int(branch["rank"])
         self.max_loras = max_loras
+        self.trusted_key = trusted_key
         bank_rows = (max_loras + 1) * self.rank
         self.banks: dict[str, dict[str, np.ndarray]] = {}
         self._changed: dict[str, Callable[[str, slice], None]] = {}
@@ -106,7 +114,10 @@ class AdapterPool:
         no request holds when full) under `name`; replaces an unheld adapter of that name.
         A bad file changes nothing."""
         _check_name(name)
-        adapter = read_adapter(Path(path), self.branch)  # every check before the pool changes
+        path = check_lora_file(path)
+        if self.trusted_key is not None:
+            verify_file(path, self.trusted_key)
+        adapter = read_adapter(path, self.branch)  # every check before the pool changes
         with self._lock:
             old = self._loaded.get(name)
             if old is not None and old.users:

@@ -62,7 +62,8 @@ class Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests.
 
         With `trusted_key` (a PEM public key) the bundle must carry a valid signature by its
-        private key (`sdrt sign`); unsigned or altered bundles are refused before loading.
+        private key (`sdrt sign`); unsigned or altered bundles are refused before loading, and
+        so are run-time LoRA files (`load_lora`) without a valid FILE.sig by that key.
         `backend_options` go to every engine (e.g. onnxruntime's graph_cache=DIR and threads=N,
         tensorrt's cuda_graph=True).
 
@@ -96,7 +97,9 @@ class Pipeline:
         }
         pipe = cls(loaded, engines, tokenizers)
         if "lora_branch" in pipe.manifest:  # bundles exported with --lora-rank
-            pipe.adapters = AdapterPool(pipe.manifest["lora_branch"], engines, max_loras)
+            pipe.adapters = AdapterPool(
+                pipe.manifest["lora_branch"], engines, max_loras, trusted_key
+            )
         timings["total"] = _ms_since(start)
         pipe.load_timings = timings
         return pipe

@@ -14,6 +14,7 @@ import torch
 from pipeline_parity import PROMPT
 from safetensors.torch import save_file
 from test_lora import KOHYA_TE_LAYERS, KOHYA_UNET_LAYERS, kohya_tensors
+from test_security_bundle import keys  # noqa: F401, F811 - a fixture
 
 from sdrt import Pipeline
 from sdrt.errors import UserError
@@ -327,3 +328,26 @@ def test_static_sizes_with_the_branch_are_refused_before_export(tmp_path):
             progress=False,
         )
     assert not (tmp_path / "b").exists()
+
+
+def test_with_a_trusted_key_only_adapters_signed_by_its_pair_load(bundles, files, keys, tmp_path):  # noqa: F811
+    import shutil
+
+    from sdrt.cli import main
+
+    signed_pipe = Pipeline.load(bundles["branch"], device="cpu")
+    signed_pipe.adapters.trusted_key = keys["ours_public"]
+    path = Path(shutil.copy(files["attn"], tmp_path / "attn.safetensors"))
+    with pytest.raises(UserError, match=r"attn.safetensors is not signed \(attn.safetensors.sig"):
+        signed_pipe.load_lora("attn", path)
+    assert main(["sign", str(path), "--key", str(keys["ours_private"])]) == 0
+    signed_pipe.load_lora("attn", path)
+    other = Path(shutil.copy(files["ff"], tmp_path / "ff.safetensors"))
+    assert main(["sign", str(other), "--key", str(keys["theirs_private"])]) == 0
+    with pytest.raises(UserError, match="fails signature verification"):
+        signed_pipe.load_lora("ff", other)
+    with path.open("ab") as f:
+        f.write(b" ")  # changed after signing
+    with pytest.raises(UserError, match="fails signature verification"):
+        signed_pipe.load_lora("attn2", path)
+    assert [entry["name"] for entry in signed_pipe.loras()] == ["attn"]
