@@ -196,22 +196,22 @@ def _write_bundle(
         "width": vae_scale * (latent + unet_factor),
     }
     entries = {}
+    if lora_rank and static_sizes:
+        raise UserError(
+            "--lora-rank cannot be combined with --static-size yet (the adapter inputs have "
+            "dynamic sizes); export without one of them"
+        )
     parts = components(pipe)
-    branch = None
-    if lora_rank:
-        if static_sizes:
-            raise UserError(
-                "--lora-rank cannot be combined with --static-size yet (the adapter inputs have "
-                "dynamic sizes); export without one of them"
-            )
-        branch = lora_branch.with_branches(pipe, parts, lora_rank)
-        dims.update(lora_branch.branch_dims(lora_rank, check=False))
-        check_dims.update(lora_branch.branch_dims(lora_rank, check=True))
     if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
         size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
         for component in parts:
             with watch.stage(component.name, "fp16 calibrate"):
                 component.calibration = calibration_feeds(pipe, component, dims, size)
+    branch = None
+    if lora_rank:  # after calibration, which runs the plain models
+        branch = lora_branch.with_branches(pipe, parts, lora_rank)
+        dims.update(lora_branch.branch_dims(lora_rank, check=False))
+        check_dims.update(lora_branch.branch_dims(lora_rank, check=True))
     bar = tqdm(parts, desc="export", unit="component", disable=not progress)
     if progress:
         watch.on_change = _show_stage(bar)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from sdrt.lora_files import TEXT_PREFIX
@@ -30,6 +31,7 @@ ROW_DIM = {"unet": "unet_batch", "text_encoder": "batch", "text_encoder_2": "bat
 # (U-Net transformer blocks and their projections, CLIP encoder layers).
 TARGET_PARTS = (".transformer_blocks.", ".encoder.layers.")
 TARGET_ENDS = (".proj_in", ".proj_out")
+CALIBRATION_RANK = 4
 
 
 def layer_name(module_path: str) -> str:
@@ -125,7 +127,25 @@ def add_branches(component: Component, model: torch.nn.Module) -> list[dict[str,
         component.module, len(component.inputs), [r["name"] for r in records], feeds
     )
     component.inputs = component.inputs + extra
+    component.calibration = [
+        feed | calibration_branch(feed, extra) for feed in component.calibration
+    ]
     return records
+
+
+def calibration_branch(feed: dict[str, np.ndarray], extra: list[TensorSpec]) -> dict[str, Any]:
+    """Branch inputs for an fp16 calibration feed of the plain component: two adapter slots of
+    small random factors, each row using one, so the branch's activations are measured too."""
+    rng = np.random.default_rng(0)
+    rows = len(next(iter(feed.values())))
+    bank = 2 * CALIBRATION_RANK
+    values: dict[str, Any] = {
+        INDEX: rng.integers(0, bank, (rows, CALIBRATION_RANK)),
+        SCALE: np.ones((rows, CALIBRATION_RANK), np.float32),
+    }
+    for spec in extra[2:]:
+        values[spec.name] = 0.05 * rng.standard_normal((bank, spec.shape[1])).astype(np.float32)
+    return values
 
 
 def with_branches(pipe: Any, parts: list[Component], rank: int) -> dict[str, Any]:
