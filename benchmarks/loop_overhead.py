@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sdrt import Pipeline
-from sdrt.schedulers import SCHEDULERS
+from sdrt.schedulers import compatible_schedulers
 
 
 class InstantEngine:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.engines["vae_decoder"], "image", scale=pipe.manifest["vae_scale_factor"], channels=3
     )
     print("| scheduler | numpy per step (us) |\n|---|---|")
-    for name in SCHEDULERS:
+    for name in compatible_schedulers(pipe.manifest["scheduler"]):
         us = numpy_us_per_step(pipe, unet, name, args.size, args.steps, args.repeats)
         print(f"| {name} | {us:.0f} |")
     return 0

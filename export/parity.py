@@ -25,6 +25,8 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "flow_match_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_match_heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import UserError
 from .image_inputs import image_size, strength_start
 from .lora_files import check_scale
-from .schedulers import SCHEDULERS, make_scheduler
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -104,6 +104,13 @@ def check_arguments(
     scheduler = manifest["scheduler"] if scheduler is None else scheduler
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    fitting = compatible_schedulers(manifest["scheduler"])
+    if scheduler not in fitting:
+        kind = "a flow-matching" if scheduler in FLOW_SCHEDULERS else "a noise-predicting"
+        raise UserError(
+            f"scheduler {scheduler!r} is for {kind} model, not this bundle's; "
+            f"choose one of {', '.join(fitting)}"
+        )
     _check_steps_for_scheduler(manifest["scheduler_config"], scheduler, num_inference_steps)
     if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
@@ -214,7 +221,10 @@ def _check_size(height: Any, width: Any, multiple: int, limits: Limits) -> None:
 
 def _check_steps_for_scheduler(config: dict[str, Any], scheduler: str, steps: int) -> None:
     """Set the schedule up once: a step count the scheduler cannot spread over its training
-    steps (timesteps past the last one, or repeated) is refused instead of crashing mid-run."""
+    steps (timesteps past the last one, or repeated) is refused instead of crashing mid-run.
+    Flow schedules are continuous in sigma: any step count up to the training one fits."""
+    if scheduler in FLOW_SCHEDULERS:
+        return
     sched = make_scheduler(scheduler, config)
     try:
         sched.set_timesteps(int(steps))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdrt import Pipeline
-from sdrt.arguments import Limits
+from sdrt.arguments import Limits, check_arguments
 from sdrt.errors import UserError
 from sdrt.image_inputs import image_to_pixels
 
@@ -42,6 +42,11 @@ LATENT_NAN = np.full((1, 4, 8, 8), np.nan, np.float32)
         ({"seed": -1}, "seed must be >= 0, got -1"),
         ({"scheduler": "pndm", "num_inference_steps": 1000}, "more than the pndm scheduler"),
         ({"scheduler": "lcm", "num_inference_steps": 51}, "lcm: num_inference_steps 51"),
+        (
+            {"scheduler": "flow_match_euler"},
+            "scheduler 'flow_match_euler' is for a flow-matching model, not this bundle's; "
+            "choose one of ddim, ddpm",
+        ),
         ({"prompt": "caf\udcff"}, "is not valid Unicode"),
         ({"prompt": ["cat"] * 17}, "17 images asked for, at most 16 per request"),
         ({"height": 8192, "width": 8192}, "8192x8192 is 67108864 pixels, above the limit"),
@@ -123,3 +128,15 @@ def _literal(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_a_flow_bundle_takes_only_flow_schedulers_at_any_step_count(pipe):
+    # A flow-matching manifest (Flux-dev's dynamic-shift config): no mu is known here, and the
+    # continuous schedule has no repeated timesteps to refuse.
+    config = {"use_dynamic_shifting": True, "shift": 3.0, "num_train_timesteps": 1000}
+    manifest = {**pipe.manifest, "scheduler": "flow_match_euler", "scheduler_config": config}
+    for steps in (1, 28, 1000):
+        args = check_arguments(manifest, pipe.engines, "cat", num_inference_steps=steps)
+        assert (args.scheduler, args.num_inference_steps) == ("flow_match_euler", steps)
+    with pytest.raises(UserError, match=_literal("scheduler 'ddim' is for a noise-predicting")):
+        check_arguments(manifest, pipe.engines, "cat", scheduler="ddim")

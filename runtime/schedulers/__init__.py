@@ -27,7 +27,20 @@ SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "unipc": ("unipc", "UniPCMultistepScheduler", {}),
     "lms": ("lms", "LMSDiscreteScheduler", {}),
     "heun": ("heun", "HeunDiscreteScheduler", {}),
+    "flow_match_euler": ("flow_match", "FlowMatchEulerDiscreteScheduler", {}),
+    "flow_match_heun": ("flow_match", "FlowMatchHeunDiscreteScheduler", {}),
 }
+
+# The schedulers of flow-matching (velocity-predicting) transformers; every other name is for
+# the noise-predicting U-Nets. A bundle may only be driven by the names of its own kind.
+FLOW_SCHEDULERS = frozenset({"flow_match_euler", "flow_match_heun"})
+
+
+def compatible_schedulers(default: str) -> list[str]:
+    """The names that can drive a bundle whose manifest scheduler is `default`: the flow
+    schedulers for a flow-matching bundle, the others for a U-Net one."""
+    flow = default in FLOW_SCHEDULERS
+    return [name for name in SCHEDULERS if (name in FLOW_SCHEDULERS) == flow]
 
 
 def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
@@ -39,4 +52,10 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     return getattr(module, class_name)({**config, **overrides})
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "make_scheduler"]
+__all__ = [
+    "FLOW_SCHEDULERS",
+    "SCHEDULERS",
+    "Scheduler",
+    "compatible_schedulers",
+    "make_scheduler",
+]

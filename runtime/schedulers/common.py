@@ -70,12 +70,12 @@ def resolve_config(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> di
     filled_in = set(config.get("_use_default_values") or ())
     resolved = dict(defaults)
     resolved.update({k: v for k, v in config.items() if k in defaults and k not in filled_in})
-    if resolved.get("prediction_type") not in PREDICTION_TYPES:
+    if "prediction_type" in defaults and resolved["prediction_type"] not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type {resolved.get('prediction_type')!r} is not supported; "
             f"use one of {', '.join(PREDICTION_TYPES)}"
         )
-    if resolved.get("timestep_spacing") not in TIMESTEP_SPACINGS:
+    if "timestep_spacing" in defaults and resolved["timestep_spacing"] not in TIMESTEP_SPACINGS:
         raise ValueError(
             f"timestep_spacing {resolved.get('timestep_spacing')!r} is not supported; "
             f"use one of {', '.join(TIMESTEP_SPACINGS)}"
