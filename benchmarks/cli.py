@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdrt.cli import terminate_as_interrupt
 from sdrt.errors import UserError
 
 if TYPE_CHECKING:
@@ -98,8 +99,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "static shape at the benchmark size (default: on for cuda, off for cpu)",
     )
     timing.add_argument("--backends", help="sdrt backends to time, comma-separated (default: all)")
+    model.add_argument(
+        "--max-memory", type=float, metavar="GIB", help="for the export, as `sdrt export` takes it"
+    )
     parser.add_argument(
-        "--out", default="bench-results", help="folder for bench.json/md/png (default: %(default)s)"
+        "--out",
+        default="bench-results",
+        help="folder for bench.json/md/png, and nothing else (default: %(default)s)",
     )
 
 
@@ -117,15 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser)
     args = parser.parse_args(argv)
     try:
-        return cmd_bench(args)
+        with terminate_as_interrupt():
+            return cmd_bench(args)
     except UserError as err:
         print(f"sdrt: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
 
 
 def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = None) -> dict:
     """Measure every path and write the three reports; returns what bench.json holds."""
     from sdrt.export.load import load_pipeline
+    from sdrt.export.memory_estimate import check_export_memory
 
     from . import baselines
     from .harness import Plan, log
@@ -136,10 +147,15 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
     settings = resolve_settings(args, baselines.cuda_available())
     if settings.bundle is not None:  # a bad bundle fails here, before the slow model load
         settings = _sized(settings, settings.bundle)
+    if settings.bundle is None:
+        passes = settings.dtype == "fp16" or settings.ort_fast_path
+        check_export_memory(settings.max_memory, settings.source, settings.random_weights, passes)
     settings.out.mkdir(parents=True, exist_ok=True)
     report(f"loading {settings.model}")
     pipe = load_pipeline(settings.source, settings.random_weights, settings.allow_pickle)
-    with tempfile.TemporaryDirectory(dir=settings.out, prefix=".bench-bundle-") as tmp:
+    # the temporary bundle goes to the system's temporary folder: --out holds the reports only.
+    # `sdrt bench` turns SIGTERM (`timeout`) into KeyboardInterrupt, which removes it too.
+    with tempfile.TemporaryDirectory(prefix="sdrt-bench-bundle-") as tmp:
         bundle, export_s = settings.bundle, None
         if bundle is None:
             bundle = Path(tmp) / "bundle"

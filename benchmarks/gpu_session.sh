@@ -1,145 +1,211 @@
 #!/usr/bin/env bash
-# The first GPU session's measurements, prepared in advance (about 10 minutes of device time on
-# an H100/H200 with Python 3.12 and torch 2.11 + CUDA 13, no registry, no diffusers and no
-# onnxruntime-gpu installed). Every step is time-boxed and prints what it measured; results go
-# under $OUT (at most 8 files come back).
+# The first GPU session as ONE device call of at most 9 minutes, on an H100/H200 with Python 3.12
+# and torch 2.11 + CUDA 13, no registry, no diffusers and no onnxruntime-gpu installed. Each
+# phase runs under its own `timeout` and its results land under $OUT as it ends, so a call cut
+# short still returns what was done (at most 8 files come back).
 #
+#   here:   bash benchmarks/gpu_session.sh --dry-run   the plan; every command line, the wheel
+#                                                      list and the carry size checked offline
 #   here:   bash benchmarks/gpu_session.sh pack        wheels -> .devpack/1..N (device-pack)
-#   device: bash .devpack/K/recv.sh                    one `run` per piece, carry .devpack/K
-#   device: bash benchmarks/gpu_session.sh export      SD 1.5 fast-path bundle + images (<= 9 min)
-#   device: bash benchmarks/gpu_session.sh bench       sdrt bench 512x512 50 steps (<= 6 min)
-#   device: bash benchmarks/gpu_session.sh trt         TensorRT, if `import tensorrt` works there
-#   device: bash benchmarks/gpu_session.sh lora        run-time LoRA branch cost, SD 1.5 (<= 9 min)
+#   device: bash .devpack/K/recv.sh                    K = 1..N-1, one short run each
+#   device: bash benchmarks/gpu_session.sh             the session, carrying .devpack/N
 #   here:   bash benchmarks/gpu_session.sh commands    the sdrt command lines, one per line
-# The limits are ceilings for a first run whose export time is unknown; the pieces take about a
-# minute. Run `trt` only with device time left: it skips at once where TensorRT is absent.
+#   device: bash benchmarks/gpu_session.sh environment|install   one phase alone
+#
+# Phases: environment; install (the last wheel piece joins the others and installs into
+# /tmp/site, sdrt into /tmp/sdrt, then a torch-free check that the CUDA provider starts);
+# `sdrt bench` (SD 1.5 architecture, 512x512, 50 steps: eager diffusers against the ONNX
+# Runtime CUDA fast path, exported inside the same process; torch.compile too where the time
+# left allows); TensorRT, only where `import tensorrt` works.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+SELF=$PWD/benchmarks/gpu_session.sh
 OUT=${OUT:-gpu-session-out}
-BUNDLE=/tmp/sdrt-sd15-fast
+PYTHON=${PYTHON:-python3}
 TRT_BUNDLE=/tmp/sdrt-sd15-trt
 WHEELS=(onnxruntime-gpu==1.31.1 diffusers==0.42.1 importlib_metadata==10.2.0)
+CARRY_LIMIT=$((64 * 1024 * 1024))  # what one device call takes: working tree and carried paths
 
-# The sdrt command lines (arguments after `sdrt`); tests/test_gpu_session.py parses each.
-EXPORT=(export --random-weights sd15 "$BUNDLE" --dtype fp16 --fused-attention --cuda-fusions
-    --static-size 512x512)
-INFO=(info "$BUNDLE")
-GENERATE=(generate "$BUNDLE" --prompt "a red bicycle leaning on a wall, watercolor" --steps 30
-    --height 512 --width 512 --scheduler dpmpp_2m --seed 0 --device cuda
-    --output "$OUT/generate.png")
-BENCH=(bench --random-weights sd15 --bundle "$BUNDLE" --device cuda --steps 50 --height 512
-    --width 512 --no-torch-compile --warmup 1 --iterations 3 --batch-sizes 1
-    --out "$OUT/bench")
-TRT_EXPORT=(export --random-weights sd15 "$TRT_BUNDLE" --dtype fp16)
+# Seconds. SESSION is the whole call (the device allows 600; the rest is margin for the
+# machine's own start of the command); each phase gets its budget or what is left, if less.
+# The environment may lower them (tests/test_gpu_session.py runs the session in seconds).
+SESSION=${SESSION:-540}
+ENV_BUDGET=${ENV_BUDGET:-20}
+INSTALL_BUDGET=${INSTALL_BUDGET:-100}
+BENCH_BUDGET=${BENCH_BUDGET:-330}  # export inside (155 s, fp32 fast path, H100), eager, ORT
+COMPILE_BUDGET=${COMPILE_BUDGET:-120}  # torch.compile's row: 75 s to compile on an H100, timed calls
+TRT_MIN=${TRT_MIN:-60}  # the TensorRT phase runs only with this much left
+
+# The sdrt command lines (arguments after `sdrt`); --dry-run parses each with the CLI's parser.
+BENCH=(bench --random-weights sd15 --device cuda --steps 50 --height 512 --width 512
+    --max-memory 0 --warmup 1 --iterations 3 --batch-sizes 1 --out "$OUT/bench")
+TRT_EXPORT=(export --random-weights sd15 "$TRT_BUNDLE" --dtype fp16 --max-memory 0)
 TRT_BUILD=(build "$TRT_BUNDLE" --static 512x512)
 TRT_GENERATE=(generate "$TRT_BUNDLE" --prompt "a red bicycle" --steps 30 --height 512
-    --width 512 --backend tensorrt --device cuda --output /tmp/sdrt-trt.png)
+    --width 512 --backend tensorrt --device cuda --output "$OUT/trt.png")
+COMMANDS=(BENCH TRT_EXPORT TRT_BUILD TRT_GENERATE)
+SDRT=("$PYTHON" -m sdrt.cli)
 
-log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/session.log"; }
+START=$(date +%s)
+left() { echo $((START + SESSION - $(date +%s))); }
+log() { echo "[$(date -u +%H:%M:%S) +$(($(date +%s) - START))s] $*" | tee -a "$OUT/session.log"; }
 
-# step SECONDS NAME COMMAND...: run with a time limit, log its wall time and exit status
-step() {
-    local limit=$1 name=$2 start rc
+# phase BUDGET NAME COMMAND...: run under `timeout` for BUDGET seconds or what is left, if
+# less; SIGTERM first (sdrt cleans its temporaries on it), SIGKILL 10 s later.
+phase() {
+    local budget=$1 name=$2 limit rc
     shift 2
-    start=$(date +%s)
+    limit=$(( budget < $(left) - 15 ? budget : $(left) - 15 ))
+    if [ "$limit" -lt 5 ]; then
+        log "$name: skipped, ${limit}s left"
+        return 124
+    fi
     log "$name: start (limit ${limit}s)"
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/session.log"
     rc=${PIPESTATUS[0]}
-    log "$name: exit $rc after $(($(date +%s) - start)) s"
+    log "$name: exit $rc"
     return "$rc"
 }
 
-SDRT=(python3 -m sdrt.cli)
+cmd_environment() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
+    "$PYTHON" -c 'import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
+    free -g | head -2
+    df -h /tmp | tail -1
+}
 
-setup() {
+cmd_install() {
+    local pieces
+    pieces=$(find .devpack -mindepth 1 -maxdepth 1 -type d 2>/dev/null | sort -V | tail -1)
+    if [ -n "$pieces" ]; then
+        bash "$pieces/recv.sh" || return
+    else
+        echo "no .devpack carried: using what /tmp/site holds"
+    fi
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index --upgrade \
+        --target /tmp/sdrt . || return
+    # issue 17 item 1 on real hardware: in a process that never imports torch, the CUDA
+    # provider must find its libraries through preload_dlls and the nvidia-* wheels
+    "$PYTHON" -c 'import sys
+import onnxruntime as ort
+from sdrt.backends import onnxruntime as b
+print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+print("--device auto takes", b.providers_for("auto"))  # preload_dlls, then the probe
+print("torch-free CUDA provider starts:", b.cuda_provider_starts(), "| torch imported:",
+      "torch" in sys.modules)'
+}
+
+tensorrt() {
+    if ! "$PYTHON" -c 'import tensorrt' 2>/dev/null; then
+        log "TensorRT skipped: $("$PYTHON" -c 'import tensorrt' 2>&1 | tail -1)"
+        return 0
+    fi
+    log "tensorrt $("$PYTHON" -c 'import tensorrt; print(tensorrt.__version__)')"
+    phase 240 "export for TensorRT" "${SDRT[@]}" "${TRT_EXPORT[@]}" &&
+        phase 300 "TensorRT build (512x512)" "${SDRT[@]}" "${TRT_BUILD[@]}" &&
+        phase 120 "TensorRT generate" "${SDRT[@]}" "${TRT_GENERATE[@]}"
+}
+
+cmd_session() {
     mkdir -p "$OUT"
     export PYTHONPATH=/tmp/site:/tmp/sdrt PYTHONUNBUFFERED=1
-    if [ ! -d /tmp/sdrt/sdrt ]; then
-        step 120 "install sdrt" python3 -m pip install -q --no-deps --no-build-isolation \
-            --no-index --target /tmp/sdrt . || exit 1
+    phase "$ENV_BUDGET" environment bash "$SELF" environment > "$OUT/env.txt"
+    phase "$INSTALL_BUDGET" install bash "$SELF" install || { log "install failed"; return 1; }
+    local compile=--no-torch-compile budget=$BENCH_BUDGET
+    if [ "$(left)" -ge $((BENCH_BUDGET + COMPILE_BUDGET + 15)) ]; then
+        compile=--torch-compile budget=$((BENCH_BUDGET + COMPILE_BUDGET))
     fi
-    {
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-        python3 -c 'import sys, torch, onnxruntime as ort
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
-print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())'
-    } 2>&1 | tee "$OUT/env.txt"
+    phase "$budget" "sdrt bench 512x512 50 steps $compile" "${SDRT[@]}" "${BENCH[@]}" "$compile"
+    if [ "$(left)" -ge "$TRT_MIN" ]; then
+        tensorrt
+    else
+        log "TensorRT phase skipped: $(left)s left"
+    fi
+    log "session done"
 }
 
 cmd_pack() {
-    local pack=${DEVICE_PACK:-../shared/tools/device-pack}
+    local pack=${DEVICE_PACK:-../shared/tools/device-pack} n k
     "$pack" "${WHEELS[@]}" || exit 1
-    local n
+    printf '%s\n' "${WHEELS[@]}" > .devpack/wheels.txt
     n=$(find .devpack -mindepth 1 -maxdepth 1 -type d | wc -l)
-    echo "then, with the machine warm, one run each:"
-    for k in $(seq 1 "$n"); do
-        echo "  run(carry=['.devpack/$k'], command='bash .devpack/$k/recv.sh', timeout_s=120)"
+    echo "then, one run each while the machine stays warm (30 s):"
+    for k in $(seq 1 $((n - 1))); do
+        echo "  run(carry=['.devpack/$k'], command='bash .devpack/$k/recv.sh', timeout_s=60)"
     done
-    echo "  run(command='bash benchmarks/gpu_session.sh export', timeout_s=600)"
-    echo "  run(command='bash benchmarks/gpu_session.sh bench', timeout_s=360)"
-    echo "  run(command='bash benchmarks/gpu_session.sh trt', timeout_s=600)  # with time left"
-}
-
-cmd_export() {
-    setup
-    rm -rf "$BUNDLE"
-    /usr/bin/time -v true >/dev/null 2>&1 && timer=(/usr/bin/time -v) || timer=()
-    step 420 "export SD 1.5 fast path" "${timer[@]}" "${SDRT[@]}" "${EXPORT[@]}" || return
-    step 30 "info" "${SDRT[@]}" "${INFO[@]}"
-    cp "$BUNDLE/manifest.json" "$OUT/manifest.json"
-    # twice: the first run also pays the cuDNN algorithm search (EXHAUSTIVE) and graph capture
-    step 80 "generate (first)" "${SDRT[@]}" "${GENERATE[@]}"
-    step 40 "generate (second)" "${SDRT[@]}" "${GENERATE[@]}"
-}
-
-cmd_bench() {
-    setup
-    local args=() skip=0 arg
-    if [ ! -f "$BUNDLE/manifest.json" ]; then
-        log "no $BUNDLE on this machine (a fresh one?): the bench exports its own fast path"
-        for arg in "${BENCH[@]}"; do  # BENCH without `--bundle DIR`
-            if [ "$arg" = --bundle ]; then skip=1; elif [ $skip = 1 ]; then skip=0
-            else args+=("$arg"); fi
-        done
-        BENCH=("${args[@]}")
-    fi
-    step 330 "sdrt bench 512x512 50 steps" "${SDRT[@]}" "${BENCH[@]}"
-}
-
-cmd_trt() {
-    setup
-    if python3 -c 'import tensorrt' 2>/dev/null; then
-        log "tensorrt $(python3 -c 'import tensorrt; print(tensorrt.__version__)')"
-        step 240 "export for TensorRT" "${SDRT[@]}" "${TRT_EXPORT[@]}" &&
-            step 300 "TensorRT build (512x512)" "${SDRT[@]}" "${TRT_BUILD[@]}" &&
-            step 120 "TensorRT generate" "${SDRT[@]}" "${TRT_GENERATE[@]}"
-    else
-        log "TensorRT skipped: $(python3 -c 'import tensorrt' 2>&1 | tail -1)"
-    fi
-}
-
-cmd_lora() {
-    setup
-    step 540 "run-time LoRA cost, SD 1.5 512x512 R=32" python3 -m sdrt.benchmarks.lora \
-        --preset sd15 --size 512 --rank 32 --device cuda --work /tmp/sdrt-lora \
-        --json "$OUT/lora.json"
+    echo "  run(carry=['.devpack/$n'], command='bash benchmarks/gpu_session.sh', timeout_s=600)"
 }
 
 cmd_commands() {
-    for name in EXPORT INFO GENERATE BENCH TRT_EXPORT TRT_BUILD TRT_GENERATE; do
+    local name
+    for name in "${COMMANDS[@]}"; do
         local -n args=$name
         printf '%q ' "${args[@]}"
         echo
     done
 }
 
+# Bytes that travel with every call: tracked files and untracked ones git does not ignore.
+tree_bytes() {
+    git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 |
+        cut -f1
+}
+
+cmd_dry_run() {
+    local failed=0 name tree piece size total
+    echo "plan: one device call, timeout_s 600, the script itself ends by ${SESSION}s"
+    echo "  environment ${ENV_BUDGET}s -> $OUT/env.txt"
+    echo "  install ${INSTALL_BUDGET}s: ${WHEELS[*]} -> /tmp/site; sdrt -> /tmp/sdrt"
+    echo "  sdrt bench ${BENCH_BUDGET}s, +${COMPILE_BUDGET}s with torch.compile -> $OUT/bench"
+    echo "  TensorRT with ${TRT_MIN}s or more left, where it imports"
+    [ $((ENV_BUDGET + INSTALL_BUDGET + BENCH_BUDGET + 45)) -le "$SESSION" ] &&
+        [ "$SESSION" -le 540 ] ||
+        { echo "FAIL: the phases' budgets do not fit in ${SESSION}s (at most 540)"; failed=1; }
+    echo "command lines:"
+    cmd_commands | sed 's/^/  sdrt /'
+    cmd_commands | "$PYTHON" -c 'import shlex, sys
+from sdrt.cli import _parser
+parser = _parser()
+for line in sys.stdin:
+    args = parser.parse_args(shlex.split(line))  # exits 2 on an unknown option
+    assert callable(args.handler), line
+print("  each one parses with the sdrt CLI")' || { echo "FAIL: a command line"; failed=1; }
+    echo "wheels:"
+    for name in "${WHEELS[@]}"; do
+        [[ $name =~ ^[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.]*$ ]] ||
+            { echo "FAIL: $name is not NAME==VERSION"; failed=1; }
+        echo "  $name"
+    done
+    [ "$(printf '%s\n' "${WHEELS[@]%%==*}" | sort -fu | wc -l)" -eq "${#WHEELS[@]}" ] ||
+        { echo "FAIL: a wheel is listed twice"; failed=1; }
+    tree=$(tree_bytes)
+    echo "carry: the working tree is $((tree / 1024)) KiB"
+    if [ -d .devpack ]; then
+        [ "$(cat .devpack/wheels.txt 2>/dev/null)" = "$(printf '%s\n' "${WHEELS[@]}")" ] ||
+            { echo "FAIL: .devpack holds other wheels; run: bash $0 pack"; failed=1; }
+        for piece in $(find .devpack -mindepth 1 -maxdepth 1 -type d | sort -V); do
+            size=$(du -cb "$piece" | tail -1 | cut -f1)
+            total=$((tree + size))
+            echo "  $piece: $((size / 1048576)) MiB, with the tree $((total / 1048576)) MiB"
+            [ "$total" -le "$CARRY_LIMIT" ] || { echo "FAIL: $piece is over 64 MiB"; failed=1; }
+        done
+    else
+        echo "  not packed yet (bash $0 pack): pieces of at most 56 MiB each"
+        [ $((tree + 56 * 1048576)) -le "$CARRY_LIMIT" ] ||
+            { echo "FAIL: the tree and one piece are over 64 MiB"; failed=1; }
+    fi
+    [ "$failed" = 0 ] && echo "dry run: ok"
+    return "$failed"
+}
+
 case "${1:-}" in
+    "") cmd_session ;;
+    --dry-run) cmd_dry_run ;;
+    environment) cmd_environment ;;
+    install) cmd_install ;;
     pack) cmd_pack ;;
-    export) cmd_export ;;
-    bench) cmd_bench ;;
-    trt) cmd_trt ;;
-    lora) cmd_lora ;;
     commands) cmd_commands ;;
-    *) sed -n '2,15p' "$0"; exit 2 ;;
+    *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

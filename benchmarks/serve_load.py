@@ -4,13 +4,17 @@ First measures what batching can give at all: the U-Net's rows/s at the largest 
 its rows/s at one guided request (the bound). Then, for each mode (no batching, request-level,
 continuous), starts the server (or targets --url), drives it with closed loops of C clients
 and an open-loop Poisson arrival rate from a mixed workload, and reads latency, time to first
-U-Net step and rows per U-Net call. Writes bench-serve.json, .md and .png.
+U-Net step and rows per U-Net call. With --rounds N the modes are measured N times, interleaved
+(each round reverses the order of the one before and starts each server afresh), so that drift
+in a shared machine's load falls on every mode alike and the spread between rounds shows.
+Writes bench-serve.json, .md and .png.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +37,8 @@ MODES = {
     "continuous": ["--batching", "continuous"],
 }
 MODE_TITLES = {"none": "no batching", "request": "request-level", "continuous": "continuous"}
+# at one client, continuous batching must reach at least this share of the other modes' req/s
+ONE_CLIENT_TARGET = 0.97
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "continuous closed-loop rate at the top concurrency); 0 skips",
     )
     parser.add_argument("--requests", type=int, default=48, help="requests per load point")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every mode this many times, interleaved (each round in the reverse "
+        "order of the one before); the report gives medians and the spread",
+    )
     parser.add_argument("--steps", default="10,20,30")
     parser.add_argument("--schedulers", default="ddim,euler")
     parser.add_argument("--guidance", default="7.5,3.0")
@@ -107,8 +120,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise UserError(f"unknown mode {unknown[0]!r}; choose from {', '.join(MODES)}")
     concurrency = _numbers(args.concurrency, "--concurrency", int)
-    if args.requests < 1 or args.max_batch_rows < 2:
-        raise UserError("--requests must be >= 1 and --max-batch-rows >= 2")
+    if args.requests < 1 or args.max_batch_rows < 2 or args.rounds < 1:
+        raise UserError("--requests and --rounds must be >= 1 and --max-batch-rows >= 2")
     size = args.size or _bundle_size(args.bundle)
     mix = Mix(
         tuple(_numbers(args.steps, "--steps", int)),
@@ -130,57 +143,131 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mix": vars(mix),
             "concurrency": concurrency,
             "requests": args.requests,
+            "rounds": args.rounds,
             "max_batch_rows": args.max_batch_rows,
         },
     }
     if args.bundle:
         result["bound"] = unet_bound(Path(args.bundle), mix, args.max_batch_rows)
         result["bookkeeping"] = bookkeeping_share(Path(args.bundle), mix, active=16)
-    # continuous first: its closed-loop capacity sets the one Poisson rate every mode gets
-    order = ["url"] if args.url else sorted(modes, key=lambda m: m != "continuous")
-    rate, entries = args.rate, {}
-    for mode in order:
-        entries[mode] = measure_mode(args, mode, mix, concurrency, rate)
-        rate = entries[mode]["poisson_rate"]
-    result["modes"] = [entries[m] for m in (["url"] if args.url else modes)]
+    first = ["url"] if args.url else modes
+    if args.rate is None:  # continuous first: its capacity sets the Poisson rate of every mode
+        first = sorted(first, key=lambda m: m != "continuous")
+    runs, result["rounds"] = measure_rounds(args, first, mix, concurrency)
+    result["modes"] = [merge_rounds(runs[m], concurrency) for m in (["url"] if args.url else modes)]
     result["targets"] = targets(result)
     result["load_average_after"] = _load_average()
     return result
 
 
-def measure_mode(
-    args: argparse.Namespace, mode: str, mix: Mix, concurrency: list[int], rate: float | None
-) -> dict[str, Any]:
+def measure_rounds(
+    args: argparse.Namespace, first: list[str], mix: Mix, concurrency: list[int]
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Every mode's rounds (see `measure_mode`), and each round's order and load average.
+    Each round starts each mode's server afresh: a server process that happens to run fast or
+    slow (placement, memory layout) then weighs on one round, not on every round of its mode."""
+    rate, runs = args.rate, {mode: [] for mode in first}
+    rounds: list[dict[str, Any]] = []
+    for number, order in enumerate(round_orders(first, args.rounds), 1):
+        rounds.append({"order": order, "load_average": _load_average()})
+        for mode in order:
+            log(f"serve: round {number}/{args.rounds}: {MODE_TITLES.get(mode, mode)}")
+            server = start_server(args, mode)
+            try:
+                url = server.url if server else args.url.rstrip("/")
+                runs[mode].append(measure_mode(args, url, mode, mix, concurrency, rate))
+            finally:
+                if server:
+                    server.stop()
+            rate = runs[mode][-1]["poisson_rate"]
+    return runs, rounds
+
+
+def start_server(args: argparse.Namespace, mode: str) -> Any:
+    """`sdrt serve` in this mode, ready; None for --url (a running server)."""
     from .serve_process import ServeProcess
 
-    server = None
-    if mode != "url":
-        options = [*MODES[mode], "--max-queue", "100000", "--max-steps", "1000"]
-        if "--max-batch-rows" not in options:
-            options += ["--max-batch-rows", str(args.max_batch_rows)]
-        log(f"serve: starting sdrt serve ({MODE_TITLES[mode]})")
-        server = ServeProcess([Path(args.bundle)], options).start()
-    url = server.url if server else args.url.rstrip("/")
-    try:
-        entry: dict[str, Any] = {"mode": mode, "closed": []}
-        for clients in concurrency:
-            log(f"serve: {mode}: closed loop, {clients} clients, {args.requests} requests")
-            entry["closed"].append(load_point(url, mix, args.requests, clients=clients))
-        if rate is None:
-            rate = 0.7 * entry["closed"][-1]["requests_per_s"]
-        entry["poisson_rate"] = rate
-        if rate:
-            log(f"serve: {mode}: Poisson arrivals at {rate:.2f}/s")
-            entry["poisson"] = load_point(url, mix, args.requests, rate=rate)
-    finally:
-        if server:
-            server.stop()
+    if mode == "url":
+        return None
+    options = [*MODES[mode], "--max-queue", "100000", "--max-steps", "1000"]
+    if "--max-batch-rows" not in options:
+        options += ["--max-batch-rows", str(args.max_batch_rows)]
+    log(f"serve: starting sdrt serve ({MODE_TITLES[mode]})")
+    return ServeProcess([Path(args.bundle)], options).start()
+
+
+def measure_mode(
+    args: argparse.Namespace,
+    url: str,
+    mode: str,
+    mix: Mix,
+    concurrency: list[int],
+    rate: float | None,
+) -> dict[str, Any]:
+    """One round of one mode: each closed-loop load point, then the Poisson one."""
+    entry: dict[str, Any] = {"mode": mode, "closed": []}
+    for clients in concurrency:
+        log(f"serve: {mode}: closed loop, {clients} clients, {args.requests} requests")
+        entry["closed"].append(drive(url, mix, args.requests, clients=clients))
+    if rate is None:
+        rate = 0.7 * entry["closed"][-1].requests_per_s
+    entry["poisson_rate"] = rate
+    if rate:
+        log(f"serve: {mode}: Poisson arrivals at {rate:.2f}/s")
+        entry["poisson"] = drive(url, mix, args.requests, rate=rate)
     return entry
+
+
+def round_orders(first: list[str], rounds: int) -> list[list[str]]:
+    """The order of the modes in each round: `first`, then reversed, and so on, so that no
+    mode always runs first or last."""
+    return [first if number % 2 == 0 else first[::-1] for number in range(rounds)]
+
+
+def merge_rounds(runs: list[dict[str, Any]], concurrency: list[int]) -> dict[str, Any]:
+    """One mode's rounds as one report entry: per load point, the figures over every round
+    (see `summarize`)."""
+    entry: dict[str, Any] = {
+        "mode": runs[0]["mode"],
+        "closed": [
+            summarize([run["closed"][i] for run in runs], clients=clients, rate=0.0)
+            for i, clients in enumerate(concurrency)
+        ],
+        "poisson_rate": runs[0]["poisson_rate"],
+    }
+    if "poisson" in runs[0]:
+        entry["poisson"] = summarize(
+            [run["poisson"] for run in runs], clients=0, rate=runs[0]["poisson_rate"]
+        )
+    return entry
+
+
+@dataclass
+class Sample:
+    """What one load point measured: each request, the wall time, and the U-Net counters'
+    growth (calls, rows, requests) on the server meanwhile."""
+
+    records: list[dict[str, Any]]
+    seconds: float
+    unet: dict[str, float]
+
+    @property
+    def requests_per_s(self) -> float:
+        return sum(r["ok"] for r in self.records) / self.seconds
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(r["images"] for r in self.records if r["ok"]) / self.seconds
 
 
 def load_point(
     url: str, mix: Mix, count: int, clients: int = 0, rate: float = 0.0
 ) -> dict[str, Any]:
+    """`drive` once, summarized."""
+    return summarize([drive(url, mix, count, clients, rate)], clients=clients, rate=rate)
+
+
+def drive(url: str, mix: Mix, count: int, clients: int = 0, rate: float = 0.0) -> Sample:
     """Send `count` requests: a closed loop of `clients`, or Poisson arrivals at `rate`/s.
     Latency counts from the arrival (open loop) or the send (closed loop)."""
     import httpx
@@ -236,34 +323,33 @@ def load_point(
     elapsed = time.perf_counter() - start
     client.close()
     after = unet_counters(url)
-    return summarize(records, elapsed, before, after, clients=clients, rate=rate)
+    return Sample(records, elapsed, {k: after[k] - before[k] for k in after})
 
 
-def summarize(
-    records: list[dict[str, Any]],
-    elapsed: float,
-    before: dict[str, float],
-    after: dict[str, float],
-    **load: Any,
-) -> dict[str, Any]:
+def summarize(samples: list[Sample], **load: Any) -> dict[str, Any]:
+    """One load point over one or more rounds: requests/s and images/s as the median of the
+    rounds (each round's kept, to show the spread); latency and U-Net figures over every
+    request of every round."""
+    records = [r for sample in samples for r in sample.records]
     good = [r for r in records if r["ok"]]
-    calls = after["calls"] - before["calls"]
+    calls = sum(sample.unet["calls"] for sample in samples)
+    rows, requests = (sum(sample.unet[k] for sample in samples) for k in ("rows", "requests"))
     firsts = [r["first_step_ms"] for r in good if np.isfinite(r["first_step_ms"])]
+    rates = [sample.requests_per_s for sample in samples]
     return {
         **load,
         "requests": len(records),
         "errors": len(records) - len(good),
-        "seconds": elapsed,
-        "requests_per_s": len(good) / elapsed,
-        "images_per_s": sum(r["images"] for r in good) / elapsed,
+        "seconds": sum(sample.seconds for sample in samples),
+        "requests_per_s": statistics.median(rates),
+        "requests_per_s_rounds": rates,
+        "images_per_s": statistics.median(sample.images_per_s for sample in samples),
         "latency_ms": percentiles([r["latency_ms"] for r in good]) if good else None,
         "latencies_ms": sorted(r["latency_ms"] for r in good),
         "first_step_ms": percentiles(firsts) if firsts else None,
         "unet_calls": calls,
-        "mean_rows_per_call": (after["rows"] - before["rows"]) / calls if calls else None,
-        "mean_requests_per_call": (after["requests"] - before["requests"]) / calls
-        if calls
-        else None,
+        "mean_rows_per_call": rows / calls if calls else None,
+        "mean_requests_per_call": requests / calls if calls else None,
     }
 
 
@@ -344,7 +430,9 @@ def bookkeeping_share(bundle: Path, mix: Mix, active: int) -> dict[str, Any]:
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """The issue's three targets, measured against the bound."""
+    """The targets: throughput against the bound, tail latency against request-level
+    batching, bookkeeping against the engines, and at one client no cost against the other
+    modes."""
     modes = {m["mode"]: m for m in result["modes"]}
     out: dict[str, Any] = {}
     if {"none", "continuous"} <= set(modes) and "bound" in result:
@@ -365,9 +453,25 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             "ratio": p99["continuous"] / p99["request"],
             "target": "< 1",
         }
+    if 1 in result["settings"]["concurrency"] and "continuous" in modes:
+        one = result["settings"]["concurrency"].index(1)
+        continuous = modes["continuous"]["closed"][one]["requests_per_s_rounds"]
+        out["continuous_at_one_client"] = {
+            base: paired_ratios(continuous, modes[base]["closed"][one]["requests_per_s_rounds"])
+            for base in ("none", "request")
+            if base in modes
+        }
+        out["continuous_at_one_client"]["target"] = ONE_CLIENT_TARGET
     if result.get("bookkeeping", {}).get("share") is not None:
         out["bookkeeping_share"] = {"share": result["bookkeeping"]["share"], "target": 0.05}
     return out
+
+
+def paired_ratios(numerators: list[float], denominators: list[float]) -> dict[str, Any]:
+    """Round by round ratios (the two measured close together, under about the same load) and
+    their median: steadier on a shared machine than a ratio of medians."""
+    ratios = [n / max(d, 1e-9) for n, d in zip(numerators, denominators, strict=True)]
+    return {"ratio": statistics.median(ratios), "rounds": ratios}
 
 
 def _pipeline_call(body: dict[str, Any]) -> dict[str, Any]:

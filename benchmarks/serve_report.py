@@ -30,6 +30,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"size {mix['size']}; {settings['requests']} requests per load point; "
         f"max U-Net batch {settings['max_batch_rows']} rows.",
         "",
+        *_rounds(result),
     ]
     bound = result.get("bound")
     if bound:
@@ -59,19 +60,42 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rounds(result: dict[str, Any]) -> list[str]:
+    """How the rounds ran, when there were several."""
+    rounds = result.get("rounds", [])
+    if len(rounds) < 2:
+        return []
+    orders = "; ".join(
+        f"{', '.join(MODE_TITLES.get(m, m) for m in r['order'])} (load {_load(r['load_average'])})"
+        for r in rounds
+    )
+    return [
+        f"{len(rounds)} rounds, the modes interleaved: {orders}. req/s and images/s are the "
+        "median over the rounds (lowest-highest round in brackets); latencies are over every "
+        "round's requests.",
+        "",
+    ]
+
+
 def _row(mode: str, point: dict[str, Any], bound: dict[str, Any] | None) -> list[str]:
     load = f"{point['clients']} clients" if point["clients"] else f"Poisson {point['rate']:.1f}/s"
     latency, first = point["latency_ms"], point["first_step_ms"]
     return [
         MODE_TITLES.get(mode, mode),
         load,
-        f"{point['requests_per_s']:.2f}",
+        _spread(point["requests_per_s"], point["requests_per_s_rounds"]),
         f"{point['images_per_s']:.2f}",
         "-" if latency is None else " / ".join(f"{latency[k]:.0f}" for k in ("p50", "p90", "p99")),
         "-" if first is None else f"{first['p50']:.0f} / {first['p99']:.0f}",
         "-" if point["mean_rows_per_call"] is None else f"{point['mean_rows_per_call']:.1f}",
         str(point["errors"]),
     ]
+
+
+def _spread(median: float, rounds: list[float]) -> str:
+    if len(rounds) < 2:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
 def _targets(targets: dict[str, Any]) -> list[str]:
@@ -90,6 +114,16 @@ def _targets(targets: dict[str, Any]) -> list[str]:
             f"{p99['request']:.0f} ms ({p99['ratio']:.2f}x; target < 1): "
             f"{'met' if p99['ratio'] < 1 else 'missed'}"
         )
+    one = targets.get("continuous_at_one_client")
+    for base in ("none", "request"):
+        if one and base in one:
+            ratio, rounds = one[base]["ratio"], one[base]["rounds"]
+            spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+            lines.append(
+                f"- continuous over {MODE_TITLES[base]} at one client (req/s, median of the "
+                f"paired rounds): {ratio:.3f}x{spread} (target >= {one['target']:.2f}): "
+                f"{'met' if ratio >= one['target'] else 'missed'}"
+            )
     share = targets.get("bookkeeping_share")
     if share:
         lines.append(
@@ -126,10 +160,17 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
                     style,
                     label=f"{title}, {load}",
                 )
-        throughput.plot(
-            [p["clients"] for p in entry["closed"]],
-            [p["requests_per_s"] for p in entry["closed"]],
-            "o-",
+        closed = entry["closed"]
+        rates = np.array([p["requests_per_s"] for p in closed])
+        throughput.errorbar(  # the bars span the lowest to the highest round
+            [p["clients"] for p in closed],
+            rates,
+            yerr=[
+                rates - [min(p["requests_per_s_rounds"]) for p in closed],
+                [max(p["requests_per_s_rounds"]) for p in closed] - rates,
+            ],
+            fmt="o-",
+            capsize=3,
             label=title,
         )
     cdf.set(xlabel="latency (ms)", ylabel="share of requests", title="latency CDF")

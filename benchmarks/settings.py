@@ -40,6 +40,7 @@ class Settings:
     ort_fast_path: bool  # export with fused attention, CUDA fusions and a static shape
     backends: tuple[str, ...]
     out: Path
+    max_memory: float | None  # GiB for the export's memory check (see --max-memory)
 
 
 def resolve_settings(args: argparse.Namespace, cuda_available: bool) -> Settings:
@@ -91,6 +92,7 @@ def resolve_settings(args: argparse.Namespace, cuda_available: bool) -> Settings
         ort_fast_path=device == "cuda" if args.ort_fast_path is None else args.ort_fast_path,
         backends=parse_backends(args.backends),
         out=Path(args.out),
+        max_memory=args.max_memory,
     )
 
 

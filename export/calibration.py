@@ -11,11 +11,12 @@ it (latents / scaling_factor).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import torch
+
+if TYPE_CHECKING:  # sdrt build imports this module for PROMPTS: no torch or onnx at import
+    import onnx
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on mars",
@@ -39,6 +40,26 @@ def calibration_providers() -> list[str]:
     )
 
 
+def measuring_room(weight_bytes: int) -> float:
+    """How many times the fp16 measurement's working memory at the trace size (what
+    `memory_estimate` counts for the graph passes) fits where it runs, beside the graph's
+    weights: 1 on the CPU, whose RAM --max-memory sized for the trace size; on the CUDA
+    provider, the device's free memory, not the host's RAM."""
+    from .memory_estimate import PASS_EXTRA_BYTES
+
+    if CUDA not in calibration_providers():
+        return 1.0
+    return max(cuda_free_bytes() - weight_bytes, 0) / PASS_EXTRA_BYTES
+
+
+def cuda_free_bytes() -> int:
+    """Free memory on the CUDA device the measuring sessions use (device 0)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(0)
+    return int(free)
+
+
 def token_ids(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
     return np.asarray(
         tokenizer(
@@ -52,6 +73,8 @@ def token_ids(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
 def prompt_embeddings(pipe: Any) -> dict[str, np.ndarray]:
     """The U-Net's conditioning for each prompt with its unconditional half (""), as
     classifier-free guidance batches them: encoder_hidden_states (and SDXL's text_embeds)."""
+    import torch
+
     prompts = [p for prompt in PROMPTS for p in ("", prompt)]
     second = getattr(pipe, "text_encoder_2", None)
     pairs = [(pipe.tokenizer, pipe.text_encoder)]

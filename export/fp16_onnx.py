@@ -1,71 +1,120 @@
-"""An fp16 ONNX made at build time, for TensorRT builders that keep the graph's types.
+"""An fp16 ONNX made at build time, for an fp32 bundle's fp16 TensorRT engines.
 
-TensorRT 10 can lower an fp32 network to fp16 itself (weak typing, `BuilderFlag.FP16`).
-TensorRT 11 and TensorRT-RTX build strongly typed networks only: the engine computes in the
-types the ONNX has. For an fp32 bundle the fp16 graph is therefore made here, with the export's
-own policy (`optimize.keep_fp32_nodes`: nodes whose measured activations leave the fp16 range
-stay fp32), measured on inputs shaped like the smallest request the engine will take.
+Every TensorRT sdrt builds for computes in the types its ONNX has (strongly typed): TensorRT 11
+and TensorRT-RTX know nothing else, and TensorRT 10's weak typing (`BuilderFlag.FP16`) may lower
+the timestep embedding to fp16, which every other path keeps fp32 on purpose. The fp16 graph is
+therefore made here, with the export's own policy (`optimize.keep_fp32_nodes`: the timestep
+embedding and the nodes whose measured activations leave the fp16 range stay fp32), measured
+on inputs like deployment's (`sdrt.export.calibration`): the calibration prompts' token ids,
+the U-Net's conditioning from the bundle's own text encoders run by ONNX Runtime, timesteps
+across the schedule, at the engine's opt size where the CUDA provider measures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from sdrt.bundle import Bundle
 from sdrt.engine_cache import Profile
 from sdrt.errors import UserError
-from sdrt.tokenizer import ClipTokenizer
 
-# Token ids for text encoders come from real prompts; a random id is not a sentence.
-CALIBRATION_PROMPTS = (
-    "a photograph of an astronaut riding a horse",
-    "a watercolor painting of a lighthouse at dusk, highly detailed",
-    "",
-    "portrait of an old man, dramatic lighting, 85mm",
-)
+from .calibration import CUDA, PROMPTS, TIMESTEPS, calibration_providers
+
+TEXT_INPUT = "input_ids"
 
 
 def calibration_feeds(
-    profile: Profile,
-    dtypes: Mapping[str, str],
-    tokenizer_dir: Path | None,
-    seed: int = 0,
-) -> dict[str, np.ndarray]:
-    """One input set at the profile's minimum shapes, drawn as the export draws its samples:
-    timesteps across the schedule, N(0, 1) for other floats, prompt ids for integer inputs."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, shapes in profile.items():
-        shape, dtype = shapes.min, np.dtype(dtypes[name])
-        if dtype.kind in "iu":
-            feeds[name] = prompt_ids(tokenizer_dir, shape).astype(dtype)
-        elif name == "timestep":
-            feeds[name] = rng.uniform(0, 999, shape).astype(dtype)
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+    bundle: Bundle, component: str, profile: Profile
+) -> list[dict[str, np.ndarray]]:
+    """The measuring inputs for `component` of `bundle`, at the profile's opt shapes where the
+    CUDA provider measures, else at its minimum (on the CPU a full-size U-Net takes tens of
+    minutes per round), as the export sizes its own."""
+    on_cuda = CUDA in calibration_providers()
+    shapes = {name: (r.opt if on_cuda else r.min) for name, r in profile.items()}
+    dtypes = {spec["name"]: spec["dtype"] for spec in bundle.components[component].inputs}
+    rng = np.random.default_rng(0)
+    if TEXT_INPUT in shapes:
+        ids = prompt_ids(bundle, component, shapes[TEXT_INPUT])
+        return [{TEXT_INPUT: ids.astype(dtypes[TEXT_INPUT])}]
+    if component == "vae_decoder":
+        latent = rng.standard_normal(shapes["latent"]) / float(
+            bundle.manifest["vae_scaling_factor"]
+        )
+        return [{"latent": latent.astype(dtypes["latent"])}]
+    if "timestep" not in shapes:  # the VAE encoder: pixels in [-1, 1]
+        return [{n: rng.uniform(-1, 1, s).astype(dtypes[n]) for n, s in shapes.items()}]
+    rows = shapes["timestep"][0]
+    encode = prompt_encoder(bundle)
+    feeds = []
+    for index, t in enumerate(TIMESTEPS):
+        prompt = PROMPTS[index % len(PROMPTS)]
+        conditioning = encode([("", prompt)[row % 2] for row in range(rows)])
+        feed = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+        feed |= conditioning | {"timestep": np.full(rows, t)}
+        if "time_ids" in feed:  # SDXL: original size, crop, target size, in pixels
+            scale = int(bundle.manifest["vae_scale_factor"])
+            side = [d * scale for d in shapes["sample"][2:]]
+            feed["time_ids"] = np.tile(np.array([*side, 0, 0, *side]), (rows, 1))
+        feeds.append({name: np.asarray(feed[name]).astype(dtypes[name]) for name in shapes})
+    for name, value in feeds[0].items():
+        if value.shape != tuple(shapes[name]):
+            raise UserError(
+                f"{component} input {name} is {tuple(shapes[name])} in the profile but the "
+                f"bundle's text encoders give {value.shape}; re-export the bundle"
+            )
     return feeds
 
 
-def prompt_ids(tokenizer_dir: Path | None, shape: tuple[int, ...]) -> np.ndarray:
-    if tokenizer_dir is None or len(shape) != 2:
+def prompt_ids(bundle: Bundle, component: str, shape: Sequence[int]) -> np.ndarray:
+    """Token ids of the calibration prompts (and the empty negative prompt), cycled to fill the
+    batch, from the component's own tokenizer."""
+    from sdrt.tokenizer import ClipTokenizer
+
+    folder = bundle.tokenizer_dirs().get(component)
+    if folder is None or len(shape) != 2:
         raise UserError(
-            f"cannot make calibration token ids of shape {shape} without the component's "
+            f"cannot make calibration token ids of shape {tuple(shape)} without {component}'s "
             "tokenizer; export the bundle with --dtype fp16 instead"
         )
-    prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(shape[0])]
-    return ClipTokenizer.from_dir(tokenizer_dir).encode(prompts, shape[1])
+    texts = ["", *PROMPTS]
+    prompts = [texts[i % len(texts)] for i in range(shape[0])]
+    return ClipTokenizer.from_dir(folder).encode(prompts, shape[1])
+
+
+def prompt_encoder(bundle: Bundle) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """A function from prompts to the denoiser's conditioning (encoder_hidden_states, and
+    SDXL's pooled text_embeds), computed as generation computes it: the bundle's own text
+    encoders on ONNX Runtime's CPU provider, through `Pipeline.encode_prompts`."""
+    from sdrt.backends import load_engine
+    from sdrt.pipeline import Pipeline
+    from sdrt.tokenizer import ClipTokenizer
+
+    tokenizers = {n: ClipTokenizer.from_dir(f) for n, f in bundle.tokenizer_dirs().items()}
+    engines = {
+        name: load_engine("onnxruntime", bundle, name, "cpu", graph_cache=False)
+        for name in tokenizers
+    }
+    encoders = Pipeline(bundle, engines, tokenizers)
+
+    def encode(prompts: list[str]) -> dict[str, np.ndarray]:
+        hidden, pooled = encoders.encode_prompts(prompts)
+        return {"encoder_hidden_states": hidden} | (
+            {} if pooled is None else {"text_embeds": pooled}
+        )
+
+    return encode
 
 
 def write_fp16_onnx(
-    source: Path, feeds: Mapping[str, np.ndarray], folder: Path
+    source: Path, feeds: Sequence[Mapping[str, np.ndarray]], folder: Path
 ) -> tuple[Path, int]:
     """Convert the fp32 graph at `source` to fp16 into `folder` (weights as external data, so
     any size fits); returns the new file and how many nodes were kept fp32."""
     try:
         import onnx
-        import onnxruntime as ort
 
         from . import optimize
         from .onnx_export import save_onnx
@@ -75,10 +124,8 @@ def write_fp16_onnx(
             "is missing); run `pip install 'sdrt[export]'`, or export the bundle with --dtype fp16"
         ) from err
     model = onnx.load(str(source))
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    providers = [p for p in wanted if p in ort.get_available_providers()]
     try:
-        keep = optimize.keep_fp32_nodes(model, feeds, providers=providers)
+        keep = optimize.keep_fp32_nodes(model, feeds, providers=calibration_providers())
     except ValueError as err:
         raise UserError(f"{source.name}: {err}; or export the bundle with --dtype fp16") from err
     converted = optimize.convert_fp16(model, keep)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +116,44 @@ def source_component_bytes(source: str | None, random_weights: str | None) -> di
     return folder_component_bytes(path) if path.exists() else {}
 
 
-def check_fits(estimate: int, limit: int | None) -> None:
-    """Refuse in one line when `estimate` exceeds `limit` (bytes; None: no check)."""
-    if limit is not None and estimate > limit:
+def check_export_memory(
+    max_memory: float | None,
+    source: str | None,
+    random_weights: str | None,
+    passes: bool,
+    available: int | None = None,
+) -> None:
+    """The memory check before an export loads anything (`sdrt export`, `sdrt bench`).
+
+    `max_memory` (GiB) given: refuse in one line above it; 0 turns the check off. Not given:
+    never refuse, since some machines (microVMs among them) start with little memory available
+    and grow it as it is used, and there even MemTotal is not what they can give; warn in one
+    line when the estimate is above what is available now (`available`, default MemAvailable).
+    """
+    if max_memory is not None and max_memory < 0:
+        raise UserError(f"--max-memory {max_memory} is negative; give GiB, or 0 for no check")
+    if max_memory == 0:
+        return
+    estimate = estimate_peak_bytes(source_component_bytes(source, random_weights), passes)
+    if max_memory is not None:
+        check_fits(estimate, int(max_memory * GIB))
+        return
+    now = available_bytes() if available is None else available
+    if now is not None and estimate > now:
+        warnings.warn(
+            f"this export needs about {estimate / GIB:.1f} GiB of RAM and "
+            f"{now / GIB:.1f} GiB is available now; going on, as machines that grow their "
+            "memory when it is used report little at first (--max-memory GIB refuses instead)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def check_fits(estimate: int, limit: int) -> None:
+    """Refuse in one line when `estimate` exceeds `limit` (bytes)."""
+    if estimate > limit:
         raise UserError(
             f"this export needs about {estimate / GIB:.1f} GiB of RAM, above the "
-            f"{limit / GIB:.1f} GiB allowed (--max-memory, default: the memory available now); "
-            "free memory, raise --max-memory, or export on a larger machine"
+            f"{limit / GIB:.1f} GiB allowed by --max-memory; free memory, raise --max-memory, "
+            "or export on a larger machine"
         )

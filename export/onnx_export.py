@@ -25,7 +25,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from sdrt.errors import UserError
 
-from .calibration import attention_score_nodes, calibration_providers
+from .calibration import attention_score_nodes, calibration_providers, measuring_room
 from .cuda_fusions import (
     cuda_only_ops,
     cuda_ops_lowered,
@@ -334,7 +334,12 @@ def export_onnx(
                     standard,
                     calibration,
                     providers=calibration_providers(),
-                    chunk=stats_chunk(feeds, calibration, len(standard.graph.node)),
+                    chunk=stats_chunk(
+                        feeds,
+                        calibration,
+                        len(standard.graph.node),
+                        measuring_room(external_bytes(standard)),
+                    ),
                     always=always,
                     folder=tmp,
                 )
@@ -396,13 +401,18 @@ def _trace(
 
 
 def stats_chunk(
-    traced: dict[str, np.ndarray], calibration: list[dict[str, np.ndarray]], nodes: int
+    traced: dict[str, np.ndarray],
+    calibration: list[dict[str, np.ndarray]],
+    nodes: int,
+    room: float = 1.0,
 ) -> int | None:
-    """Tensors summarised per measuring session: all of a graph of `nodes` nodes at the trace
-    size (None), a share in proportion where the calibration inputs are larger (the CUDA
-    provider measures at the deployment size), so memory stays what it is at the trace size."""
+    """Tensors summarised per measuring session: all of a graph of `nodes` nodes (None) while
+    the working memory, in proportion to the inputs' size, fits `room` times what it is at the
+    trace size (`calibration.measuring_room`); else a share, so that it does. Each session runs
+    the whole graph (and on the CUDA provider repeats cuDNN's algorithm search), so the fewer
+    the better: the device's memory, not the host's RAM, sizes them there."""
     largest = max(sum(v.size for v in feeds.values()) for feeds in calibration)
-    share = sum(v.size for v in traced.values()) / largest
+    share = room * sum(v.size for v in traced.values()) / largest
     return None if share >= 1 else max(16, int(nodes * share))
 
 

@@ -367,9 +367,18 @@ def _stats_session(
     path = folder / "sdrt-stats.onnx"
     onnx.save_model(graph, str(path))
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers))
+        return ort.InferenceSession(str(path), options, providers=measuring_providers(providers))
     finally:
         path.unlink()
+
+
+def measuring_providers(providers: Sequence[str]) -> list[Any]:
+    """`providers` as a measuring session takes them: the CUDA provider with cuDNN's heuristic
+    algorithm choice, since its default exhaustive search times every convolution algorithm
+    again in each new session, and a measurement runs each session a few times only."""
+    from sdrt.backends.onnxruntime import CudaOptions, session_providers
+
+    return session_providers(providers, CudaOptions(cudnn_conv_algo_search="HEURISTIC"))
 
 
 def overflow_nodes(

@@ -7,12 +7,13 @@ batch doubled for classifier-free guidance, latent sizes = pixels / vae_scale_fa
 (staged directory renamed into place), so a failed or interrupted build leaves nothing behind
 that a later run would trust. TensorRT is imported only when a build starts.
 
-fp16 engines come from one of three places, recorded per engine in engine.json
-(`fp16_source`): the bundle's fp16 ONNX (built strongly typed, its types kept exactly);
-TensorRT 10's weak typing (`BuilderFlag.FP16` over an fp32 network); or, where the builder has
-no weak typing (TensorRT 11, TensorRT-RTX), an fp16 ONNX converted at build time with the
-export's measured keep-fp32 policy (`sdrt.export.fp16_onnx`), written inside the staging
-directory and deleted after its engine is built.
+Every network is built strongly typed: the engine computes in its ONNX's types. fp16 engines
+come from one of two places, recorded per engine in engine.json (`fp16_source`): the bundle's
+fp16 ONNX, or an fp16 ONNX converted at build time from an fp32 bundle with the export's
+measured keep-fp32 policy (`sdrt.export.fp16_onnx`), written inside the staging directory and
+deleted after its engine is built. TensorRT 10's weak typing (`BuilderFlag.FP16`) is not used:
+it may lower the timestep embedding that every other path keeps fp32, and TensorRT 11 removed
+it, so one conversion serves TensorRT 10, 11 and TensorRT-RTX alike.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.backends.tensorrt import (
+    CUDA_EXTRAS,
     TensorRT,
     cuda_device_index,
     current_environment,
+    driver_cuda_major,
     import_cudart,
     import_tensorrt,
     shared_device,
@@ -71,7 +74,6 @@ VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 MAX_OPTIMIZATION_LEVEL = 5
 FP16_FROM_BUNDLE = "bundle fp16 ONNX"
-FP16_FROM_FLAG = "builder flag (TensorRT 10 weak typing)"
 
 Log = Callable[[str], None]
 
@@ -277,8 +279,7 @@ class BuildJob:
     onnx_precision: str
     precision: str
     profile: Profile
-    input_dtypes: dict[str, str]  # for calibration inputs when the ONNX is converted to fp16
-    tokenizer_dir: Path | None  # text encoders: token ids for calibration come from prompts
+    bundle: Bundle  # calibration inputs (prompts, text encoders) when converted to fp16
     workdir: Path  # inside the staging directory: scratch files die with a failed build
 
 
@@ -318,8 +319,7 @@ def write_engines(
                 info.precision,
                 component.precision,
                 component.profile,
-                {spec["name"]: spec["dtype"] for spec in info.inputs},
-                bundle.tokenizer_dirs().get(name),
+                bundle,
                 staging,
             )
             built = build(job)
@@ -378,7 +378,6 @@ class TensorRTBuilder:
         check_builder_options(optimization_level, workspace_gb)
         self.trt = trt_api
         self.builder = trt_api.module.Builder(trt_logger(trt_api))
-        self.weakly_typed = weakly_typed(trt_api)
         self.workspace_gb = workspace_gb
         self.optimization_level = optimization_level
         self.log = log
@@ -393,27 +392,25 @@ class TensorRTBuilder:
 
     def __call__(self, job: BuildJob) -> BuiltEngine:
         if job.precision != "fp16":
-            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=False), None)
+            return BuiltEngine(self._build(job, job.onnx_path), None)
         if job.onnx_precision == "fp16":
-            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=False), FP16_FROM_BUNDLE)
-        if self.weakly_typed:
-            return BuiltEngine(self._build(job, job.onnx_path, weak_fp16=True), FP16_FROM_FLAG)
+            return BuiltEngine(self._build(job, job.onnx_path), FP16_FROM_BUNDLE)
         with tempfile.TemporaryDirectory(prefix=f".{job.component}-fp16-", dir=job.workdir) as tmp:
             self.log(
-                f"{self.trt.describe()} has no weak typing: converting {job.onnx_path.name} to "
-                "fp16, keeping in fp32 the nodes whose measured values leave the fp16 range"
+                f"converting {job.onnx_path.name} to fp16, keeping in fp32 the timestep "
+                "embedding and the nodes whose measured values leave the fp16 range"
             )
-            feeds = calibration_feeds(job.profile, job.input_dtypes, job.tokenizer_dir)
+            feeds = calibration_feeds(job.bundle, job.component, job.profile)
             onnx_path, kept = write_fp16_onnx(job.onnx_path, feeds, Path(tmp))
-            data = self._build(job, onnx_path, weak_fp16=False)
+            data = self._build(job, onnx_path)
         return BuiltEngine(data, f"converted at build time, {kept} nodes kept fp32")
 
-    def _build(self, job: BuildJob, onnx_path: Path, *, weak_fp16: bool) -> bytes | memoryview:
-        """One serialized engine from `onnx_path`: strongly typed (the ONNX's types kept), or
-        fp32 lowered to fp16 where TensorRT sees fit with `weak_fp16` (TensorRT 10 only)."""
+    def _build(self, job: BuildJob, onnx_path: Path) -> bytes | memoryview:
+        """One serialized engine from `onnx_path`, strongly typed: the ONNX's types are kept
+        (TensorRT 11 is strongly typed whatever the flag says)."""
         trt = self.trt.module
         logger = trt_logger(self.trt)
-        flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = self.builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
@@ -427,8 +424,6 @@ class TensorRTBuilder:
                 "does not list; re-export the bundle"
             )
         config = self.builder.create_builder_config()
-        if weak_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
         if self.workspace_gb is not None:
             config.set_memory_pool_limit(
                 trt.MemoryPoolType.WORKSPACE, int(self.workspace_gb * 2**30)
@@ -463,10 +458,22 @@ class TensorRTBuilder:
         return memoryview(serialized)
 
 
-def weakly_typed(trt_api: TensorRT) -> bool:
-    """Whether the builder can lower an fp32 network to fp16 itself: TensorRT 10 can; TensorRT
-    11 removed `BuilderFlag.FP16` (strongly typed only), and TensorRT-RTX never had weak typing."""
-    return trt_api.backend != "tensorrt-rtx" and hasattr(trt_api.module.BuilderFlag, "FP16")
+# TensorRT-RTX 1.7 loads engines on compute capability 8.0, 8.6, 8.9, 12.0 and 12.1 only: on an
+# H100 it built an engine, then deserialize_cuda_engine refused it. Data-centre Hopper and
+# Blackwell (9.x, 10.x) need TensorRT itself.
+RTX_REFUSED_MAJORS = ("9", "10")
+
+
+def check_rtx_runs_here(env: Environment, driver_major: int) -> None:
+    """Refuse TensorRT-RTX before a build whose engines it would then refuse to run."""
+    major = env.compute_capability.split(".")[0]
+    if env.backend == "tensorrt-rtx" and major in RTX_REFUSED_MAJORS:
+        extra = f"tensorrt-cu{driver_major}" if driver_major in CUDA_EXTRAS else "tensorrt-cu13"
+        raise UserError(
+            f"TensorRT-RTX builds engines for {env.gpu_name} (compute capability "
+            f"{env.compute_capability}) that it then refuses to run; install TensorRT for this "
+            f"driver instead, `pip install 'sdrt[{extra}]'`"
+        )
 
 
 def build_engines(
@@ -524,8 +531,10 @@ def build_engines(
     names = select_components(bundle, components)
     check_builder_options(optimization_level, workspace_gb)
     trt_api = import_tensorrt(tensorrt_module)
-    env = current_environment(trt_api, shared_device(import_cudart(), cuda_device_index(device)))
+    cudart = import_cudart()
+    env = current_environment(trt_api, shared_device(cudart, cuda_device_index(device)))
     log(f"{trt_api.describe()} on {env.gpu_name} (compute capability {env.compute_capability})")
+    check_rtx_runs_here(env, driver_cuda_major(cudart))
     options = {"optimization_level": optimization_level, "workspace_gb": workspace_gb}
     spec = engine_spec(bundle, sizes, env, names, vae_precision, options)
     log(f"engine key {cache_key(spec)}")

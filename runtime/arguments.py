@@ -21,6 +21,7 @@ from .lora_files import check_scale
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
+DEFAULT_STEPS = 30
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
@@ -61,7 +62,7 @@ def check_arguments(
     components: Collection[str],
     prompt: Any,
     negative_prompt: Any = None,
-    num_inference_steps: Any = 30,
+    num_inference_steps: Any = DEFAULT_STEPS,
     guidance_scale: Any = 7.5,
     height: Any = None,
     width: Any = None,

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,14 +25,19 @@ from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
 from .engine_cache import ENGINES_DIR, read_entry
 from .errors import UserError
 
+MAX_MEMORY_HELP = (
+    "refuse to start when the estimated peak RAM exceeds this many GiB (default: never "
+    "refuse, warn when above the memory available now; 0 turns the check off)"
+)
 MAX_LORA_RANK = 1024
 DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             return args.handler(args)
     except UserError as err:
         print(f"sdrt: error: {err}", file=sys.stderr)
@@ -41,8 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _warning_line(message: Warning | str, *_: Any, **__: Any) -> str:
+    """A warning as one line, as errors are: the user needs the message, not sdrt's source."""
+    return f"sdrt: warning: {message}\n"
+
+
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (what `kill`, systemd and container runtimes send) unwinds like Ctrl-C, so the
     cleanup that removes staging directories and temporary files runs for it too."""
     if threading.current_thread() is not threading.main_thread():
@@ -88,8 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="GIB",
-        help="refuse to start when the estimated peak RAM exceeds this many GiB "
-        "(default: the memory available now; 0 turns the check off)",
+        help=MAX_MEMORY_HELP,
     )
     export.set_defaults(handler=cmd_export)
 
@@ -315,15 +325,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _check_export_memory(args: argparse.Namespace) -> None:
-    """Refuse an export whose estimated peak RAM exceeds --max-memory before loading anything."""
-    from sdrt.export import memory_estimate as mem
+    """Check the estimated peak RAM against --max-memory before loading anything."""
+    from sdrt.export.memory_estimate import check_export_memory
 
-    if args.max_memory is not None and args.max_memory < 0:
-        raise UserError(f"--max-memory {args.max_memory} is negative; give GiB, or 0 for no check")
-    limit = mem.available_bytes() if args.max_memory is None else int(args.max_memory * mem.GIB)
-    sizes = mem.source_component_bytes(args.source, args.random_weights)
-    estimate = mem.estimate_peak_bytes(sizes, args.dtype == "fp16" or args.cuda_fusions)
-    mem.check_fits(estimate, limit or None)
+    passes = args.dtype == "fp16" or args.cuda_fusions
+    check_export_memory(args.max_memory, args.source, args.random_weights, passes)
 
 
 def _export(

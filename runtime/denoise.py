@@ -17,7 +17,7 @@ import numpy as np
 from .arguments import GenerationArgs, latent_shape
 from .image_inputs import image_to_pixels, latent_mask, mask_to_array, strength_start
 from .lora_pool import INDEX, SCALE, stack_rows
-from .schedulers import make_scheduler
+from .schedulers import make_scheduler, predicted_clean
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
@@ -61,6 +61,8 @@ class RequestState:
     image_start: ImageStart | None = None
     unet_extra: np.ndarray | None = None  # 9-channel inputs, doubled with guidance
     index: int = 0  # next step to run
+    preview_at: frozenset[int] = frozenset()  # step counts after which to keep a preview
+    preview: np.ndarray | None = None  # the predicted clean latents, until someone takes them
 
     @property
     def done(self) -> bool:
@@ -88,10 +90,19 @@ class RequestState:
         step_noise = (
             self.rng.standard_normal(self.latents.shape, np.float32) if stochastic else None
         )
+        if self.index + 1 in self.preview_at:  # before the step moves the sample on
+            scaled = self.sched.scale_model_input(self.latents, t)
+            self.preview = predicted_clean(self.sched.config, scaled, noise_pred, t)
         self.latents = self.sched.step(noise_pred, t, self.latents, noise=step_noise)
         if self.image_start is not None and self.image_start.blend_mask is not None:
             self.latents = _blend_known_region(self)
         self.index += 1
+
+
+def preview_steps(total: int, count: int) -> frozenset[int]:
+    """`count` step counts evenly spaced inside a run of `total` steps (fewer when it is too
+    short for them all): where a streamed request's partial images are taken."""
+    return frozenset(round(total * j / (count + 1)) for j in range(1, count + 1)) - {0, total}
 
 
 def start_request(

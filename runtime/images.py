@@ -1,7 +1,10 @@
-"""Conversions between the VAE's tensors, numpy images and PIL images, and PNG metadata."""
+"""Conversions between the VAE's tensors, numpy images and PIL images, and the metadata that
+records how an image was made (PNG text chunks; EXIF in JPEG and WebP)."""
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,3 +51,24 @@ def save_png(image: Image.Image, path: str | Path | IO[bytes], metadata: dict[st
         return
     with atomic_file(path) as f:
         image.save(f, format="PNG", pnginfo=info)
+
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+EXIF_DESCRIPTION, EXIF_SOFTWARE = 0x010E, 0x0131  # ImageDescription, Software
+
+
+def encode_image(
+    image: Image.Image, output_format: str, compression: int, metadata: dict[str, Any]
+) -> bytes:
+    """The image as `output_format` bytes carrying `metadata`: PNG text chunks, or for JPEG and
+    WebP one EXIF ImageDescription holding the same keys as JSON (ASCII, as EXIF wants).
+    `compression` (0-100) is the JPEG/WebP quality; PNG is lossless and ignores it."""
+    buffer = io.BytesIO()
+    if output_format == "png":
+        save_png(image, buffer, metadata)
+        return buffer.getvalue()
+    exif = Image.Exif()
+    exif[EXIF_DESCRIPTION] = json.dumps({k: str(v) for k, v in metadata.items()})
+    exif[EXIF_SOFTWARE] = "sdrt"
+    image.save(buffer, format=output_format.upper(), quality=compression, exif=exif)
+    return buffer.getvalue()

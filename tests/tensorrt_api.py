@@ -52,9 +52,9 @@ BUILDER_FLAGS_REMOVED_IN_11 = frozenset(
 HIDDEN_BY_LONGER_NAMES = frozenset({"INT8"})
 
 # Paths sdrt uses that exist in one major version only, each guarded in the code.
-VERSION_SPECIFIC = {
-    "BuilderFlag.FP16": ("10",),  # weak typing; TensorRT 11 builds strongly typed only
-}
+# None since sdrt stopped using TensorRT 10's weak typing (BuilderFlag.FP16, gone in 11): every
+# build is strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED, kept but ignored in 11).
+VERSION_SPECIFIC: dict[str, tuple[str, ...]] = {}
 
 # Attribute names sdrt uses on its own or Python objects that happen to name a TensorRT 10
 # member too, and are not TensorRT 11 names.

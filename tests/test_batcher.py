@@ -44,6 +44,40 @@ def test_batched_requests_equal_pipeline_alone(runtime):
     assert stats.completed == len(MIXED) and stats.images == len(MIXED) + 1
 
 
+class RecordingUnet:
+    """The tiny U-Net, noting for each call whether the conditioning came as host rows."""
+
+    def __init__(self, engine):
+        self.engine, self.host_rows = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, feeds):
+        hidden = feeds["encoder_hidden_states"]
+        self.host_rows.append(len(hidden) if isinstance(hidden, np.ndarray) else None)
+        return self.engine.run(feeds)
+
+
+def test_lone_request_feeds_its_conditioning_uploaded_once_and_shared_calls_feed_rows(
+    runtime, monkeypatch
+):
+    unet = RecordingUnet(runtime.engines["unet"])
+    monkeypatch.setitem(runtime.engines, "unet", unet)
+    call = dict(prompt="cat", num_inference_steps=3, scheduler="ddim", seed=1, output_type="np")
+    batcher = Batcher(runtime, max_batch_rows=16)
+    batcher.start()
+    lone = batcher.submit(call).result(timeout=60).images
+    assert unet.host_rows == [None] * 3  # as Pipeline does: no host copy per step
+    unet.host_rows.clear()
+    futures = [batcher.submit({**call, "prompt": p}) for p in ("a", "b")]  # may share calls
+    for future in futures:
+        future.result(timeout=60)
+    batcher.stop()
+    assert set(unet.host_rows) <= {None, 4} and len(unet.host_rows) >= 3
+    assert np.abs(lone - runtime(**call).images).max() <= 1e-6
+
+
 @pytest.mark.parametrize(
     ("mode", "requests_per_call"),
     [

@@ -264,6 +264,17 @@ def test_loop_overhead_reports_every_scheduler(tiny_bundle, capsys):
     assert all(float(row.split("|")[2]) > 0 for row in rows[1:])
 
 
+def test_lone_request_cost_is_measured_through_pipeline_and_batcher(tiny_bundle):
+    from sdrt import Pipeline
+    from sdrt.benchmarks.loop_overhead import lone_request_us_per_step, make_instant
+
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    unet = make_instant(pipe)
+    lone = lone_request_us_per_step(pipe, 64, steps=3, repeats=1)
+    assert unet.calls == 4 * 3  # two rounds (one untimed) of Pipeline and Batcher, 3 steps each
+    assert 0 < lone["pipeline"] < 1e6 and 0 < lone["batcher"] < 1e6
+
+
 def test_cuda_bench_exports_the_ort_fast_path_bundle_at_the_native_size(tiny_pipe, tmp_path):
     from sdrt.benchmarks.cli import _export
 
@@ -274,3 +285,35 @@ def test_cuda_bench_exports_the_ort_fast_path_bundle_at_the_native_size(tiny_pip
     assert manifest["fused_attention"] and manifest["cuda_fusions"]
     (variant,) = manifest["components"]["unet"]["static_variants"]
     assert variant["dims"] == {"unet_batch": 2, "latent_height": 8, "latent_width": 8}
+
+
+def test_the_temporary_bundle_is_never_under_out_and_sigterm_removes_it(tmp_path):
+    """`timeout` sends SIGTERM: the bench must leave neither its bundle nor a stray folder."""
+    import os
+    import signal
+    import time
+
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    argv = [sys.executable, "-m", "sdrt.benchmarks.cli", *QUICK, "--out", str(out)]
+    bench = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("sdrt-bench-bundle-*/bundle")):
+            assert bench.poll() is None and time.monotonic() < deadline, "no temporary bundle"
+            time.sleep(0.1)
+        assert [p.name for p in out.iterdir()] == []  # --out holds the reports only
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    assert bench.returncode == 130 and b"sdrt: interrupted" in err
+    assert list(scratch.glob("sdrt-bench-bundle-*")) == []
+
+
+def test_bench_checks_the_exports_memory_as_sdrt_export_does(tmp_path, capsys):
+    argv = ["--random-weights", "tiny", *QUICK, "--max-memory", "0.2", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "above the 0.2 GiB allowed by --max-memory" in err

@@ -106,3 +106,56 @@ def test_fp16_export_uses_the_calibration_and_keeps_upcast_attention_scores_fp32
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     for node in softmaxes:
         assert types[node.output[0]] == TensorProto.FLOAT, node.name
+
+
+def test_measuring_sessions_on_cuda_choose_cudnn_algorithms_heuristically(tmp_path, monkeypatch):
+    """The default exhaustive search would time every algorithm again in each session."""
+    import onnxruntime as ort
+
+    from sdrt.export.optimize import _stats_session
+
+    made = []
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda path, options, providers: made.append(providers)
+    )
+    graph = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    _stats_session(graph, tmp_path, [calibration.CUDA, "CPUExecutionProvider"])
+    _stats_session(graph, tmp_path, ["CPUExecutionProvider"])
+    (cuda, options), cpu = made[0]
+    assert (cuda, cpu) == (calibration.CUDA, "CPUExecutionProvider")
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert made[1] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("free_units, split", [(100, False), (0.5, True)])
+def test_measuring_sessions_are_split_by_device_memory_on_cuda(
+    tiny_pipe, parts, tmp_path, monkeypatch, free_units, split
+):
+    """At the deployment size the measurement's memory grows with the inputs; on the CUDA
+    provider that is the device's memory, not the host's RAM, which sizes the split."""
+    from sdrt.export.external_data import external_bytes
+    from sdrt.export.memory_estimate import PASS_EXTRA_BYTES
+
+    by_name, dims = parts
+    unet = by_name["unet"]
+    unet.calibration = calibration_feeds(tiny_pipe, unet, dims, (16, 16))  # above the trace size
+    seen = {}
+
+    def spy(model, feeds, **options):
+        seen.update(options, weights=external_bytes(model))
+        return []
+
+    monkeypatch.setattr(onnx_export, "keep_fp32_nodes", spy)
+    monkeypatch.setattr(onnx_export, "calibration_providers", lambda: [calibration.CUDA])
+    monkeypatch.setattr(calibration, "calibration_providers", lambda: [calibration.CUDA])
+    weights = sum(p.numel() * 4 for p in unet.module.parameters())
+    free = weights + int(free_units * PASS_EXTRA_BYTES)
+    monkeypatch.setattr(calibration, "cuda_free_bytes", lambda: free)
+    try:
+        export_onnx(unet, dims, tmp_path / "unet.onnx", "fp16")
+    finally:
+        unet.calibration = []
+    assert calibration.measuring_room(seen["weights"]) == pytest.approx(free_units, rel=0.01)
+    assert (seen["chunk"] is not None) == split
+    monkeypatch.setattr(calibration, "calibration_providers", lambda: ["CPUExecutionProvider"])
+    assert calibration.measuring_room(seen["weights"]) == 1.0  # host RAM: the trace size's

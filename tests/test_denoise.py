@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdrt import Pipeline
-from sdrt.denoise import start_request, step
+from sdrt.denoise import preview_steps, start_request, step
 from sdrt.errors import UserError
 
 REQUESTS = [
@@ -77,3 +77,10 @@ def test_padding_rows_are_dropped(runtime):
 def test_arguments_refuse_bad_values_in_one_sentence(runtime, kwargs, message):
     with pytest.raises(UserError, match=message):
         runtime.arguments(**{"prompt": "cat", **kwargs})
+
+
+def test_preview_steps_are_evenly_spaced_inside_the_run_and_fewer_when_it_is_short():
+    assert preview_steps(12, 3) == {3, 6, 9}
+    assert preview_steps(20, 1) == {10}
+    assert preview_steps(2, 3) == {1}  # never the first state nor the finished image
+    assert preview_steps(1, 3) == frozenset() and preview_steps(30, 0) == frozenset()

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
+from sdrt import UserError
 from sdrt.export.stages import StageWatch, peak_bytes, rss_bytes
 
 MIB = 2**20
@@ -212,3 +214,33 @@ def test_graphs_a_pass_rewrote_keep_large_weights_in_a_data_file(tiny_pipe, tmp_
         offsets = [int(e.value) for t in external_tensors(graph) for e in t.external_data
                    if e.key == "offset"]  # fmt: skip
         assert offsets and all(o % ALIGN == 0 for o in offsets)
+
+
+def test_the_default_never_refuses_and_warns_in_one_line_above_what_is_available_now(
+    monkeypatch, capsys, tmp_path
+):
+    """Machines that grow their memory as it is used (microVMs) report little at first."""
+    from sdrt.cli import main
+    from sdrt.export import load
+    from sdrt.export import memory_estimate as mem
+
+    estimate = mem.estimate_peak_bytes(mem.source_component_bytes(None, "tiny"))
+    monkeypatch.setattr(mem, "available_bytes", lambda: estimate // 2)
+
+    def loaded(*args, **kwargs):  # past the check: the export would start here
+        raise UserError("loading")
+
+    monkeypatch.setattr(load, "load_pipeline", loaded)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert main(["export", "--random-weights", "tiny", str(tmp_path / "bundle")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "sdrt: error: loading"
+    [shown] = caught
+    warning = warnings.formatwarning(shown.message, shown.category, shown.filename, shown.lineno)
+    assert warning.count("\n") == 1 and warning.endswith("\n")  # as the CLI shows it
+    assert warning.startswith("sdrt: warning: this export needs about ")
+    assert f"{estimate / 2**31:.1f} GiB is available now; going on" in warning
+    with pytest.warns(RuntimeWarning):  # the default warns where the estimate is above
+        mem.check_export_memory(None, None, "tiny", False, available=1)
+    mem.check_export_memory(0, None, "tiny", False, available=1)  # 0: no check at all
+    with pytest.raises(UserError, match="allowed by --max-memory"):
+        mem.check_export_memory(0.001, None, "tiny", False)

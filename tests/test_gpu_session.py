@@ -1,11 +1,14 @@
-"""benchmarks/gpu_session.sh, the first GPU session's script, is valid bash and every sdrt
-command line in it is one the CLI accepts: a typo must not cost device time."""
+"""benchmarks/gpu_session.sh, the first GPU session's one device call: its dry run passes here,
+every sdrt command line in it is one the CLI accepts, and its phases keep to their budgets, so
+a typo or an overrun does not cost device time."""
 
 from __future__ import annotations
 
-import re
+import os
 import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,41 +18,92 @@ from sdrt.cli import _parser
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
 
 
+def run_script(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        timeout=120,
+    )
+
+
 def test_script_parses_as_bash():
     done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 
+def test_the_dry_run_passes_offline_and_checks_commands_wheels_and_carry():
+    done = run_script("--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "each one parses with the sdrt CLI" in out
+    assert "onnxruntime-gpu==1.31.1" in out and "carry: the working tree is" in out
+    assert out.rstrip().endswith("dry run: ok")
+
+
+def test_the_dry_run_fails_on_a_command_line_the_cli_refuses(tmp_path):
+    parser_only = tmp_path / "python"  # a Python that reads each line with an option added
+    parser_only.write_text(f'#!/bin/sh\nsed "s/$/ --no-such-option/" | {sys.executable} "$@"\n')
+    parser_only.chmod(0o755)
+    done = run_script("--dry-run", PYTHON=str(parser_only))
+    assert done.returncode == 1 and "FAIL: a command line" in done.stdout
+
+
 def command_lines() -> list[list[str]]:
-    done = subprocess.run(
-        ["bash", str(SCRIPT), "commands"], capture_output=True, text=True, check=True
-    )
+    done = run_script("commands")
     return [shlex.split(line) for line in done.stdout.splitlines()]
 
 
-def test_every_sdrt_command_line_is_accepted_by_the_cli_parser():
+def test_the_bench_is_one_process_with_its_export_inside_and_no_memory_refusal():
     lines = command_lines()
-    assert [argv[0] for argv in lines] == [
-        "export", "info", "generate", "bench", "export", "build", "generate",
-    ]  # fmt: skip
+    assert [argv[0] for argv in lines] == ["bench", "export", "build", "generate"]
     parser = _parser()
-    for argv in lines:
-        args = parser.parse_args(argv)  # argparse exits (SystemExit) on a bad option
-        assert callable(args.handler), argv
-    export, _, generate, bench, *_ = (parser.parse_args(a) for a in lines)
-    assert export.fused_attention and export.cuda_fusions and export.dtype == "fp16"
-    assert (generate.device, bench.device, bench.steps) == ("cuda", "cuda", 50)
-    assert (bench.height, bench.width) == (512, 512)
+    bench, trt_export, *_ = (parser.parse_args(argv) for argv in lines)
+    assert bench.bundle is None  # it exports its own ORT CUDA fast path
+    assert (bench.device, bench.steps, bench.height, bench.width) == ("cuda", 50, 512, 512)
+    assert bench.random_weights == "sd15" and bench.max_memory == 0
+    assert trt_export.max_memory == 0
 
 
-def test_every_step_is_time_boxed():
-    text = SCRIPT.read_text()
-    steps = re.findall(r"^\s*step (\S+) ", text, flags=re.M)
-    assert steps and all(s.isdigit() and int(s) <= 420 for s in steps), steps
-    assert 'timeout --kill-after=10 "$limit"' in text
+FAKE_PYTHON = """#!/usr/bin/env bash
+args="$*"
+echo "${args//$'\n'/ }" >> "$CALLS"  # one line per call
+case "$*" in
+    *"import tensorrt"*) echo "No module named 'tensorrt'" >&2; exit 1 ;;
+    *"sdrt.cli bench"*)
+        mkdir -p "$OUT/bench" && echo '{"paths": []}' > "$OUT/bench/bench.json"
+        exec sleep 60 ;;
+esac
+"""
 
 
-@pytest.mark.parametrize("argv", [[], ["nonsense"]])
+def test_the_session_keeps_each_phase_to_its_budget_and_leaves_results_under_out(tmp_path):
+    """The whole session with a stand-in Python whose bench overruns: it is stopped at its
+    budget, what it wrote stays under $OUT, and the phases after it still run."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls"
+    budgets = {"SESSION": "60", "ENV_BUDGET": "5", "INSTALL_BUDGET": "5", "BENCH_BUDGET": "6"}
+    budgets |= {"COMPILE_BUDGET": "3", "TRT_MIN": "5"}
+    started = time.monotonic()
+    done = run_script(PYTHON=str(fake), OUT=str(out), CALLS=str(calls), **budgets)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert elapsed < 30  # the bench was stopped at 6 + 3 s (SIGKILL 10 s later at the latest)
+    log = (out / "session.log").read_text()
+    for line in ("install: exit 0", "--torch-compile: exit 124", "TensorRT skipped", "done"):
+        assert line in log, log
+    assert (out / "env.txt").is_file() and (out / "bench" / "bench.json").is_file()
+    made = calls.read_text().splitlines()
+    assert made[1].startswith("-m pip install") and "--target /tmp/sdrt" in made[1]
+    assert "cuda_provider_starts()" in made[2]  # the torch-free check
+    [bench] = [line for line in made if "sdrt.cli bench" in line]
+    assert bench.endswith("--torch-compile") and "--max-memory 0" in bench
+
+
+@pytest.mark.parametrize("argv", [["nonsense"], ["--dry"]])
 def test_unknown_phase_prints_usage_and_exits_2(argv):
-    done = subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True)
-    assert done.returncode == 2 and "gpu_session.sh export" in done.stdout
+    done = run_script(*argv)
+    assert done.returncode == 2 and "gpu_session.sh --dry-run" in done.stdout

@@ -11,13 +11,18 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 
 from sdrt.backends.onnxruntime import (
+    CPU,
     CUDA,
+    PROBE_MODEL,
     CudaOptions,
     OnnxRuntimeEngine,
     StaticVariant,
+    auto_takes_cuda,
     cuda_graph_usable,
     cuda_provider_options,
+    cuda_provider_starts,
     match_static_variant,
+    preload_cuda_libraries,
     resolve_dims,
     session_providers,
     use_static_variants,
@@ -362,6 +367,8 @@ class FakeOrt:
 
     def __init__(self):
         self.sessions: list[tuple[str, list]] = []
+        self.events: list[str] = []  # "preload_dlls", "probe", "session", in call order
+        self.cuda_starts = True  # False: the CUDA provider cannot load its libraries
         self.allocations: list[tuple[str, int]] = []
         self.bound_outputs: list[tuple[str, int]] = []
         fake = self
@@ -402,12 +409,17 @@ class FakeOrt:
                 self.name, self.shape, self.type = name, shape, type_
 
         class InferenceSession:
-            def __init__(self, path, options, providers):
-                fake.sessions.append((path, providers))
-                self.static = ".static-" in path
+            def __init__(self, path_or_bytes, options, providers):
+                self.static = False
+                if isinstance(path_or_bytes, bytes):  # a serialized model (the probe)
+                    fake.events.append("probe")
+                    return
+                fake.events.append("session")
+                fake.sessions.append((path_or_bytes, providers))
+                self.static = ".static-" in path_or_bytes
 
             def get_providers(self):
-                return [CUDA, "CPUExecutionProvider"]
+                return [CUDA, "CPUExecutionProvider"] if fake.cuda_starts else [CPU]
 
             def _args(self, specs):
                 sized = lambda s: [DIMS.get(d, d) for d in s] if self.static else s  # noqa: E731
@@ -430,6 +442,9 @@ class FakeOrt:
     def get_available_providers(self):
         return [CUDA, "CPUExecutionProvider"]
 
+    def preload_dlls(self, cuda=True, cudnn=True, msvc=True, directory=None):  # 1.21 and later
+        self.events.append("preload_dlls")
+
     class SessionOptions:
         log_severity_level = 0
 
@@ -441,7 +456,15 @@ def fake_gpu_ort(monkeypatch):
     fake = FakeOrt()
     monkeypatch.setitem(sys.modules, "onnxruntime", fake)
     monkeypatch.setenv("SDRT_GRAPH_CACHE", "off")  # the fake optimizes and writes nothing
-    return fake
+    clear_process_caches()
+    yield fake
+    clear_process_caches()
+
+
+def clear_process_caches() -> None:
+    """The preload and the probe run once per process; each fake process starts anew."""
+    for cached in (preload_cuda_libraries, cuda_provider_starts, auto_takes_cuda):
+        cached.cache_clear()
 
 
 def test_cuda_n_places_every_session_and_buffer_on_gpu_n(bundle, fake_gpu_ort):
@@ -470,9 +493,53 @@ def test_plain_cuda_and_auto_mean_gpu_0(bundle, fake_gpu_ort):
 
 
 def test_a_cuda_provider_that_falls_back_to_the_cpu_is_a_user_error(bundle, fake_gpu_ort):
-    fake_gpu_ort.InferenceSession.get_providers = lambda self: ["CPUExecutionProvider"]
-    with pytest.raises(UserError, match="could not start CUDAExecutionProvider"):
+    fake_gpu_ort.cuda_starts = False
+    with pytest.raises(UserError) as err:
         OnnxRuntimeEngine(bundle, "unet", "cuda", static_shapes="never")
+    message = str(err.value)
+    assert "could not start CUDAExecutionProvider" in message
+    assert "the session has only CPUExecutionProvider" in message
+    assert "[cuda,cudnn] extras" in message and "pip install 'sdrt[cuda13]'" in message
+
+
+def test_cuda_libraries_are_preloaded_once_before_the_first_cuda_session(bundle, fake_gpu_ort):
+    for _ in range(2):
+        OnnxRuntimeEngine(bundle, "unet", "cuda", static_shapes="never")
+    assert fake_gpu_ort.events == ["preload_dlls", "session", "session"]
+
+
+def test_an_onnxruntime_without_preload_dlls_still_loads(bundle, fake_gpu_ort, monkeypatch):
+    monkeypatch.delattr(FakeOrt, "preload_dlls")  # onnxruntime-gpu before 1.21
+    OnnxRuntimeEngine(bundle, "unet", "cuda", static_shapes="never")
+    assert fake_gpu_ort.events == ["session"]
+
+
+def test_auto_runs_on_the_cpu_with_one_warning_when_the_cuda_provider_cannot_start(
+    bundle, fake_gpu_ort
+):
+    fake_gpu_ort.cuda_starts = False
+    with pytest.warns(RuntimeWarning, match="cannot start here.*running on the CPU") as caught:
+        engines = [OnnxRuntimeEngine(bundle, "unet", "auto") for _ in range(2)]
+    assert len(caught) == 1  # probed once per process, however many engines load
+    assert [(e.provider, e.device_type, e.variants) for e in engines] == [(CPU, "cpu", [])] * 2
+    assert fake_gpu_ort.events == ["preload_dlls", "probe", "session", "session"]
+    assert all(providers == [CPU] for _, providers in fake_gpu_ort.sessions)
+
+
+def test_auto_takes_the_cuda_provider_where_the_probe_gets_it(bundle, fake_gpu_ort):
+    engine = OnnxRuntimeEngine(bundle, "unet", "auto", static_shapes="never")
+    assert engine.provider == CUDA and fake_gpu_ort.events == ["preload_dlls", "probe", "session"]
+
+
+def test_the_probe_model_is_an_identity_graph_that_onnxruntime_runs():
+    x, y = (oh.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+    graph = oh.make_graph([oh.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert model.SerializeToString() == PROBE_MODEL
+    session = ort.InferenceSession(PROBE_MODEL, providers=[CPU])
+    assert session.run(None, {"x": np.full(1, 3.5, np.float32)})[0].tolist() == [3.5]
+    assert not cuda_provider_starts()  # this machine: no CUDA provider
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda1", "cuda:x", "CUDA"])

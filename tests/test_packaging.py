@@ -3,7 +3,8 @@
 The built sdrt wheel is resolved by pip itself (`install --dry-run --report`), offline: every
 distribution it names is served as an empty stand-in wheel from a local folder (`--no-index
 --find-links`), with onnxruntime-gpu in a CUDA 12 (1.26) and a CUDA 13 (1.31) version, as on
-PyPI. The resolution is pip's; only the packages' contents are fake.
+PyPI, each with its real extras (`DEPENDENCIES`). The resolution is pip's; only the packages'
+contents are fake.
 """
 
 from __future__ import annotations
@@ -28,13 +29,49 @@ from sdrt.backends.onnxruntime import check_one_flavour, installed_flavours
 ROOT = Path(__file__).resolve().parents[1]
 # onnxruntime-gpu on PyPI: 1.26 the last built for CUDA 12, 1.27 on for CUDA 13
 VERSIONS = {"onnxruntime": ["1.32.0"], "onnxruntime-gpu": ["1.26.0", "1.31.1"]}
+# Requires-Dist of the real wheels, as PyPI's metadata gave them on 2026-12-03 (pip install
+# --dry-run --no-deps --report): onnxruntime-gpu's [cuda] and [cudnn] extras, and cuDNN's own
+# dependency on cuBLAS. Their base dependencies (numpy, protobuf, ...) are left out.
+CUDA12_EXTRAS = [
+    'nvidia-cuda-nvrtc-cu12~=12.0; extra == "cuda"',
+    'nvidia-cuda-runtime-cu12~=12.0; extra == "cuda"',
+    'nvidia-cufft-cu12~=11.0; extra == "cuda"',
+    'nvidia-curand-cu12~=10.0; extra == "cuda"',
+    'nvidia-cudnn-cu12~=9.0; extra == "cudnn"',
+]
+CUDA13_EXTRAS = [
+    'nvidia-cuda-nvrtc~=13.0; extra == "cuda"',
+    'nvidia-cuda-runtime~=13.0; extra == "cuda"',
+    'nvidia-cufft~=12.0; extra == "cuda"',
+    'nvidia-curand~=10.0; extra == "cuda"',
+    'nvidia-cudnn-cu13~=9.0; extra == "cudnn"',
+]
+DEPENDENCIES = {
+    ("onnxruntime-gpu", "1.26.0"): CUDA12_EXTRAS,
+    ("onnxruntime-gpu", "1.31.1"): CUDA13_EXTRAS,
+    ("nvidia-cudnn-cu12", "9.28.0.42"): ["nvidia-cublas-cu12"],
+    ("nvidia-cudnn-cu13", "9.28.1.4"): ["nvidia-cublas"],
+}
+LIBRARY_VERSIONS = {  # what `~=` in the extras accepts
+    "nvidia-cuda-nvrtc-cu12": "12.9.86", "nvidia-cuda-runtime-cu12": "12.9.79",
+    "nvidia-cufft-cu12": "11.4.1.4", "nvidia-curand-cu12": "10.3.10.19",
+    "nvidia-cudnn-cu12": "9.28.0.42", "nvidia-cublas-cu12": "12.9.1.4",
+    "nvidia-cuda-nvrtc": "13.0.88", "nvidia-cuda-runtime": "13.0.96", "nvidia-cufft": "12.0.0.61",
+    "nvidia-curand": "10.4.0.35", "nvidia-cudnn-cu13": "9.28.1.4", "nvidia-cublas": "13.1.0.3",
+}  # fmt: skip
 
 
 def stand_in_wheel(folder: Path, name: str, version: str) -> None:
-    """An installable wheel that holds nothing but its metadata."""
+    """An installable wheel that holds nothing but its metadata (and the real one's
+    dependencies where `DEPENDENCIES` lists them)."""
     dist = f"{name.replace('-', '_')}-{version}"
+    requires = DEPENDENCIES.get((name, version), [])
+    extras = sorted({r.split('extra == "')[1].rstrip('"') for r in requires if "extra ==" in r})
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        [f"Provides-Extra: {e}\n" for e in extras] + [f"Requires-Dist: {r}\n" for r in requires]
+    )
     files = {
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/METADATA": metadata,
         f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = [
@@ -85,6 +122,8 @@ def wheelhouse(tmp_path_factory):
     for name in names:
         for version in VERSIONS.get(name, ["99.0"]):
             stand_in_wheel(house, name, version)
+    for name, version in LIBRARY_VERSIONS.items():
+        stand_in_wheel(house, name, version)
     return house
 
 
@@ -119,6 +158,22 @@ def test_each_extra_resolves_to_exactly_one_onnxruntime_flavour(wheelhouse, extr
     installed = resolve(wheelhouse, f"sdrt{extra}")
     assert "sdrt" in installed
     assert flavours(installed) == expected
+
+
+@pytest.mark.parametrize(
+    "extra, suffix",
+    [("[cuda]", ""), ("[cuda13]", ""), ("[cuda12]", "-cu12"), ("[export,cuda13]", "")],
+)
+def test_the_cuda_extras_bring_the_nvidia_libraries_onnxruntime_gpu_loads(
+    wheelhouse, extra, suffix
+):
+    """Without them a process that never imports torch finds no CUDA library to load."""
+    installed = {canonicalize_name(n) for n in resolve(wheelhouse, f"sdrt{extra}")}
+    libraries = ["cuda-runtime", "cublas", "curand", "cuda-nvrtc", "cufft"]
+    cudnn = f"nvidia-cudnn-cu{suffix[-2:] or 13}"
+    assert {f"nvidia-{lib}{suffix}" for lib in libraries} | {cudnn} <= installed
+    other = "" if suffix else "-cu12"
+    assert not {f"nvidia-{lib}{other}" for lib in libraries} & installed  # one CUDA major
 
 
 def test_two_flavours_in_one_folder_are_refused_with_the_command_that_repairs_it(tmp_path):

@@ -309,8 +309,8 @@ JSON_CASES = [
     ),
     ({**GOOD, "seed": -1}, 400, "seed must be >= 0", "seed"),
     ({**GOOD, "seed": 1.5}, 400, "seed must be an integer", "seed"),
-    ({**GOOD, "response_format": "url"}, 400, "use b64_json", "response_format"),
-    ({**GOOD, "style": "vivid"}, 400, "unknown field 'style'", "style"),
+    ({**GOOD, "response_format": "png"}, 400, "must be one of b64_json, url", "response_format"),
+    ({**GOOD, "colour": "red"}, 400, "unknown field 'colour'", "colour"),
     ({**GOOD, "model": "sdxl"}, 404, "model 'sdxl' is not served here", "model"),
 ]
 RAW_CASES = [

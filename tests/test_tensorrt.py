@@ -976,18 +976,31 @@ def unet_job(
     bundle: Bundle, onnx_path: Path, onnx_precision: str = "fp32", precision: str = "fp16"
 ) -> tb.BuildJob:
     profile = spec_for(bundle).components["unet"].profile
-    dtypes = {"sample": "float32", "timestep": "float32", "encoder_hidden_states": "float32"}
     workdir = onnx_path.parent / "staging"
     workdir.mkdir(exist_ok=True)
-    return tb.BuildJob("unet", onnx_path, onnx_precision, precision, profile, dtypes, None, workdir)
+    return tb.BuildJob("unet", onnx_path, onnx_precision, precision, profile, bundle, workdir)
+
+
+@pytest.fixture
+def noise_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """N(0, 1) feeds at the profile minimum: the placeholder bundle has no text encoder to run
+    (`test_calibration_of_a_converted_unet_is_the_bundles_own_conditioning` covers that)."""
+
+    def feeds(bundle: Bundle, component: str, profile: Any) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(0)
+        return [{n: rng.standard_normal(r.min).astype(np.float32) for n, r in profile.items()}]
+
+    monkeypatch.setattr(tb, "calibration_feeds", feeds)
 
 
 UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
 
 
-def test_an_fp32_onnx_becomes_fp16_by_weak_typing_on_10_and_by_conversion_on_11(
-    bundle: Bundle, unet_onnx: Path, trt_major: str, quiet_logger: None
+def test_an_fp32_onnx_becomes_fp16_by_the_same_conversion_on_10_and_11(
+    bundle: Bundle, unet_onnx: Path, trt_major: str, quiet_logger: None, noise_calibration: None
 ) -> None:
+    """TensorRT 10's weak typing (BuilderFlag.FP16) is never used: it may lower what the
+    conversion keeps fp32 (the timestep embedding, values past the fp16 range)."""
     import onnx
 
     api = FakeBuildAPI(UNET_INPUTS, trt_major)
@@ -999,11 +1012,6 @@ def test_an_fp32_onnx_becomes_fp16_by_weak_typing_on_10_and_by_conversion_on_11(
     shapes = {call[1]: call[2:] for call in api.calls if call[0] == "shape"}
     assert shapes["sample"] == ((2, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
     assert set(shapes) == set(UNET_INPUTS)
-    if trt_major == "10":
-        assert built.fp16_source == "builder flag (TensorRT 10 weak typing)"
-        assert ("network flags", 0) in api.calls and ("flag", "FP16") in api.calls
-        assert api.parsed == [(str(unet_onnx), unet_onnx.read_bytes())]
-        return
     assert built.fp16_source == "converted at build time, 2 nodes kept fp32"
     assert ("network flags", 1 << FakeBuildAPI.STRONGLY_TYPED) in api.calls
     assert not any(call[0] == "flag" for call in api.calls)
@@ -1017,7 +1025,7 @@ def test_an_fp32_onnx_becomes_fp16_by_weak_typing_on_10_and_by_conversion_on_11(
 
 
 def test_a_failed_build_from_a_converted_onnx_leaves_no_file_behind(
-    bundle: Bundle, unet_onnx: Path, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, quiet_logger: None, noise_calibration: None
 ) -> None:
     api = FakeBuildAPI(UNET_INPUTS, "11", build_ok=False)
     job = unet_job(bundle, unet_onnx)
@@ -1039,7 +1047,7 @@ def test_an_onnx_already_in_the_wanted_precision_is_built_strongly_typed(
 
 
 def test_tensorrt_rtx_converts_an_fp32_onnx_like_tensorrt_11(
-    bundle: Bundle, unet_onnx: Path, quiet_logger: None
+    bundle: Bundle, unet_onnx: Path, quiet_logger: None, noise_calibration: None
 ) -> None:
     api = FakeBuildAPI(UNET_INPUTS, "10")  # even where its BuilderFlag had FP16
     built = fake_builder(api, backend="tensorrt-rtx")(unet_job(bundle, unet_onnx))
@@ -1097,7 +1105,7 @@ def test_engine_json_and_sdrt_info_say_where_each_fp16_engine_came_from(
 ) -> None:
     sources = {
         "unet": "converted at build time, 12 nodes kept fp32",
-        "text_encoder": "builder flag (TensorRT 10 weak typing)",
+        "text_encoder": "bundle fp16 ONNX",
     }
 
     def builder(job: tb.BuildJob) -> tb.BuiltEngine:
@@ -1113,23 +1121,72 @@ def test_engine_json_and_sdrt_info_say_where_each_fp16_engine_came_from(
     lines = capsys.readouterr().out.splitlines()
     assert f"engines        {directory.name}" in lines
     assert "  unet           fp16  converted at build time, 12 nodes kept fp32" in lines
-    assert "  text_encoder   fp16  builder flag (TensorRT 10 weak typing)" in lines
+    assert "  text_encoder   fp16  bundle fp16 ONNX" in lines
     assert "  vae_decoder    fp32" in lines
 
 
-def test_calibration_ids_for_text_encoders_are_prompts_from_the_bundle_tokenizer(
-    tmp_path: Path,
-) -> None:
-    from sdrt.export.fp16_onnx import calibration_feeds
-    from sdrt.export.tokenizer_files import write_byte_level_clip_vocab
+@pytest.fixture
+def measured_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As where onnxruntime-gpu measures: the opt shapes, the deployment size."""
+    from sdrt.export import fp16_onnx
 
-    write_byte_level_clip_vocab(tmp_path / "tokenizer")
-    profile = {"input_ids": ShapeRange((2, 77), (2, 77), (8, 77))}
-    ids = calibration_feeds(profile, {"input_ids": "int32"}, tmp_path / "tokenizer")["input_ids"]
-    assert ids.shape == (2, 77) and ids.dtype == np.int32
-    assert ids[0, 0] == ids[1, 0] and not np.array_equal(ids[0], ids[1])  # BOS, two prompts
-    with pytest.raises(UserError, match="without the component's tokenizer.*--dtype fp16"):
-        calibration_feeds(profile, {"input_ids": "int32"}, None)
+    providers = [fp16_onnx.CUDA, "CPUExecutionProvider"]
+    monkeypatch.setattr(fp16_onnx, "calibration_providers", lambda: providers)
+
+
+def tiny_profile(bundle: Bundle, component: str) -> Any:
+    sizes = tb.size_ranges(batch=(1, 2), height=(64, 128), width=(64, 128), opt=(128, 64))
+    dims = tb.component_dims(component, sizes, int(bundle.manifest["vae_scale_factor"]))
+    return tb.component_profile(bundle.components[component], dims)
+
+
+def test_calibration_ids_for_text_encoders_are_the_calibration_prompts(
+    tiny_bundle: Path, measured_on_cuda: None
+) -> None:
+    from sdrt.export.calibration import PROMPTS
+    from sdrt.export.fp16_onnx import calibration_feeds
+    from sdrt.tokenizer import ClipTokenizer
+
+    bundle = Bundle.load(tiny_bundle)
+    [feeds] = calibration_feeds(bundle, "text_encoder", tiny_profile(bundle, "text_encoder"))
+    tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dirs()["text_encoder"])
+    want = tokenizer.encode(["", PROMPTS[0]], 77)  # opt: one image with guidance
+    [spec] = bundle.components["text_encoder"].inputs
+    assert feeds["input_ids"].dtype == np.dtype(spec["dtype"])
+    np.testing.assert_array_equal(feeds["input_ids"], want)
+
+
+def test_calibration_of_a_converted_unet_is_the_bundles_own_conditioning(
+    tiny_bundle: Path, measured_on_cuda: None
+) -> None:
+    """Not N(0, 1) states: the bundle's text encoder on the calibration prompts, as generation
+    computes them, at the engine's opt size, at timesteps across the schedule."""
+    from sdrt import Pipeline
+    from sdrt.export.calibration import PROMPTS, TIMESTEPS
+    from sdrt.export.fp16_onnx import calibration_feeds
+
+    bundle = Bundle.load(tiny_bundle)
+    feeds = calibration_feeds(bundle, "unet", tiny_profile(bundle, "unet"))
+    pipe = Pipeline.load(tiny_bundle, device="cpu")
+    assert [float(f["timestep"][0]) for f in feeds] == [np.float32(t) for t in TIMESTEPS]
+    for index, feed in enumerate(feeds):
+        prompt = PROMPTS[index % len(PROMPTS)]
+        hidden, _ = pipe.encode_prompts(["", prompt])
+        assert feed["sample"].shape == (2, 4, 16, 8)  # opt: one image of 128x64, guided
+        assert feed["encoder_hidden_states"].dtype == np.float32
+        np.testing.assert_allclose(feed["encoder_hidden_states"], hidden, rtol=0, atol=1e-6)
+
+
+def test_calibration_is_at_the_profile_minimum_where_the_cpu_measures(tiny_bundle: Path) -> None:
+    from sdrt.export.fp16_onnx import calibration_feeds
+
+    bundle = Bundle.load(tiny_bundle)
+    feeds = calibration_feeds(bundle, "unet", tiny_profile(bundle, "unet"))
+    assert feeds[0]["sample"].shape == (2, 4, 8, 8)
+    [decoder] = calibration_feeds(bundle, "vae_decoder", tiny_profile(bundle, "vae_decoder"))
+    scale = bundle.manifest["vae_scaling_factor"]
+    assert decoder["latent"].shape == (1, 4, 8, 8)
+    assert decoder["latent"].std() == pytest.approx(1 / scale, rel=0.25)
 
 
 @pytest.mark.parametrize("major", sorted(TRT_VERSIONS))
@@ -1140,8 +1197,9 @@ def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The whole build on a real fp32 export: weak typing on 10; on 11 every fp16 engine comes
-    from an fp16 copy of its ONNX, converted with the measured policy and gone afterwards."""
+    """The whole build on a real fp32 export, on 10 as on 11: every fp16 engine comes from an
+    fp16 copy of its ONNX, converted with the measured policy (the timestep embedding fp32)
+    and gone afterwards."""
     import shutil
 
     import onnx
@@ -1157,14 +1215,17 @@ def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
     directory = tb.build_engines(root, batch=(1, 1), static=(64, 64), progress=False)
     sources = read_entry(directory).fp16_sources
     assert set(sources) == set(exported.components)  # tiny VAEs stay fp16 ("auto")
+    assert not any(call[0] == "flag" for call in api.calls)  # no BuilderFlag.FP16 on 10
     for name, source in sources.items():
-        if major == "10":
-            assert source == "builder flag (TensorRT 10 weak typing)"
-            continue
         assert source.startswith("converted at build time, ") and source.endswith(" kept fp32")
         [data] = [d for path, d in api.parsed if Path(path).name == f"{name}.onnx"]
         floats = {t.data_type for t in onnx.load_model_from_string(data).graph.initializer}
         assert onnx.TensorProto.FLOAT16 in floats, name
+    [unet] = [d for path, d in api.parsed if Path(path).name == "unet.onnx"]
+    typed = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(unet))
+    types = {v.name: v.type.tensor_type.elem_type for v in typed.graph.value_info}
+    sines = [n.output[0] for n in typed.graph.node if n.op_type in ("Sin", "Cos")]
+    assert sines and {types[name] for name in sines} == {onnx.TensorProto.FLOAT}
     assert sorted(p.name for p in (root / ENGINES_DIR).iterdir() if p.is_dir()) == [directory.name]
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         [RECORD, *(f"{name}.engine" for name in exported.components)]
@@ -1198,3 +1259,22 @@ def test_lora_banks_are_bound_once_by_address_and_rows_update_in_place(
     assert module.engines[0].contexts[0].addresses["encoder_hidden_states"] == address
     device_copy = np.frombuffer(bytes(cudart.live(address)), np.float32).reshape(bank.shape)
     assert np.all(device_copy[0] == bank[0]) and np.all(device_copy[1] == 0.0)
+
+
+@pytest.mark.parametrize("driver, extra", [(12080, "tensorrt-cu12"), (13000, "tensorrt-cu13")])
+def test_tensorrt_rtx_is_refused_before_building_on_a_data_centre_gpu(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, driver: int, extra: str
+) -> None:
+    """TensorRT-RTX 1.7 built an engine on an H100 (compute capability 9.0), then refused to
+    load it: no build time is spent on engines that cannot run."""
+    api = FakeBuildAPI(None, "11")
+    trt_api = trt_backend.TensorRT(api.module(), "tensorrt-rtx", "tensorrt_rtx")
+    monkeypatch.setattr(tb, "import_tensorrt", lambda prefer=None: trt_api)
+    monkeypatch.setattr(tb, "import_cudart", lambda: FakeCudart(driver=driver, runtime=12080))
+    monkeypatch.setattr(trt_backend, "_DEVICES", {})
+    monkeypatch.setattr(tb, "trt_logger", lambda api: "logger")
+    with pytest.raises(UserError) as err:
+        tb.build_engines(tiny_bundle, batch=(1, 1), static=(64, 64), progress=False)
+    assert "NVIDIA H100 80GB HBM3 (compute capability 9.0)" in str(err.value)
+    assert f"pip install 'sdrt[{extra}]'" in str(err.value)
+    assert api.calls == [] and not (tiny_bundle / ENGINES_DIR).exists()

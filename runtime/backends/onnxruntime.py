@@ -31,6 +31,7 @@ optimizer off, which gives the same outputs bit for bit (tests/test_graph_cache.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -99,20 +100,81 @@ check_one_flavour(installed_flavours())
 
 def providers_for(device: str) -> list[str]:
     """Execution providers for `device` (auto, cpu, cuda or cuda:N), failing clearly when the
-    CUDA provider is asked for and absent; an unknown name is refused, never run on the CPU."""
+    CUDA provider is asked for and absent; an unknown name is refused, never run on the CPU.
+    "auto" takes the CUDA provider only where it can start here, else the CPU with a warning."""
     import onnxruntime as ort
 
     kind = parse_device(device).kind
     if kind == "cpu":
         return [CPU]
     if CUDA in ort.get_available_providers():
-        return [CUDA, CPU]
+        preload_cuda_libraries()
+        if kind == "cuda" or auto_takes_cuda():
+            return [CUDA, CPU]
+        return [CPU]
     if kind == "cuda":
         raise UserError(
             f"device {device!r} needs onnxruntime-gpu, and this is the CPU build; run "
             f"`pip uninstall -y onnxruntime` then {GPU_INSTALL}, or use --device cpu"
         )
     return [CPU]
+
+
+LIBRARIES_HINT = (
+    "onnxruntime-gpu finds them in the nvidia-* wheels of its [cuda,cudnn] extras, which "
+    f"{GPU_INSTALL} installs"
+)
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA runtime, cuBLAS, cuDNN and cuRAND from the nvidia-* wheels before the first
+    CUDA session. The CUDA provider's library has no RPATH: without this, a process that has not
+    imported torch (which loads them) finds none of them. onnxruntime-gpu has `preload_dlls`
+    from 1.21 on; it prints what it fails to load and leaves the rest to the session check."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+
+
+# An ONNX model (IR 8) whose one node is Identity (float [1] -> float [1]), opset 17: the smallest
+# graph a provider can be asked to run. tests/test_onnxruntime_backend.py rebuilds it with onnx.
+PROBE_MODEL = bytes.fromhex(
+    "08083a3b0a100a017812017922084964656e74697479120570726f62655a0f0a0178120a0a08080112040a"
+    "020801620f0a0179120a0a08080112040a02080142040a001011"
+)
+
+
+@functools.cache
+def auto_takes_cuda() -> bool:
+    """Whether "auto" runs on the CUDA provider; where it cannot start, one warning per process
+    says so and the CPU runs instead."""
+    if cuda_provider_starts():
+        return True
+    warnings.warn(
+        f"--device auto: onnxruntime-gpu is installed but its {CUDA} cannot start here (its "
+        f"CUDA, cuBLAS or cuDNN libraries are missing, or there is no GPU); running on the CPU. "
+        f"{LIBRARIES_HINT}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+@functools.cache
+def cuda_provider_starts() -> bool:
+    """Whether a session asked for the CUDA provider gets it in this process: ORT lists the
+    provider whenever onnxruntime-gpu is installed, and falls back to the CPU when the provider
+    cannot load its libraries or find a GPU."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(PROBE_MODEL, session_options(), providers=[CUDA, CPU])
+    except Exception:  # noqa: BLE001 - a provider that cannot start, whatever ORT raises
+        return False
+    return CUDA in session.get_providers()
 
 
 @dataclass(frozen=True)
@@ -481,14 +543,14 @@ def create_session(
     session, status = cached_session(path, providers, engine.graph_cache, sources, engine.threads)
     engine.graph_cache_status[path.name] = status
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-    if session.get_providers()[0] != wanted:
+    if wanted not in session.get_providers():
         # ORT falls back to the CPU when the CUDA provider cannot load its libraries, and
-        # buffers allocated on the GPU would then feed a CPU session.
+        # buffers allocated on the GPU would then feed a CPU session: never run on silently.
         raise UserError(
-            f"{path.name}: ONNX Runtime could not start {wanted} (it fell back to "
-            f"{session.get_providers()[0]}); check that the CUDA and cuDNN libraries "
-            "onnxruntime-gpu needs are installed (ORT's log names the missing one), or use "
-            "--device cpu"
+            f"{path.name}: ONNX Runtime could not start {wanted} (the session has only "
+            f"{', '.join(session.get_providers())}): the CUDA runtime, cuBLAS, cuDNN or cuRAND "
+            f"library it loads was not found (the lines above name it); {LIBRARIES_HINT}, "
+            "or use --device cpu"
         )
     log.debug(
         "%s: created a session for %s on %s (device %s, graph cache: %s)",

@@ -207,6 +207,11 @@ def cuda_version(encoded: int) -> str:
     return f"{encoded // 1000}.{encoded % 1000 // 10}"
 
 
+def driver_cuda_major(cudart: Any) -> int:
+    """The CUDA major version the driver supports (what `nvidia-smi` shows as CUDA Version)."""
+    return int(cuda_check(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")) // 1000
+
+
 def check_driver(cudart: Any) -> None:
     """UserError when the driver is too old for the CUDA runtime cuda-python was built for.
 

@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from .common import Scheduler
+from .common import Scheduler, predicted_clean
 
 # name -> (module in this package, class, config overrides the name implies)
 SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -58,4 +58,5 @@ __all__ = [
     "Scheduler",
     "compatible_schedulers",
     "make_scheduler",
+    "predicted_clean",
 ]

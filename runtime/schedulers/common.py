@@ -203,6 +203,28 @@ def predicted_original(
     return model_output
 
 
+def predicted_clean(
+    config: Mapping[str, Any], model_input: np.ndarray, model_output: np.ndarray, timestep: float
+) -> np.ndarray:
+    """x0 as the model sees it at `timestep`, for every family (the server's previews).
+
+    Flow matching (the configs with `shift`): the input is (1 - sigma) x0 + sigma noise, the
+    output the velocity noise - x0, and the model's timestep is sigma times the training steps.
+    Every other family: `scale_model_input` brings the sample to the variance-preserving form
+    sqrt(abar) x0 + sqrt(1 - abar) noise, with abar from the training sigma at `timestep`
+    (interpolated in log sigma, as the Karras schedules' fractional timesteps were made).
+    """
+    if "shift" in config:
+        sigma = np.float32(timestep / config["num_train_timesteps"])
+        return (model_input - sigma * model_output).astype(model_output.dtype, copy=False)
+    train = training_sigmas(config).astype(np.float64)
+    sigma = np.exp(np.interp(timestep, np.arange(len(train)), np.log(train)))
+    x0 = predicted_original(
+        config["prediction_type"], model_output, model_input, 1 / (1 + sigma**2)
+    )
+    return x0.astype(model_output.dtype, copy=False)
+
+
 def predicted_noise(
     prediction_type: str,
     model_output: np.ndarray,

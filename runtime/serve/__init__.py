@@ -13,6 +13,8 @@ stable, torch-free and needs no HTTP package:
     out = future.result()          # PipelineOutput: .images (PIL, or float32 NHWC in [0, 1]
                                    # with output_type="np"), .timings (queue_ms,
                                    # first_step_ms, total_ms)
+    batcher.submit(args, previews=Previews(3, deliver))   # + deliver(index, images) of the
+                                   # predicted clean image at 3 evenly spaced steps
     batcher.cancel(future)         # leaves at the next tick, frees its rows
     batcher.stats()                # Stats: counters for metrics (queued, active, unet_calls,
                                    # rows_per_call, requests_per_call, ticks_by_active, ...)
@@ -37,5 +39,6 @@ HTTP API that `sdrt serve` runs.
 """
 
 from .batcher import MODES, Batcher, QueueFull, RequestTimeout, ShuttingDown, Stats
+from .previews import Previews
 
-__all__ = ["MODES", "Batcher", "QueueFull", "RequestTimeout", "ShuttingDown", "Stats"]
+__all__ = ["MODES", "Batcher", "Previews", "QueueFull", "RequestTimeout", "ShuttingDown", "Stats"]

@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 
 from ..arguments import GenerationArgs
+from ..backends.base import upload_constants
 from ..denoise import RequestState, Timer, start_request, step
 from ..errors import UserError
 from ..images import numpy_to_pil
 from ..lora_pool import NO_ADAPTER, Hold
 from ..pipeline import Pipeline, PipelineOutput
+from .previews import Previews, send_previews
 
 MODES = ("continuous", "request")
 DEFAULT_MAX_BATCH_ROWS = 16
@@ -62,6 +64,7 @@ class Job:
     loras: Hold = NO_ADAPTER  # its run-time adapters, held until the future is done
     admitted: float | None = None
     first_step: float | None = None  # when its first U-Net call finished
+    previews: Previews | None = None  # streamed partial images, if asked for
 
     def rows(self, guided: bool) -> int:
         return len(self.args.prompts) * (2 if guided else 1)
@@ -130,14 +133,17 @@ class Batcher:
             self._thread = threading.Thread(target=self._run, name="sdrt-batcher", daemon=True)
             self._thread.start()
 
-    def submit(self, args: GenerationArgs | Mapping[str, Any]) -> Future:
+    def submit(
+        self, args: GenerationArgs | Mapping[str, Any], previews: Previews | None = None
+    ) -> Future:
         """Queue a request; the future resolves to a PipelineOutput (images as
         `args.output_type` asks, timings queue_ms / first_step_ms / total_ms). Raises
-        UserError for bad arguments, QueueFull, or ShuttingDown."""
+        UserError for bad arguments, QueueFull, or ShuttingDown. `previews`: partial images
+        to hand over while it runs (see sdrt.serve.previews)."""
         if not isinstance(args, GenerationArgs):
             args = self.pipeline.arguments(**args)
         now = time.monotonic()
-        job = Job(args, Future(), now, now + self.request_timeout_s)
+        job = Job(args, Future(), now, now + self.request_timeout_s, previews=previews)
         with self._wake:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -214,6 +220,7 @@ class Batcher:
         active = len(self._active)
         for group in self._groups():
             self._step_group(group, timer)
+        send_previews(self.pipeline, self._active, timer)
         self._finish([job for job in self._active if job.state and job.state.done], timer)
         engine = sum(timer.ms.get(stage, 0.0) for stage in ENGINE_STAGES) / 1e3
         with self._wake:
@@ -243,8 +250,8 @@ class Batcher:
     def _admit(self) -> list[Job]:
         """FIFO: take waiting requests while their latent size's group has rows free; in
         "request" mode only when nothing is active, so a group runs to completion."""
-        if self.mode == "request" and self._active:
-            return []
+        if not self._waiting or (self.mode == "request" and self._active):
+            return []  # an unlocked look: a request queued meanwhile joins at the next tick
         rows: collections.Counter = collections.Counter()
         for job in self._active:
             rows[job.args.height, job.args.width] += self._rows(job)
@@ -265,7 +272,9 @@ class Batcher:
 
     def _prepare(self, jobs: list[Job], timer: Timer) -> None:
         """Encode every admitted request's prompts in one call per text encoder, then set up
-        each one's scheduler, rng and latents (img2img: encode its image)."""
+        each one's scheduler, rng and latents (img2img: encode its image), and upload its
+        conditioning once: a request alone in its U-Net call feeds it as Pipeline does,
+        instead of its host arrays at every step."""
         tick = time.perf_counter()
         try:
             conds = self.pipeline.conditionings(
@@ -281,9 +290,12 @@ class Batcher:
                 job.state = start_request(
                     self.pipeline, job.args, cond, self.pipeline.guided(job.args)
                 )
+                job.state.cond_device = upload_constants(self.pipeline.engines["unet"], cond)
             except Exception as err:  # e.g. an image the VAE cannot take
                 self._fail_job(job, err)
                 continue
+            if job.previews is not None:
+                job.previews.plan(job.state)
             self._active.append(job)
         timer("vae_encode_ms", tick)
 

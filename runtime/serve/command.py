@@ -46,6 +46,24 @@ def register(commands: Any) -> None:
     serve.add_argument("--max-size", type=int, default=2048, help="largest width or height")
     serve.add_argument("--no-warmup", action="store_true", help="ready without a warm-up run")
     serve.add_argument(
+        "--image-url-ttl",
+        type=float,
+        default=60.0,
+        help='minutes a response_format "url" image stays served (default 60)',
+    )
+    serve.add_argument(
+        "--image-store-mb",
+        type=float,
+        default=256.0,
+        help="memory for those images, oldest dropped first; 0 turns url off (default 256)",
+    )
+    serve.add_argument(
+        "--max-partial-images",
+        type=int,
+        default=3,
+        help="streamed previews a request may ask for, 0-3 (default 3; 0: none)",
+    )
+    serve.add_argument(
         "--lora-dir",
         type=Path,
         help="load every *.safetensors here as a run-time LoRA named by its stem; POST "
@@ -109,6 +127,13 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if args.max_body_mb <= 0 or args.drain_timeout < 0:
         raise UserError("--max-body-mb must be > 0 and --drain-timeout >= 0")
+    if args.image_url_ttl <= 0 or args.image_store_mb < 0:
+        raise UserError(
+            f"--image-url-ttl must be > 0 and --image-store-mb >= 0, got "
+            f"{args.image_url_ttl} and {args.image_store_mb}"
+        )
+    if not 0 <= args.max_partial_images <= 3:
+        raise UserError(f"--max-partial-images must be 0 to 3, got {args.max_partial_images}")
     return Settings(
         api_key=args.api_key or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -116,6 +141,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         limits=Limits(args.max_steps, args.max_images, args.max_size),
         drain_deadline_s=args.drain_timeout,
         warmup=not args.no_warmup,
+        image_url_ttl_s=args.image_url_ttl * 60,
+        image_store_bytes=int(args.image_store_mb * 2**20),
+        max_partial_images=args.max_partial_images,
         lora_dir=args.lora_dir,
     )
 

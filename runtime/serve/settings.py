@@ -18,4 +18,7 @@ class Settings:
     )
     drain_deadline_s: float = 30.0  # on SIGTERM: how long in-flight requests may still run
     warmup: bool = True  # one 1-step request per model before /ready says yes
+    image_url_ttl_s: float = 3600.0  # how long a response_format "url" image stays served
+    image_store_bytes: int = 256 * 2**20  # memory for those images; the oldest go first
+    max_partial_images: int = 3  # streamed previews per request (OpenAI allows up to 3)
     lora_dir: Path | None = None  # LoRA files loaded at start and by POST /v1/loras
