@@ -193,7 +193,9 @@ def _typed(value: Any, name: str, kind: type) -> Any:
     if kind is str or not isinstance(value, str):
         return value
     try:
-        return json.loads(value) if kind is dict else kind(value)
+        if kind is dict:  # a JSON object in a form field; an empty field is no value
+            return json.loads(value) if value.strip() else {}
+        return kind(value)
     except ValueError as err:
         raise ApiError(
             400,

@@ -52,6 +52,9 @@ class _Fields(BaseModel):
 
 
 class CreateImageRequest(_Fields):
+    loras: dict[str, float] | None = Field(
+        None, description="sdrt: run-time LoRA name -> scale (bundles exported with --lora-rank)"
+    )
     moderation: Literal["low", "auto"] | None = Field(None, description="accepted and ignored")
     style: Literal["vivid", "natural"] | None = Field(None, description="accepted and ignored")
 
