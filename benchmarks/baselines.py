@@ -4,13 +4,14 @@ the same pipeline under torch.compile."""
 from __future__ import annotations
 
 import gc
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sdrt.export.parity import run_diffusers
+from sdrt.export.parity import denoiser, run_diffusers
 
 from .harness import Generated
 from .memory import MemoryProbe, torch_probe
@@ -50,6 +51,7 @@ class TorchRunner:
             self.workload.scheduler,
             self.workload.latents[batch],
             **self.workload.call(batch),
+            **self.workload.eager_call,
         )
         return Generated(images, None)
 
@@ -61,26 +63,43 @@ class TorchRunner:
 def torch_stages(pipe: Any, workload: Workload) -> dict[str, Callable[[], Any]]:
     """One call of each stage. Module attributes are looked up at call time, so a module
     compiled after this is the one timed."""
-    unet_param = next(pipe.unet.parameters())
-    device, dtype = unet_param.device, unet_param.dtype
+    param = next(denoiser(pipe).parameters())
+    device, dtype = param.device, param.dtype
     feeds = {
         name: torch.from_numpy(value).to(device, dtype)
         for name, value in workload.unet_feeds.items()
         if name != "timestep"
     }
     timestep = torch.from_numpy(workload.timestep).to(device)
-    added = {name: feeds[name] for name in ADDED_CONDITIONS if name in feeds} or None
     latent = torch.from_numpy(workload.latent).to(device, pipe.vae.dtype)
     negative = [workload.negative_prompt] if workload.negative_prompt else None
+    prompt_options = {  # each family's encode_prompt takes some of these (Flux: no guidance)
+        "prompt_2": None,  # SD3 and Flux: the same prompt for every encoder
+        "prompt_3": None,
+        "do_classifier_free_guidance": workload.guided,
+        "negative_prompt": negative,
+        **workload.eager_call,
+    }
+    accepted = inspect.signature(pipe.encode_prompt).parameters
+    prompt_options = {k: v for k, v in prompt_options.items() if k in accepted}
     return {
         "text_encoder": lambda: pipe.encode_prompt(
-            prompt=[workload.prompt],
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=workload.guided,
-            negative_prompt=negative,
+            prompt=[workload.prompt], device=device, num_images_per_prompt=1, **prompt_options
         ),
-        "unet_step": lambda: pipe.unet(
+        "unet_step": _denoiser_step(pipe, workload, feeds, timestep),
+        "vae_decode": lambda: pipe.vae.decode(latent, return_dict=False, generator=None)[0],
+    }
+
+
+def _denoiser_step(
+    pipe: Any, workload: Workload, feeds: dict[str, torch.Tensor], timestep: torch.Tensor
+) -> Callable[[], Any]:
+    """One denoiser call as the pipeline's loop makes it: the U-Net with a 0-d timestep and
+    keywords; a transformer through its export wrapper (the same call, e.g. Flux's t / 1000),
+    with the timestep per row."""
+    if hasattr(pipe, "unet"):
+        added = {name: feeds[name] for name in ADDED_CONDITIONS if name in feeds} or None
+        return lambda: pipe.unet(
             feeds["sample"],
             timestep,
             encoder_hidden_states=feeds["encoder_hidden_states"],
@@ -88,9 +107,17 @@ def torch_stages(pipe: Any, workload: Workload) -> dict[str, Callable[[], Any]]:
             cross_attention_kwargs=None,
             added_cond_kwargs=added,
             return_dict=False,
-        )[0],
-        "vae_decode": lambda: pipe.vae.decode(latent, return_dict=False, generator=None)[0],
-    }
+        )[0]
+    from sdrt.export.families import export_family
+    from sdrt.export.load import family_of
+
+    (component,) = [
+        c for c in export_family(family_of(pipe)).components(pipe) if c.name == "transformer"
+    ]
+    wrapper = type(component.module)
+    rows = {**feeds, "timestep": timestep.expand(len(feeds["sample"])).to(feeds["sample"].dtype)}
+    ordered = [rows[spec.name] for spec in component.inputs]
+    return lambda: wrapper(pipe.transformer)(*ordered)
 
 
 def prepare_eager(pipe: Any, device: str, dtype: str) -> tuple[Any, float, dict[str, Any]]:
@@ -101,17 +128,18 @@ def prepare_eager(pipe: Any, device: str, dtype: str) -> tuple[Any, float, dict[
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     pipe.set_progress_bar_config(disable=True)
-    attention = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    attention = sorted({type(p).__name__ for p in denoiser(pipe).attn_processors.values()})
     return pipe, seconds, {"precision": dtype, "attention": ", ".join(attention)}
 
 
 def compile_pipeline(pipe: Any, device: str) -> dict[str, Any]:
-    """Compile the U-Net and the VAE decoder in place, as diffusers' own guide does; the
+    """Compile the denoiser and the VAE decoder in place, as diffusers' own guide does; the
     compilation itself happens on the first calls, which the harness times separately."""
     mode = COMPILE_MODES[device]
-    pipe.unet = torch.compile(pipe.unet, mode=mode)
+    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    setattr(pipe, name, torch.compile(getattr(pipe, name), mode=mode))
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
-    return {"mode": mode, "compiled": "unet, vae.decode"}
+    return {"mode": mode, "compiled": f"{name}, vae.decode"}
 
 
 def release_torch(device: str) -> None:

@@ -141,6 +141,7 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
     from . import baselines
     from .harness import Plan, log
     from .report import write_json, write_reports
+    from .sdrt_paths import check_same_model
     from .settings import resolve_settings
 
     report = report or log
@@ -153,6 +154,8 @@ def run_bench(args: argparse.Namespace, report: Callable[[str], None] | None = N
     settings.out.mkdir(parents=True, exist_ok=True)
     report(f"loading {settings.model}")
     pipe = load_pipeline(settings.source, settings.random_weights, settings.allow_pickle)
+    if settings.bundle is not None:
+        check_same_model(pipe, settings.bundle, settings.model)
     # the temporary bundle goes to the system's temporary folder: --out holds the reports only.
     # `sdrt bench` turns SIGTERM (`timeout`) into KeyboardInterrupt, which removes it too.
     with tempfile.TemporaryDirectory(prefix="sdrt-bench-bundle-") as tmp:
@@ -219,10 +222,11 @@ def _jsonable(value: Any) -> Any:
 def _export(pipe: Any, bundle: Path, settings: Settings, report: Callable[[str], None]) -> float:
     """Export `pipe` to `bundle`; the seconds it takes are the sdrt rows' build time."""
     from sdrt.export.bundle_writer import export_bundle, native_size
+    from sdrt.export.families import export_family
     from sdrt.export.load import family_of
 
     fast: dict[str, Any] = {}
-    if settings.ort_fast_path:
+    if settings.ort_fast_path and "cuda_fusions" in export_family(family_of(pipe)).OPTIONS:
         native = native_size(pipe)
         size = (settings.height or native, settings.width or native)
         fast = {"fused_attention": True, "cuda_fusions": True, "static_sizes": [size]}

@@ -1,5 +1,5 @@
 """Write a benchmark result three ways: bench.json for machines, bench.md for people, and
-bench.png, a bar chart of end-to-end and U-Net step times per path."""
+bench.png, a bar chart of end-to-end and denoiser step times per path."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sdrt.atomic_files import atomic_file, write_atomic
 
 STAGE_TITLES = {
     "text_encoder": "text encoder",
-    "unet_step": "U-Net step",
+    "unet_step": "denoiser step",
     "vae_decode": "VAE decode",
 }
 CPU_NOTE = (
@@ -173,7 +173,7 @@ def write_chart(result: dict[str, Any], path: Path) -> None:
     names = [p["name"] for p in rows]
     panels = [
         ("end to end, batch 1 (p50 ms)", [p["end_to_end_ms"]["p50"] for p in rows]),
-        ("one U-Net step (p50 ms)", [p["stages_ms"]["unet_step"]["p50"] for p in rows]),
+        ("one denoiser step (p50 ms)", [p["stages_ms"]["unet_step"]["p50"] for p in rows]),
     ]
     figure, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.6 * max(len(rows), 1)))
     for axis, (title, values) in zip(axes, panels, strict=True):

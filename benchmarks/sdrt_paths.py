@@ -32,7 +32,7 @@ class SdrtRunner:
         request = pipeline.arguments(**workload.call(1), scheduler=workload.scheduler)
         self.stages: dict[str, Callable[[], Any]] = {
             "text_encoder": lambda: pipeline.conditionings([request]),
-            "unet_step": lambda: engines["unet"].run(workload.unet_feeds),
+            "unet_step": lambda: pipeline.denoiser.run(workload.unet_feeds),
             "vae_decode": lambda: engines["vae_decoder"].run({"latent": workload.latent}),
         }
 
@@ -91,3 +91,47 @@ def bundle_size(bundle: Path, height: int | None, width: int | None) -> tuple[in
                 "pick another size"
             )
     return sizes["height"], sizes["width"]
+
+
+def check_same_model(pipe: Any, bundle: Path, model: str) -> None:
+    """Refuse a --bundle exported from another architecture than the model being measured,
+    naming each difference, before any timing: its rows would be compared with the wrong
+    eager run (or, for a different text width, not run at all)."""
+    from sdrt.bundle import read_manifest
+
+    exported = _architecture_of_manifest(read_manifest(Path(bundle)))
+    measured = _architecture_of_pipeline(pipe)
+    differences = [
+        f"{what} {exported[what]} in the bundle, {measured[what]} in {model}"
+        for what in exported
+        if exported[what] != measured[what]
+    ]
+    if differences:
+        raise UserError(
+            f"--bundle {bundle} was not exported from the model benchmarked: "
+            + "; ".join(differences)
+            + "; pass the bundle exported from this model, or leave out --bundle to export one"
+        )
+
+
+def _architecture_of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    components = manifest["components"]
+    text = {i["name"]: i["shape"] for i in components["unet"]["inputs"]}["encoder_hidden_states"]
+    return {
+        "text encoders": "+".join(n for n in components if n.startswith("text_encoder")),
+        "text width": text[-1],
+        "latent channels": manifest["latent_channels"],
+        "U-Net input channels": manifest.get("unet_in_channels", 4),
+        "VAE scale factor": manifest["vae_scale_factor"],
+    }
+
+
+def _architecture_of_pipeline(pipe: Any) -> dict[str, Any]:
+    encoders = ("text_encoder", "text_encoder_2")
+    return {
+        "text encoders": "+".join(n for n in encoders if getattr(pipe, n, None) is not None),
+        "text width": pipe.unet.config.cross_attention_dim,
+        "latent channels": pipe.vae.config.latent_channels,
+        "U-Net input channels": pipe.unet.config.in_channels,
+        "VAE scale factor": pipe.vae_scale_factor,
+    }

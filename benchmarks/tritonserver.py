@@ -1,8 +1,8 @@
 """Start and stop a local Triton Inference Server on a model repository (tests, benchmarks).
 
 Uses the `tritonserver` binary that the nvidia-pytriton wheel ships, from the venv that
-scripts/install.sh builds (.venv-triton): it runs python-backend models on the CPU. The python
-backend starts a stub process per model instance that embeds libpython, found through
+`scripts/install.sh --test` builds (.venv-triton): it runs python-backend models on the CPU.
+The python backend starts a stub process per model instance that embeds libpython, found through
 LD_LIBRARY_PATH (this interpreter's LIBDIR). The stub is built against numpy 1, so the model
 runs in .venv-triton too (numpy<2, the runtime's wheels, sdrt): pass `triton_venv()` as
 `sdrt triton-repo --python-env`.
@@ -47,7 +47,7 @@ def find_tritonserver() -> Path:
     if not binary.is_file() or not stub.is_file():
         raise UserError(
             f"no tritonserver with a python backend stub under {home}; run scripts/install.sh "
-            f"(it builds .venv-triton) or set {TRITON_VENV_ENV}"
+            f"--test (it builds .venv-triton) or set {TRITON_VENV_ENV}"
         )
     return binary
 

@@ -1,10 +1,11 @@
 """The one workload every path runs: prompt, steps, scheduler, size, the initial latents and one
-U-Net call's inputs, fixed as numpy arrays so eager PyTorch and each engine get identical inputs.
+denoiser call's inputs (U-Net or transformer), fixed as numpy arrays so eager PyTorch and each
+engine get identical inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ class Workload:
     unet_feeds: dict[str, np.ndarray]  # one guided batch-1 U-Net call, named as in the bundle
     timestep: np.ndarray  # 0-d, the scheduler's first timestep in diffusers' own dtype
     latent: np.ndarray  # the VAE decoder's input for one image
+    eager_call: dict[str, Any] = field(default_factory=dict)  # diffusers-only keywords
 
     def call(self, batch: int) -> dict[str, Any]:
         """Keyword arguments that diffusers' pipeline and sdrt's Pipeline both accept."""
@@ -70,22 +72,28 @@ def make_workload(
 ) -> Workload:
     """Latents for each batch size and stage inputs for the diffusers `pipe`'s architecture.
 
-    The U-Net inputs come from the export's own I/O contract, so SDXL's added conditions and
-    LCM's guidance embedding are there when the model has them; their values do not change the
-    cost, so they are seeded noise, with the real first timestep.
+    The denoiser's inputs come from the export's own I/O contract, so SDXL's added conditions,
+    LCM's and Flux-dev's guidance inputs and Flux's position ids are there when the model has
+    them; their values do not change the cost, so they are seeded noise, with the real first
+    timestep.
     """
-    from sdrt.export.onnx_export import components
+    from sdrt.export.families import export_family
+    from sdrt.export.load import family_of
     from sdrt.export.parity import diffusers_scheduler
     from sdrt.schedulers import make_scheduler
 
-    unet = next(c for c in components(pipe) if c.name == "unet")
-    guided = guidance > 1.0 and "timestep_cond" not in {s.name for s in unet.inputs}
+    kind = export_family(family_of(pipe))
+    denoiser = next(c for c in kind.components(pipe) if c.name in ("unet", "transformer"))
+    embedded = {"timestep_cond", "guidance"} & {s.name for s in denoiser.inputs}
+    guided = guidance > 1.0 and not embedded
     scale = pipe.vae_scale_factor
     shape = (pipe.vae.config.latent_channels, height // scale, width // scale)
     dims = {"unet_batch": 2 if guided else 1, "latent_height": shape[1], "latent_width": shape[2]}
-    feeds = unet.sample_inputs(dims, seed=seed)
+    feeds = denoiser.sample_inputs(kind.add_dims(dims), seed=seed)
     sched = diffusers_scheduler(scheduler, dict(pipe.scheduler.config))
-    sched.set_timesteps(steps)
+    # a flow schedule starts at sigma 1 (timestep 1000) whatever its dynamic shift mu
+    dynamic = {"mu": 1.0} if pipe.scheduler.config.get("use_dynamic_shifting") else {}
+    sched.set_timesteps(steps, **dynamic)
     timestep = sched.timesteps[0].numpy()
     feeds["timestep"] = np.full(dims["unet_batch"], timestep, np.float32)
     latents = {batch: initial_latents(batch, shape, seed) for batch in batch_sizes}
@@ -103,4 +111,8 @@ def make_workload(
         unet_feeds=feeds,
         timestep=timestep,
         latent=latents[1] / np.float32(pipe.vae.config.scaling_factor),
+        # the bundle's T5 length, where diffusers' default may differ (SD3 256, Flux 512)
+        eager_call={"max_sequence_length": kind.t5_max_length(pipe)}
+        if hasattr(kind, "t5_max_length")
+        else {},
     )

@@ -17,22 +17,25 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tqdm import tqdm
 
-from sdrt.atomic_files import clear_staging, staging_dir, write_atomic
-from sdrt.bundle import MANIFEST, SCHEMA_VERSION, file_sha256, tokenizer_hashes
+from sdrt.atomic_files import clear_staging, disk_full, staging_dir, write_atomic
+from sdrt.bundle import MANIFEST, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
 from . import lora_branch
 from .calibration import CUDA, calibration_feeds, calibration_providers
+from .families import export_family
+from .families.text_encoders import vocab_size
+from .load import family_of
 from .onnx_export import (
     OPSET,
     TOLERANCE,
     Component,
     ExportedOps,
-    components,
     export_onnx,
     reference_outputs,
     trace_dims,
@@ -53,6 +56,7 @@ SCHEDULER_NAMES = {
     "UniPCMultistepScheduler": "unipc",
     "LMSDiscreteScheduler": "lms",
     "HeunDiscreteScheduler": "heun",
+    "FlowMatchEulerDiscreteScheduler": "flow_match_euler",
 }
 
 
@@ -62,8 +66,9 @@ CUDA_FUSED = ("unet", "vae_decoder")
 
 
 def native_size(pipe: Any) -> int:
-    """The image side the model was trained at: its U-Net's latent size times the VAE's scale."""
-    return int(pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    """The image side the model was trained at (pixels)."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return export_family(family_of(pipe)).native_size(pipe, vae_scale)
 
 
 def check_destination(out: Path) -> None:
@@ -114,6 +119,15 @@ def export_bundle(
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
+    check_options(
+        export_family(family),
+        dtype,
+        fused_attention,
+        cuda_fusions,
+        static_sizes,
+        bool(loras),
+        lora_rank,
+    )
     out = Path(out)
     check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # check_destination vetted the nearest parent
@@ -136,10 +150,43 @@ def export_bundle(
         )
         _normal_permissions(staging)
         _move_into_place(staging, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        full = disk_full(err)
+        if full is not None:
+            raise UserError(
+                f"could not write the bundle {out}: {full.strerror}; nothing of it was kept; "
+                "free some space or export elsewhere"
+            ) from err
         raise
     return manifest
+
+
+def check_options(
+    kind: ModuleType,
+    dtype: str,
+    fused_attention: bool,
+    cuda_fusions: bool,
+    static_sizes: Sequence[tuple[int, int]],
+    lora: bool = False,
+    lora_rank: int = 0,
+) -> None:
+    """Refuse, in one line, the options this family's export does not implement."""
+    asked = {  # option -> (its flag, whether it was asked for)
+        "fp16": ("--dtype fp16", dtype == "fp16"),
+        "fused_attention": ("--fused-attention", fused_attention),
+        "cuda_fusions": ("--cuda-fusions", cuda_fusions),
+        "static_sizes": ("--static-size", bool(static_sizes)),
+        "lora": ("--lora", lora),
+        "lora_rank": ("--lora-rank", lora_rank > 0),
+    }
+    supported = kind.OPTIONS
+    refused = [flag for option, (flag, on) in asked.items() if on and option not in supported]
+    if refused:
+        raise UserError(
+            f"{', '.join(refused)} is not supported for {kind.LABEL} models yet; export without it "
+            "(plain attention, dynamic shapes)"
+        )
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
@@ -171,37 +218,34 @@ def _write_bundle(
     release_weights: bool,
     lora_rank: int,
 ) -> dict[str, Any]:
+    kind = export_family(family)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    default_size = native_size(pipe)
-    # The U-Net halves the latent once per down block but the last; sizes must divide evenly,
-    # since the traced graph has no path for odd sizes.
-    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
-    latent = 2 * unet_factor
+    default_size = kind.native_size(pipe, vae_scale)
+    multiple = kind.latent_multiple(pipe)
+    latent = 2 * multiple
     for height, width in static_sizes:
-        if height % (vae_scale * unet_factor) or width % (vae_scale * unet_factor):
+        if height % (vae_scale * multiple) or width % (vae_scale * multiple):
             raise UserError(
                 f"static size {height}x{width} is not a multiple of "
-                f"{vae_scale * unet_factor} for this model"
+                f"{vae_scale * multiple} for this model"
             )
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    vocab = min(min(enc.config.vocab_size, len(tok)) for tok, enc in pairs)
-    dims = trace_dims(latent, vocab, vae_scale)
-    check_dims = {
-        **dims,
-        "batch": 2,
-        "unet_batch": 1,
-        "latent_width": latent + unet_factor,
-        "width": vae_scale * (latent + unet_factor),
-    }
+    dims = kind.add_dims(trace_dims(latent, vocab_size(pipe), vae_scale))
+    check_dims = kind.add_dims(
+        {
+            **dims,
+            "batch": 2,
+            "unet_batch": 1,
+            "latent_width": latent + multiple,
+            "width": vae_scale * (latent + multiple),
+        }
+    )
     entries = {}
     if lora_rank and static_sizes:
         raise UserError(
             "--lora-rank cannot be combined with --static-size yet (the adapter inputs have "
             "dynamic sizes); export without one of them"
         )
-    parts = components(pipe)
+    parts = kind.components(pipe)
     if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
         size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
         for component in parts:
@@ -243,32 +287,23 @@ def _write_bundle(
                     )
                     for d in (static_dims(size, vae_scale, component) for size in static_sizes)
                 ]
-    folders = ["tokenizer", "tokenizer_2"][: len(pairs)]
-    for folder, (tokenizer, _) in zip(folders, pairs, strict=True):
-        tokenizer.save_pretrained(root / folder)
+    folders = [c.name.replace("text_encoder", "tokenizer") for c in parts if "text" in c.name]
+    for folder in folders:
+        getattr(pipe, folder).save_pretrained(root / folder)
     scheduler_config = {
         k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")
     }
     manifest = {
-        "schema_version": SCHEMA_VERSION,
         "family": family,
-        "prediction_type": scheduler_config.get("prediction_type", "epsilon"),
-        "latent_channels": pipe.vae.config.latent_channels,
-        "unet_in_channels": pipe.unet.config.in_channels,
-        "vae_scale_factor": vae_scale,
-        "vae_scaling_factor": pipe.vae.config.scaling_factor,
-        "vae_shift_factor": pipe.vae.config.get("shift_factor"),
-        "text_max_length": pipe.tokenizer.model_max_length,
+        **kind.manifest_fields(pipe),
         "default_size": [default_size, default_size],
-        "size_multiple": vae_scale * unet_factor,
+        "size_multiple": vae_scale * multiple,
         "scheduler": SCHEDULER_NAMES.get(type(pipe.scheduler).__name__, "pndm"),
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=list)),
         "components": entries,
         "tokenizer_files": tokenizer_hashes(root, folders),
-        # SDXL encodes an absent negative prompt as zeros rather than as ""
         "fused_attention": fused_attention,
         "cuda_fusions": cuda_fusions,
-        "zero_negative_prompt": bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
         "loras": loras or [],
         **({"lora_branch": branch} if branch else {}),
         "export": _versions(dtype),

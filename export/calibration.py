@@ -60,10 +60,11 @@ def cuda_free_bytes() -> int:
     return int(free)
 
 
-def token_ids(tokenizer: Any, prompts: Sequence[str]) -> np.ndarray:
+def token_ids(tokenizer: Any, prompts: Sequence[str], length: int | None = None) -> np.ndarray:
+    """Padded ids, `length` long (default: the tokenizer's model_max_length)."""
     return np.asarray(
         tokenizer(
-            list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+            list(prompts), padding="max_length", max_length=length or tokenizer.model_max_length,
             truncation=True,
         ).input_ids,
         np.int32,
@@ -101,12 +102,13 @@ def calibration_feeds(
     rng = np.random.default_rng(0)
     height, width = latent_size
     if component.name.startswith("text_encoder"):
-        tokenizer = pipe.tokenizer_2 if component.name == "text_encoder_2" else pipe.tokenizer
-        return [{"input_ids": token_ids(tokenizer, ["", *PROMPTS])}]
+        tokenizer = getattr(pipe, component.name.replace("text_encoder", "tokenizer"))
+        length = component.inputs[0].shape[1]  # the graph's fixed sequence (T5's may be shorter)
+        return [{"input_ids": token_ids(tokenizer, ["", *PROMPTS], length)}]
     if component.name == "vae_decoder":
         latent = rng.standard_normal((1, pipe.vae.config.latent_channels, height, width))
         return [{"latent": (latent / pipe.vae.config.scaling_factor).astype(np.float32)}]
-    if component.name != "unet":
+    if component.name != "unet":  # the transformers too: N(0, 1) latents and conditioning
         return [component.sample_inputs(dims)]
     conditioning = prompt_embeddings(pipe)
     batch = len(conditioning["encoder_hidden_states"])

@@ -20,6 +20,7 @@ import numpy as np
 from sdrt.bundle import Bundle
 from sdrt.engine_cache import Profile
 from sdrt.errors import UserError
+from sdrt.families import family_for
 
 from .calibration import CUDA, PROMPTS, TIMESTEPS, calibration_providers
 
@@ -71,41 +72,33 @@ def calibration_feeds(
 def prompt_ids(bundle: Bundle, component: str, shape: Sequence[int]) -> np.ndarray:
     """Token ids of the calibration prompts (and the empty negative prompt), cycled to fill the
     batch, from the component's own tokenizer."""
-    from sdrt.tokenizer import ClipTokenizer
-
-    folder = bundle.tokenizer_dirs().get(component)
-    if folder is None or len(shape) != 2:
+    tokenizer = family_for(bundle.manifest).tokenizers(bundle).get(component)
+    if tokenizer is None or len(shape) != 2:
         raise UserError(
             f"cannot make calibration token ids of shape {tuple(shape)} without {component}'s "
             "tokenizer; export the bundle with --dtype fp16 instead"
         )
     texts = ["", *PROMPTS]
     prompts = [texts[i % len(texts)] for i in range(shape[0])]
-    return ClipTokenizer.from_dir(folder).encode(prompts, shape[1])
+    return tokenizer.encode(prompts, shape[1])
 
 
 def prompt_encoder(bundle: Bundle) -> Callable[[list[str]], dict[str, np.ndarray]]:
-    """A function from prompts to the denoiser's conditioning (encoder_hidden_states, and
-    SDXL's pooled text_embeds), computed as generation computes it: the bundle's own text
-    encoders on ONNX Runtime's CPU provider, through `Pipeline.encode_prompts`."""
+    """A function from prompts to the denoiser's text conditioning (encoder_hidden_states, and
+    SDXL's text_embeds or a transformer's pooled_projections), computed as generation computes
+    it: the bundle's own text encoders on ONNX Runtime's CPU provider, through the family's
+    `encode_text`."""
     from sdrt.backends import load_engine
     from sdrt.pipeline import Pipeline
-    from sdrt.tokenizer import ClipTokenizer
 
-    tokenizers = {n: ClipTokenizer.from_dir(f) for n, f in bundle.tokenizer_dirs().items()}
+    family = family_for(bundle.manifest)
+    tokenizers = family.tokenizers(bundle)
     engines = {
         name: load_engine("onnxruntime", bundle, name, "cpu", graph_cache=False)
         for name in tokenizers
     }
     encoders = Pipeline(bundle, engines, tokenizers)
-
-    def encode(prompts: list[str]) -> dict[str, np.ndarray]:
-        hidden, pooled = encoders.encode_prompts(prompts)
-        return {"encoder_hidden_states": hidden} | (
-            {} if pooled is None else {"text_embeds": pooled}
-        )
-
-    return encode
+    return lambda prompts: family.encode_text(encoders, prompts)
 
 
 def write_fp16_onnx(

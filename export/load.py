@@ -8,25 +8,17 @@ are refused unless the caller opts in.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sdrt.errors import UserError
 
+from .checkpoint_files import check_pickle_checkpoint, safetensors_header
+from .families import PIPELINE_CLASSES, export_family
 from .presets import PRESETS
-from .tokenizer_files import write_byte_level_clip_vocab
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-SUPPORTED_PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "LatentConsistencyModelPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-)
 
 
 def load_pipeline(
@@ -38,6 +30,16 @@ def load_pipeline(
     """A diffusers StableDiffusionPipeline in float32 on the CPU, ready to trace."""
     if random_weights is not None:
         return random_pipeline(random_weights, seed=seed)
+    path = checked_source(source, allow_pickle)
+    if path.is_dir():
+        return _load_folder(path, allow_pickle)
+    return _load_single_file(path)
+
+
+def checked_source(source: str | None, allow_pickle: bool) -> Path:
+    """The model path, refused in one line unless it is a folder, a .safetensors file whose
+    header holds together, or (with `allow_pickle`) a pickle checkpoint: checked from the
+    file's first bytes, before anything is sized from its numbers."""
     if source is None:
         raise UserError(
             "no model given: pass a diffusers folder or .safetensors file, "
@@ -49,17 +51,49 @@ def load_pipeline(
             f"model {source!r} does not exist; pass a diffusers folder or a .safetensors file"
         )
     if path.is_dir():
-        return _load_folder(path, allow_pickle)
+        return path
     if path.suffix == ".safetensors":
-        return _load_single_file(path)
+        safetensors_header(path)
+        return path
     if path.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise UserError(
                 f"{path.name} is a pickle checkpoint, which can run arbitrary code "
                 "when loaded; convert it to .safetensors or pass --allow-pickle"
             )
-        return _load_single_file(path)
+        check_pickle_checkpoint(path)
+        return path
     raise UserError(f"{path.name} is neither a diffusers folder nor a .safetensors file")
+
+
+def source_family(source: str | None, random_weights: str | None) -> ModuleType | None:
+    """The export family of what `load_pipeline` would load, read without loading it (a
+    preset's, or a folder's model_index.json class); None where that cannot be told."""
+    if random_weights is not None:
+        return (
+            export_family(PRESETS[random_weights]["family"]) if random_weights in PRESETS else None
+        )
+    path = Path(source or "")
+    if not (path / "model_index.json").is_file():
+        return None  # a single file, or a mistake load_pipeline names
+    return PIPELINE_CLASSES[_pipeline_class(path)]
+
+
+def _pipeline_class(path: Path) -> str:
+    """A diffusers folder's pipeline class, refused unless sdrt exports it."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read {path / 'model_index.json'} ({err}); fix or re-save it"
+        ) from err
+    class_name = index.get("_class_name", "") if isinstance(index, dict) else ""
+    if class_name not in PIPELINE_CLASSES:
+        raise UserError(
+            f"{path} holds a {class_name or 'unknown'} model; sdrt exports "
+            f"{', '.join(PIPELINE_CLASSES)}"
+        )
+    return class_name
 
 
 def _load_folder(path: Path, allow_pickle: bool) -> Any:
@@ -80,13 +114,8 @@ def _load_folder(path: Path, allow_pickle: bool) -> Any:
             f"({', '.join(pickled)}), which can run arbitrary code when loaded; "
             "convert them to safetensors or pass --allow-pickle"
         )
-    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-    if class_name not in SUPPORTED_PIPELINES:
-        raise UserError(
-            f"{path} holds a {class_name or 'unknown'} model; sdrt exports "
-            f"{', '.join(SUPPORTED_PIPELINES)}"
-        )
-    extra = {} if "XL" in class_name else {"safety_checker": None, "requires_safety_checker": False}
+    class_name = _pipeline_class(path)
+    extra = PIPELINE_CLASSES[class_name].load_options(class_name)
     return getattr(diffusers, class_name).from_pretrained(
         path,
         **extra,
@@ -102,14 +131,15 @@ def _load_single_file(path: Path) -> Any:
             str(path), safety_checker=None, requires_safety_checker=False
         )
     except OSError as err:  # diffusers fetches the architecture config from the Hub
+        reason = " ".join(str(err).split())  # diffusers' Hub errors span several lines
         raise UserError(
-            f"could not read {path.name} as a single-file checkpoint ({err}); "
+            f"could not read {path.name} as a single-file checkpoint ({reason}); "
             "convert it to a diffusers folder first"
         ) from err
 
 
 def random_pipeline(preset: str, seed: int = 0, device: str = "cpu") -> Any:
-    """The preset's architecture with seeded random weights and a byte-level CLIP vocabulary.
+    """The preset's architecture with seeded random weights and small built-in vocabularies.
 
     device="meta" builds the modules without memory, to check a preset's shapes cheaply.
     """
@@ -121,63 +151,16 @@ def random_pipeline(preset: str, seed: int = 0, device: str = "cpu") -> Any:
             f"unknown random-weight preset {preset!r}; choose one of {', '.join(PRESETS)}"
         )
     spec = PRESETS[preset]
+    scheduler = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(spec["scheduler"])
     torch.manual_seed(seed)
     with torch.device(device):
-        parts = _random_modules(spec)
-    parts["scheduler"] = getattr(diffusers, spec["scheduler"]["_class_name"]).from_config(
-        spec["scheduler"]
-    )
-    if spec["family"] == "sdxl":
-        return diffusers.StableDiffusionXLPipeline(**parts)
-    return diffusers.StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-
-
-def _random_modules(spec: dict[str, Any]) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    parts: dict[str, Any] = {}
-    tokenizer, parts["text_encoder"] = _random_text_encoder(
-        spec["text_encoder"], spec.get("pad_token", "<|endoftext|>"), projection=False
-    )
-    parts["tokenizer"] = tokenizer
-    if "text_encoder_2" in spec:  # SDXL: OpenCLIP bigG with its pooled projection
-        parts["tokenizer_2"], parts["text_encoder_2"] = _random_text_encoder(
-            spec["text_encoder_2"], "!", projection=True
-        )
-    parts["unet"] = UNet2DConditionModel(**{"in_channels": 4, "out_channels": 4, **spec["unet"]})
-    parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, **spec["vae"])
-    return parts
-
-
-def _random_text_encoder(config: dict[str, Any], pad_token: str, projection: bool) -> Any:
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
-
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_byte_level_clip_vocab(tmp, pad_token=pad_token)
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    text_config = CLIPTextConfig(
-        **{
-            "max_position_embeddings": 77,
-            **config,
-            "vocab_size": max(config.get("vocab_size", 0), vocab_size),
-        },
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config)
-    return tokenizer, model
+        pipe = export_family(spec["family"]).random_pipeline(spec, scheduler)
+    for module in pipe.components.values():  # as from_pretrained leaves them: T5 has dropout
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
 
 
 def family_of(pipe: Any) -> str:
-    """sd1 / sd2 / sdxl from the text encoders (CLIP ViT-L, OpenCLIP ViT-H, or both + bigG)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return "sdxl"
-    return "sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1"
+    """The export family of a loaded diffusers pipeline (sd1, sd2, sdxl, sd3, flux)."""
+    return PIPELINE_CLASSES[type(pipe).__name__].family_of(pipe)

@@ -11,20 +11,28 @@ measured with `python -m sdrt.benchmarks.export_memory` (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
-import json
-import struct
+import math
 import warnings
 from pathlib import Path
 from typing import Any
 
 from sdrt.errors import UserError
 
+from .checkpoint_files import safetensors_header
+
 GIB = 2**30
 # interpreter with torch, onnx and ONNX Runtime imported, and the pipeline's non-weight
 # memory (measured: a loaded pipeline is 0.44-0.47 GiB above its weights, SD 1.5 and SDXL)
 BASE_BYTES = int(0.47 * GIB)
 # the order export works in; a component it does not export (a safety checker) stays loaded
-EXPORT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
+EXPORT_ORDER = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "unet",
+    "transformer",
+    "vae",
+)
 INLINE_LIMIT = 2**31  # fp32 weights under which the exporter serialises the graph in memory
 # extra RSS while a component is traced, in units of its fp32 weights. Under 2 GB: SD 1.5's
 # text encoder, 1.49 GiB above the loaded pipeline for 0.46 GiB of weights (3.2).
@@ -51,7 +59,11 @@ def pipeline_component_bytes(pipe: Any) -> dict[str, int]:
 
 def folder_component_bytes(folder: Path) -> dict[str, int]:
     """fp32 weight bytes of each component of a diffusers folder, read from the safetensors
-    headers (no weights are read). A single .safetensors file counts as one component."""
+    headers (no weights are read). A single checkpoint file counts as one component; a pickle
+    one (`--allow-pickle`) by its size, since its tensors cannot be counted without
+    unpickling it."""
+    if folder.is_file() and folder.suffix != ".safetensors":
+        return {folder.stem: folder.stat().st_size}
     files = [folder] if folder.is_file() else sorted(folder.glob("*/*.safetensors"))
     sizes: dict[str, int] = {}
     for path in files:
@@ -61,18 +73,12 @@ def folder_component_bytes(folder: Path) -> dict[str, int]:
 
 
 def safetensors_elements(path: Path) -> int:
-    """Number of floating-point elements in a .safetensors file, from its JSON header."""
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    count = 0
-    for key, entry in header.items():
-        if key != "__metadata__" and entry.get("dtype") in SAFETENSORS_ITEM:
-            elements = 1
-            for d in entry["shape"]:
-                elements *= d
-            count += elements
-    return count
+    """Number of floating-point elements in a .safetensors file, from its checked header."""
+    return sum(
+        math.prod(entry["shape"])
+        for key, entry in safetensors_header(path).items()
+        if key != "__metadata__" and entry["dtype"] in SAFETENSORS_ITEM
+    )
 
 
 def estimate_peak_bytes(component_bytes: dict[str, int], passes: bool = False) -> int:

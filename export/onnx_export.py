@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,8 @@ class Component:
     # inputs at the trace size), and whether attention scores must stay fp32 (SD 2.x)
     calibration: list[dict[str, np.ndarray]] = field(default_factory=list)
     upcast_attention: bool = False
+    # entered around tracing: swaps in exporter-friendly code where a model's traces badly
+    tracing: Callable[[], AbstractContextManager[object]] = nullcontext
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -383,8 +385,9 @@ def _trace(
 ) -> list[str]:
     """torch.onnx.export (legacy exporter) of `component` to `out`; returns the names of the
     attention modules emitted as MultiHeadAttention."""
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
     fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
-    with warnings.catch_warnings(), torch.no_grad(), fusing as fused:
+    with warnings.catch_warnings(), torch.no_grad(), component.tracing(), fusing as fused:
         warnings.simplefilter("ignore")  # tracer warnings about python-side shape checks
         torch.onnx.export(
             component.module.eval(),
@@ -398,6 +401,19 @@ def _trace(
             dynamo=False,
         )
     return list(fused or [])
+
+
+@torch.onnx.symbolic_helper.parse_args("v", "is", "v", "f")
+def _rms_norm(g: Any, x: Any, shape: list[int], weight: Any, eps: float) -> Any:
+    """torch.nn.RMSNorm (Flux's q/k norms) as opset-17 ops: opset 17 has no RMSNormalization
+    and the legacy exporter no symbolic for it. x * 1/sqrt(mean(x^2) + eps) * weight."""
+    axes = list(range(-len(shape), 0))
+    mean = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
+    eps_const = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+    normed = g.op("Div", x, g.op("Sqrt", g.op("Add", mean, eps_const)))
+    if torch.onnx.symbolic_helper._is_none(weight):
+        return normed
+    return g.op("Mul", normed, weight)
 
 
 def stats_chunk(

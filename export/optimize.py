@@ -35,8 +35,10 @@ from .external_data import (
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 CPU = ("CPUExecutionProvider",)
 # Graph inputs whose sinusoidal embedding diffusers computes in fp32 (`get_timestep_embedding`,
-# then `.to(sample.dtype)` before the first Linear): the U-Net's timestep and SDXL's time_ids.
-EMBEDDED_INPUTS = ("timestep", "time_ids")
+# then `.to(sample.dtype)` before the first Linear): the U-Net's timestep and SDXL's time_ids,
+# Flux-dev's guidance scale (x 1000, the same embedding), and Flux's position ids, whose RoPE
+# angles and rotation diffusers computes in fp32 up to the attention's MatMul.
+EMBEDDED_INPUTS = ("timestep", "time_ids", "guidance", "img_ids", "txt_ids")
 LINEAR_OPS = ("MatMul", "Gemm")
 
 # ---------------------------------------------------------------------------------------------

@@ -37,19 +37,24 @@ def diffusers_scheduler(name: str, config: dict[str, Any]) -> Any:
     return getattr(diffusers, class_name).from_config({**config, **overrides})
 
 
+def denoiser(pipe: Any) -> Any:
+    """A diffusers pipeline's denoiser module: its U-Net or its transformer."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
 def run_diffusers(pipe: Any, scheduler: str, latents: np.ndarray, **call: Any) -> np.ndarray:
-    """Eager diffusers output (float32 NHWC in [0, 1]) for the given latents and call args."""
+    """Eager diffusers output (float32 NHWC in [0, 1]) for the given latents [B, C, h, w] and
+    call args; a pipeline that takes packed latents (Flux) gets them packed its own way."""
     import torch
 
     pipe.scheduler = diffusers_scheduler(scheduler, dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    param = next(pipe.unet.parameters())
+    param = next(denoiser(pipe).parameters())
+    start = torch.from_numpy(latents).to(param.device, param.dtype)
+    if hasattr(pipe, "_pack_latents"):
+        start = pipe._pack_latents(start, *start.shape)
     with torch.no_grad():
-        out = pipe(
-            latents=torch.from_numpy(latents).to(param.device, param.dtype),
-            output_type="np",
-            **call,
-        )
+        out = pipe(latents=start, output_type="np", **call)
     return np.asarray(out.images, dtype=np.float32)
 
 

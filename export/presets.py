@@ -210,3 +210,190 @@ PRESETS: dict[str, dict[str, Any]] = {
         "scheduler": SDXL_SCHEDULER,
     },
 }
+
+# Diffusion transformers. "family" picks the export family (export/families/); the text
+# encoders are listed in the order the runtime runs them, each with its kind: "clip" (CLIP
+# without projection), "clip_projection" (CLIPTextModelWithProjection) or "t5".
+FLOW_MATCH = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+SD3_SCHEDULER = {**FLOW_MATCH, "shift": 3.0}
+FLUX_DEV_SCHEDULER = {
+    **FLOW_MATCH,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+DIT_VAE = {
+    **SD_VAE,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "sample_size": 1024,
+}
+CLIP_G = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+    "vocab_size": 49408,
+}
+T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "vocab_size": 32128,
+}
+SD35_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+    "qk_norm": "rms_norm",
+}
+FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": [16, 56, 56],
+}
+TINY_T5 = {
+    "d_model": 80,
+    "d_ff": 37,
+    "d_kv": 8,
+    "num_heads": 4,
+    "num_layers": 2,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 8,
+    "relative_attention_max_distance": 16,
+}
+TINY_DIT_VAE = {
+    **TINY["vae"],
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+TINY_SD3: dict[str, Any] = {
+    "family": "sd3",
+    "size": 64,
+    "text_encoders": [
+        ("clip_projection", TINY["text_encoder"]),
+        ("clip_projection", {**TINY["text_encoder"], "hidden_act": "gelu"}),
+        ("t5", TINY_T5),
+    ],
+    "t5_max_length": 16,
+    # MMDiT-X (SD3.5-medium's): RMSNorm on q/k and a dual attention layer
+    "transformer": {
+        "sample_size": 8,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 80,
+        "caption_projection_dim": 32,
+        "pooled_projection_dim": 64,
+        "pos_embed_max_size": 16,
+        "qk_norm": "rms_norm",
+        "dual_attention_layers": [0],
+    },
+    "vae": {**TINY_DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "scheduler": SD3_SCHEDULER,
+}
+TINY_FLUX: dict[str, Any] = {
+    "family": "flux",
+    "size": 64,
+    "text_encoders": [("clip", TINY["text_encoder"]), ("t5", TINY_T5)],
+    "t5_max_length": 16,
+    "transformer": {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 80,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": [4, 6, 6],
+    },
+    "vae": {**TINY_DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "scheduler": FLUX_DEV_SCHEDULER,
+}
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-sd3": TINY_SD3,
+    "tiny-flux": TINY_FLUX,
+    "tiny-flux-schnell": {
+        **TINY_FLUX,
+        "transformer": {**TINY_FLUX["transformer"], "guidance_embeds": False},
+        "scheduler": FLUX_SCHNELL_SCHEDULER,
+    },
+    "sd35-medium": {
+        "family": "sd3",
+        "size": 1024,
+        "text_encoders": [("clip_projection", CLIP_L), ("clip_projection", CLIP_G), ("t5", T5_XXL)],
+        "t5_max_length": 256,
+        "transformer": {
+            **SD35_TRANSFORMER,
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 384,
+            "dual_attention_layers": list(range(13)),
+        },
+        "vae": {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        "scheduler": SD3_SCHEDULER,
+    },
+    "sd35-large": {
+        "family": "sd3",
+        "size": 1024,
+        "text_encoders": [("clip_projection", CLIP_L), ("clip_projection", CLIP_G), ("t5", T5_XXL)],
+        "t5_max_length": 256,
+        "transformer": {
+            **SD35_TRANSFORMER,
+            "num_layers": 38,
+            "num_attention_heads": 38,
+            "caption_projection_dim": 2432,
+            "pos_embed_max_size": 192,
+        },
+        "vae": {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        "scheduler": SD3_SCHEDULER,
+    },
+    "flux-dev": {
+        "family": "flux",
+        "size": 1024,
+        "text_encoders": [("clip", CLIP_L), ("t5", T5_XXL)],
+        "t5_max_length": 512,
+        "transformer": {**FLUX_TRANSFORMER, "guidance_embeds": True},
+        "vae": {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "scheduler": FLUX_DEV_SCHEDULER,
+    },
+    "flux-schnell": {
+        "family": "flux",
+        "size": 1024,
+        "text_encoders": [("clip", CLIP_L), ("t5", T5_XXL)],
+        "t5_max_length": 256,
+        "transformer": {**FLUX_TRANSFORMER, "guidance_embeds": False},
+        "vae": {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "scheduler": FLUX_SCHNELL_SCHEDULER,
+    },
+}
+PRESETS.update(DIT_PRESETS)

@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from sdrt.engine_cache import (
     write_atomic,
 )
 from sdrt.errors import UserError
+from sdrt.families import family_for
 from sdrt.lora_pool import DEFAULT_MAX_LORAS
 
 from .fp16_onnx import calibration_feeds, write_fp16_onnx
@@ -71,7 +72,7 @@ DEFAULT_OPT_SIZE = 512  # clamped into the range when no opt size is given
 PRECISIONS = ("fp16", "fp32")
 VAE_PRECISIONS = ("auto", *PRECISIONS)
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MAX_OPTIMIZATION_LEVEL = 5
 FP16_FROM_BUNDLE = "bundle fp16 ONNX"
 
@@ -160,6 +161,11 @@ def component_dims(component: str, sizes: SizeRanges, vae_scale: int) -> dict[st
         "width": sizes.width,
         "latent_height": _div(sizes.height, vae_scale),
         "latent_width": _div(sizes.width, vae_scale),
+        # Flux: one token per 2x2 latent patch
+        "image_tokens": tuple(
+            (h // (2 * vae_scale)) * (w // (2 * vae_scale))
+            for h, w in zip(sizes.height, sizes.width, strict=True)
+        ),
     }
 
 
@@ -255,6 +261,8 @@ def engine_spec(
             f"VAE precision {vae_precision!r} is unknown; choose one of {', '.join(VAE_PRECISIONS)}"
         )
     vae_scale = int(bundle.manifest["vae_scale_factor"])
+    if not family_for(bundle.manifest).classifier_free:  # Flux: one row per image, always
+        sizes = replace(sizes, guidance="none")
     specs = {}
     for name in components:
         info = bundle.components[name]

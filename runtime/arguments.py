@@ -300,6 +300,11 @@ def _check_image_inputs(
     """The strength to run from `image` (default 0.8, or 1.0 when inpainting), else None."""
     if mask_image is not None and image is None:
         raise UserError("mask_image needs image: pass the picture to inpaint as well")
+    if mask_image is not None and manifest["prediction_type"] == "flow":
+        raise UserError(
+            f"inpainting is not supported for {manifest['family']} bundles yet; drop mask_image "
+            "(img2img with image and strength works)"
+        )
     if image is not None and "vae_encoder" not in components:
         raise UserError(
             "this bundle has no vae_encoder, so it cannot do img2img or inpainting; re-export it"

@@ -20,6 +20,8 @@ from typing import BinaryIO
 from .errors import UserError
 
 STAGING = ".{name}.partial-"
+# what a write fails with when the disk, the file-size limit or the quota is reached
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 @contextmanager
@@ -35,7 +37,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if err.errno in DISK_FULL:
             raise UserError(
                 f"could not write {path}: {err.strerror}; "
                 + ("the old file is unchanged; " if path.exists() else "")
@@ -51,6 +53,19 @@ def write_atomic(path: str | Path, data: bytes | memoryview | str) -> None:
     """Write `data` (str as UTF-8) to `path`: readers see the old file or the whole new one."""
     with atomic_file(path) as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def disk_full(err: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `err`: itself, or one it was raised from or while
+    handling (libraries such as torch.onnx let it through from deep inside), else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in DISK_FULL:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def open_for_writing(path: Path) -> BinaryIO:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import UserError
 from .manifest_schema import COMPONENTS, SCHEMA_VERSION, problems
-from .onnx_references import graph_references
+from .onnx_references import GraphReferences, graph_references
 
 __all__ = ["COMPONENTS", "MANIFEST", "SCHEMA_VERSION", "Bundle", "ComponentInfo", "read_manifest"]
 
@@ -28,7 +28,11 @@ MANIFEST = "manifest.json"
 # mmap.ALLOCATIONGRANULARITY, as window offsets must be
 HASH_CHUNK = 1 << 24
 # each text encoder and the folder of the tokenizer that feeds it
-TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+TOKENIZERS = {
+    "text_encoder": "tokenizer",
+    "text_encoder_2": "tokenizer_2",
+    "text_encoder_3": "tokenizer_3",
+}
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,9 @@ class Bundle:
         listed = _listed_external_data(root, manifest)
         checks = []
         for info in components.values():
-            checks.append(check_files(root, info, listed))
+            checks.append(check_files(root, info, listed, manifest))
             for variant in manifest["components"][info.name].get("static_variants", []):
-                checks.append(check_files(root, variant_info(info, variant), listed))
+                checks.append(check_files(root, variant_info(info, variant), listed, manifest))
         bundle = cls(root, manifest, components)
         for folder in bundle.tokenizer_dirs().values():
             checks += check_tokenizer(root, folder.name, manifest["tokenizer_files"])
@@ -153,10 +157,10 @@ def read_manifest(root: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); re-export the bundle") from err
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         raise UserError(
-            f"{path} has schema version {version}, this sdrt reads version {SCHEMA_VERSION}; "
-            "re-export with this sdrt"
+            f"{path} has schema version {version}, this sdrt reads versions up to "
+            f"{SCHEMA_VERSION}; upgrade sdrt or re-export with this one"
         )
     found = problems(manifest)
     if found:
@@ -219,9 +223,12 @@ def _listed_external_data(root: Path, manifest: dict[str, Any]) -> set[Path]:
     }
 
 
-def check_files(root: Path, info: ComponentInfo, listed: set[Path]) -> HashCheck:
+def check_files(
+    root: Path, info: ComponentInfo, listed: set[Path], manifest: dict[str, Any]
+) -> HashCheck:
     """The graph and its external data exist inside the bundle, the graph's inputs and outputs
-    are its role's and it references only listed data files; returns its hash check."""
+    are its role's, the manifest's numbers agree with it and it references only listed data
+    files; returns its hash check."""
     graph = inside(root, info.file, f"{info.name} file")
     data = None
     if info.external_data:
@@ -252,7 +259,49 @@ def check_files(root: Path, info: ComponentInfo, listed: set[Path]) -> HashCheck
                 f"{sorted(t['name'] for t in declared)}; the file is not this bundle's "
                 f"{info.name} (re-export the bundle)"
             )
+    check_graph_numbers(graph, info.name, refs, manifest)
     return check
+
+
+def check_graph_numbers(
+    graph: Path, component: str, refs: GraphReferences, manifest: dict[str, Any]
+) -> None:
+    """The manifest's latent layout against what the graph itself states: the U-Net's input
+    and output channels, the VAE decoder's latent channels and its upsampling (one Resize per
+    doubling in an exported decoder, dynamic shapes or not; a decoder without Resize nodes
+    states no factor and is not checked for it). A number edited in the manifest
+    would otherwise size wrong latents and images, or fail deep inside the engine."""
+    expected: list[tuple[str, str, int, int | str | None]] = []
+    latent = manifest["latent_channels"]
+    if component == "unet":
+        unet_in = manifest.get("unet_in_channels", 4)
+        expected += [
+            ("unet_in_channels", "its input sample's channels", unet_in, _channels(refs, "sample")),
+            ("latent_channels", "its output's channels", latent, _channels(refs, "noise_pred")),
+        ]
+    elif component == "vae_decoder":
+        resizes = refs.op_counts.get("Resize", 0)
+        expected += [
+            ("latent_channels", "its input latent's channels", latent, _channels(refs, "latent")),
+            (
+                "vae_scale_factor",
+                f"its {resizes} 2x upsamplings",
+                manifest["vae_scale_factor"],
+                2**resizes if resizes else None,  # upsampling by other ops: not stated
+            ),
+        ]
+    for key, what, declared, actual in expected:
+        if isinstance(actual, int) and declared != actual:
+            raise UserError(
+                f"{MANIFEST} says {key} {declared}, but {graph.name} has {actual} ({what}); "
+                "the manifest was edited or belongs to another export (re-export the bundle)"
+            )
+
+
+def _channels(refs: GraphReferences, tensor: str) -> int | str | None:
+    """Dimension 1 (channels, NCHW) of a graph input or output, as the graph states it."""
+    shape = refs.shapes.get(tensor, [])
+    return shape[1] if len(shape) > 1 else None
 
 
 def check_tokenizer(root: Path, folder: str, listed: dict[str, dict[str, str]]) -> list[HashCheck]:

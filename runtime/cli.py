@@ -245,7 +245,8 @@ def _add_model_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--random-weights",
         metavar="PRESET",
-        help="build a published architecture with random weights: tiny, sd15, sd21",
+        help="build a published architecture with random weights: tiny, sd15, sd21, sdxl, "
+        "sd35-medium, sd35-large, flux-dev, flux-schnell (tiny-* for tests)",
     )
     parser.add_argument(
         "--allow-pickle",
@@ -291,14 +292,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sdrt.export import lora
 
     if args.source is None and args.random_weights is None:
-        raise UserError("give a model to export, or --random-weights tiny|sd15|sd21|sdxl")
+        raise UserError(
+            "give a model to export, or --random-weights tiny|sd15|sd21|sdxl|sd35-medium|"
+            "sd35-large|flux-dev|flux-schnell"
+        )
     bundle_writer.check_destination(Path(args.bundle))
     if not 0 <= args.lora_rank <= MAX_LORA_RANK:
         raise UserError(f"--lora-rank {args.lora_rank} is outside 0-{MAX_LORA_RANK}; try 32")
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
+    kind = load.source_family(args.source, args.random_weights)
+    if kind is not None:  # an option the family lacks: before the slow model load
+        bundle_writer.check_options(
+            kind,
+            args.dtype,
+            args.fused_attention,
+            args.cuda_fusions,
+            static_sizes,
+            bool(loras),
+            args.lora_rank,
+        )
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
+    if args.random_weights is None:  # a file that is not what it says, before the estimate
+        load.checked_source(args.source, args.allow_pickle)
     _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)

@@ -3,19 +3,21 @@
 `Pipeline.__call__` steps one request to completion; the server's batcher steps every active
 request of one latent size together. Both run `step`, so a request's image does not depend on
 what it was batched with: each request keeps its own scheduler, rng, guidance scale and step
-index, and only the U-Net call is shared (per-row `timestep` and conditioning).
+index, and only the denoiser call is shared (per-row `timestep` and conditioning). Latents stay
+in the VAE layout [B, C, h, w]; the family's `Layout` converts them at the denoiser's edge.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .arguments import GenerationArgs, latent_shape
-from .image_inputs import image_to_pixels, latent_mask, mask_to_array, strength_start
+from .families import Layout
+from .image_inputs import image_to_pixels, latent_mask, mask_to_array
 from .lora_pool import INDEX, SCALE, stack_rows
 from .schedulers import make_scheduler, predicted_clean
 
@@ -61,6 +63,7 @@ class RequestState:
     image_start: ImageStart | None = None
     unet_extra: np.ndarray | None = None  # 9-channel inputs, doubled with guidance
     index: int = 0  # next step to run
+    layout: Layout = field(default_factory=Layout)  # how latents enter and leave the denoiser
     preview_at: frozenset[int] = frozenset()  # step counts after which to keep a preview
     preview: np.ndarray | None = None  # the predicted clean latents, until someone takes them
 
@@ -70,7 +73,7 @@ class RequestState:
 
     @property
     def rows(self) -> int:
-        """U-Net batch rows this request takes per step."""
+        """Denoiser batch rows this request takes per step."""
         return len(self.latents) * (2 if self.guided else 1)
 
     def model_input(self) -> np.ndarray:
@@ -78,10 +81,11 @@ class RequestState:
         model_in = np.concatenate([scaled] * 2) if self.guided else scaled  # scale once, not twice
         if self.unet_extra is not None:
             model_in = np.concatenate([model_in, self.unet_extra], axis=1)
-        return model_in
+        return self.layout.to_model(model_in)
 
     def advance(self, noise_pred: np.ndarray) -> None:
-        """Guidance combine and one scheduler step from this request's U-Net rows."""
+        """Guidance combine and one scheduler step from this request's denoiser rows."""
+        noise_pred = self.layout.from_model(noise_pred)
         t = self.timesteps[self.index]
         if self.guided:
             uncond, text = np.split(noise_pred, 2)
@@ -109,18 +113,20 @@ def start_request(
     pipe: Pipeline, args: GenerationArgs, cond: dict[str, np.ndarray], guided: bool
 ) -> RequestState:
     """Scheduler, rng and initial latents for one checked request (img2img: encoded image)."""
+    family = pipe.family
     sched = make_scheduler(args.scheduler, pipe.manifest["scheduler_config"])
-    sched.set_timesteps(args.num_inference_steps)
+    sched.set_timesteps(args.num_inference_steps, **family.timestep_options(pipe.manifest, args))
     rng = np.random.default_rng(args.seed)
     shape = latent_shape(pipe.manifest, len(args.prompts), args.height, args.width)
     noise = args.latents if args.latents is not None else rng.standard_normal(shape, np.float32)
     state = RequestState(
         sched, rng, noise, noise, sched.timesteps, args.guidance_scale, guided, cond
     )
+    state.layout = family.layout(pipe.manifest, args)
     if args.image is None:
         state.latents = noise * np.float32(sched.init_noise_sigma)
         return state
-    first = strength_start(args.num_inference_steps, args.strength)
+    first = family.first_step(args.num_inference_steps, args.strength)
     begin = _start_from_image(pipe, args, noise, first, sched, rng)
     state.timesteps, state.latents, state.image_start = (
         sched.timesteps[first * sched.order :],
@@ -133,11 +139,12 @@ def start_request(
 
 
 def step(
-    unet: Any, states: list[RequestState], timer: Timer | None = None, pad_to: int = 0
+    denoiser: Any, states: list[RequestState], timer: Timer | None = None, pad_to: int = 0
 ) -> None:
-    """One U-Net call over every state's rows (same latent size), then each state's own
-    guidance and scheduler step. `pad_to` repeats the last row up to a fixed engine batch
-    (static CUDA-graph variants); the padding's output is dropped."""
+    """One denoiser call over every state's rows (same latent size, so the same layout
+    constants), then each state's own guidance and scheduler step. `pad_to` repeats the last
+    row up to a fixed engine batch (static CUDA-graph variants); the padding's output is
+    dropped."""
     timer = timer or Timer()
     tick = time.perf_counter()
     inputs = [state.model_input() for state in states]
@@ -149,11 +156,13 @@ def step(
         cond = states[0].cond_device
     else:
         cond = {k: _rows([s.cond[k] for s in states], k) for k in states[0].cond}
+        cond |= states[0].layout.constants
     feeds = {"sample": _rows(inputs), "timestep": _rows(times), **cond}
     if pad_to > len(feeds["sample"]):
-        feeds = {k: _pad(v, pad_to) for k, v in feeds.items()}
+        constants = states[0].layout.constants
+        feeds = {k: v if k in constants else _pad(v, pad_to) for k, v in feeds.items()}
     tick = timer("scheduler_ms", tick)
-    noise_pred = unet.run(feeds)["noise_pred"]
+    noise_pred = denoiser.run(feeds)["noise_pred"]
     tick = timer("unet_ms", tick)
     start = 0
     for rows, state in zip(inputs, states, strict=True):

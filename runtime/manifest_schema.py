@@ -14,21 +14,39 @@ from typing import Any
 
 from .schedulers import SCHEDULERS
 
-SCHEMA_VERSION = 1
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+# Version 2 added the diffusion-transformer families (sd3, flux); U-Net bundles are still
+# written as version 1, so an older sdrt keeps reading them and refuses only what it cannot run.
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
+# the families each schema version may declare
+FAMILIES = {1: ("sd1", "sd2", "sdxl"), 2: ("sd1", "sd2", "sdxl", "sd3", "flux")}
+COMPONENTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "unet",
+    "transformer",
+    "vae_decoder",
+    "vae_encoder",
+)
+REQUIRED_COMPONENTS = ("text_encoder", "vae_decoder")
+DENOISERS = ("unet", "transformer")  # exactly one of them
 # what the runtime feeds each component and reads back from it
 ROLE_INPUTS = {
     "text_encoder": {"input_ids"},
     "text_encoder_2": {"input_ids"},
+    "text_encoder_3": {"input_ids"},
     "unet": {"sample", "timestep", "encoder_hidden_states"},
+    "transformer": {"sample", "timestep", "encoder_hidden_states", "pooled_projections"},
     "vae_decoder": {"latent"},
     "vae_encoder": {"image"},
 }
 ROLE_OUTPUTS = {
     "text_encoder": {"text_embeddings"},
     "text_encoder_2": {"text_embeddings"},
+    "text_encoder_3": {"text_embeddings"},
     "unet": {"noise_pred"},
+    "transformer": {"noise_pred"},
     "vae_decoder": {"image"},
     "vae_encoder": {"latent_moments"},
 }
@@ -99,11 +117,15 @@ def _sha256(value: Any) -> str | None:
 
 
 TOP_LEVEL: dict[str, tuple[bool, Check]] = {  # key -> (required, check)
-    "schema_version": (True, _integer(SCHEMA_VERSION, SCHEMA_VERSION)),
-    "family": (True, _one_of("sd1", "sd2", "sdxl")),
-    "prediction_type": (True, _one_of("epsilon", "v_prediction", "sample")),
+    "schema_version": (True, _integer(min(SCHEMA_VERSIONS), SCHEMA_VERSION)),
+    "family": (True, _one_of(*FAMILIES[SCHEMA_VERSION])),
+    # "flow": the denoiser predicts the velocity of a flow-matching path (sd3, flux)
+    "prediction_type": (True, _one_of("epsilon", "v_prediction", "sample", "flow")),
     "latent_channels": (True, _integer(1, 64)),
     "unet_in_channels": (False, _integer(1, 128)),
+    "denoiser_in_channels": (False, _integer(1, 256)),
+    "t5_max_length": (False, _integer(1, 4096)),
+    "patch_size": (False, _integer(1, 16)),
     "vae_scale_factor": (True, _integer(1, 64)),
     "vae_scaling_factor": (True, _number(positive=True)),
     "vae_shift_factor": (False, _optional(_number())),
@@ -146,9 +168,14 @@ def problems(manifest: Any) -> list[str]:
     if not isinstance(manifest, dict):
         return ["does not hold a JSON object"]
     found = _fields(manifest, TOP_LEVEL, "")
+    version, family = manifest.get("schema_version"), manifest.get("family")
+    if version in FAMILIES and family not in FAMILIES[version]:
+        found.append(f"family {family!r} needs schema version {SCHEMA_VERSION}, not {version}")
     components = manifest.get("components")
     if isinstance(components, dict):
         found += [f"lists no {c} component" for c in REQUIRED_COMPONENTS if c not in components]
+        if sum(d in components for d in DENOISERS) != 1:
+            found.append(f"must list exactly one denoiser component ({' or '.join(DENOISERS)})")
         for name, entry in components.items():
             found += _component(name, entry)
     tokenizers = manifest.get("tokenizer_files")

@@ -1,5 +1,6 @@
-"""What an ONNX file names without loading it: its graph inputs and outputs, and every
-external-data file its tensors point at.
+"""What an ONNX file names without loading it: its graph inputs and outputs with their
+shapes, how many nodes of each op its main graph holds, and every external-data file its
+tensors point at.
 
 Read straight from the protobuf wire format (field numbers from onnx.proto), so the runtime
 needs no `onnx` package and never opens a referenced file before the bundle has vetted it.
@@ -9,6 +10,7 @@ Tensor payloads are skipped by length, not read.
 from __future__ import annotations
 
 import mmap
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +23,15 @@ TRAINING_GRAPHS = (1, 2)  # TrainingInfoProto.initialization, .algorithm
 FUNCTION_NODES = 7
 GRAPH_NODES, GRAPH_INITIALIZERS, GRAPH_SPARSE_INITIALIZERS = 1, 5, 15
 GRAPH_INPUTS, GRAPH_OUTPUTS = 11, 12
-NODE_ATTRIBUTES = 5
+NODE_OP_TYPE, NODE_ATTRIBUTES = 4, 5
 ATTRIBUTE_TENSORS = (5, 10)  # t, tensors
 ATTRIBUTE_GRAPHS = (6, 11)  # g, graphs
 ATTRIBUTE_SPARSE_TENSORS = (22, 23)  # sparse_tensor, sparse_tensors
 SPARSE_TENSOR_PARTS = (1, 2)  # values, indices
 TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
-VALUE_INFO_NAME = 1
+VALUE_INFO_NAME, VALUE_INFO_TYPE = 1, 2
+TYPE_TENSOR, TENSOR_TYPE_SHAPE, SHAPE_DIM = 1, 2, 1  # TypeProto.tensor_type.shape.dim
+DIM_VALUE, DIM_PARAM = 1, 2
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
@@ -38,6 +42,9 @@ class GraphReferences:
     inputs: list[str] = field(default_factory=list)  # graph inputs that are not initializers
     outputs: list[str] = field(default_factory=list)
     external_files: set[str] = field(default_factory=set)  # `location` values, as written
+    # each main-graph input's and output's dims: a size, a symbol's name, or None if unstated
+    shapes: dict[str, list[int | str | None]] = field(default_factory=dict)
+    op_counts: Counter[str] = field(default_factory=Counter)  # main graph only
 
 
 class _Malformed(Exception):
@@ -80,14 +87,42 @@ def graph_references(path: Path) -> GraphReferences:
 def _main_graph(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
     inputs, initializers = [], set()
     for number, s, e in _messages(buf, start, end):
-        if number == GRAPH_INPUTS:
-            inputs.append(_string_field(buf, s, e, VALUE_INFO_NAME))
-        elif number == GRAPH_OUTPUTS:
-            refs.outputs.append(_string_field(buf, s, e, VALUE_INFO_NAME))
+        if number in (GRAPH_INPUTS, GRAPH_OUTPUTS):
+            name = _string_field(buf, s, e, VALUE_INFO_NAME)
+            (inputs if number == GRAPH_INPUTS else refs.outputs).append(name)
+            refs.shapes[name] = _shape(buf, s, e)
         elif number == GRAPH_INITIALIZERS:
             initializers.add(_string_field(buf, s, e, TENSOR_NAME))
+            _tensor(buf, s, e, refs)
+        elif number == GRAPH_SPARSE_INITIALIZERS:
+            _sparse_tensor(buf, s, e, refs)
+        elif number == GRAPH_NODES:
+            refs.op_counts[_node(buf, s, e, refs)] += 1
     refs.inputs = [name for name in inputs if name not in initializers]  # IR < 4 lists both
-    _graph(buf, start, end, refs)
+
+
+def _shape(buf: memoryview, start: int, end: int) -> list[int | str | None]:
+    """The dims of a ValueInfoProto's tensor type ([] when it states no shape)."""
+    dims: list[int | str | None] = []
+    for _, ts, te in _numbered(buf, start, end, VALUE_INFO_TYPE):
+        for _, ss, se in _numbered(buf, ts, te, TYPE_TENSOR):
+            for _, ds, de in _numbered(buf, ss, se, TENSOR_TYPE_SHAPE):
+                dims += [_dim(buf, s, e) for _, s, e in _numbered(buf, ds, de, SHAPE_DIM)]
+    return dims
+
+
+def _dim(buf: memoryview, start: int, end: int) -> int | str | None:
+    """A TensorShapeProto.Dimension: its dim_value, else its dim_param, else None. Protobuf
+    writes fields in number order, so a dim_value (field 1) comes first."""
+    if start < end:
+        key, pos = _varint(buf, start, end)
+        if key == DIM_VALUE << 3 | VARINT:
+            return _varint(buf, pos, end)[0]
+    return _string_field(buf, start, end, DIM_PARAM) or None
+
+
+def _numbered(buf: memoryview, start: int, end: int, wanted: int) -> list[tuple[int, int, int]]:
+    return [field for field in _messages(buf, start, end) if field[0] == wanted]
 
 
 def _graph(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
@@ -106,8 +141,12 @@ def _nodes(buf: memoryview, start: int, end: int, field_number: int, refs: Graph
             _node(buf, s, e, refs)
 
 
-def _node(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
+def _node(buf: memoryview, start: int, end: int, refs: GraphReferences) -> str:
+    """Record what the node's attributes reference; returns its op_type."""
+    op_type = ""
     for number, s, e in _messages(buf, start, end):
+        if number == NODE_OP_TYPE:
+            op_type = bytes(buf[s:e]).decode("utf-8")
         if number != NODE_ATTRIBUTES:
             continue
         for part, ps, pe in _messages(buf, s, e):
@@ -117,6 +156,7 @@ def _node(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:
                 _graph(buf, ps, pe, refs)
             elif part in ATTRIBUTE_SPARSE_TENSORS:
                 _sparse_tensor(buf, ps, pe, refs)
+    return op_type
 
 
 def _sparse_tensor(buf: memoryview, start: int, end: int, refs: GraphReferences) -> None:

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 
 from .arguments import GenerationArgs, Limits, check_arguments
-from .backends import PARALLEL_LOAD, Engine, load_engine
+from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
 from .errors import UserError
+from .families import family_for
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
-from .lora_pool import DEFAULT_MAX_LORAS, NO_ADAPTER, AdapterPool, Hold, stack_rows
-from .tokenizer import ClipTokenizer
+from .lora_pool import DEFAULT_MAX_LORAS, NO_ADAPTER, AdapterPool, Hold
 
 
 @dataclass
@@ -35,13 +35,12 @@ class PipelineOutput:
 
 
 class Pipeline:
-    def __init__(
-        self, bundle: Bundle, engines: dict[str, Engine], tokenizers: dict[str, ClipTokenizer]
-    ):
+    def __init__(self, bundle: Bundle, engines: dict[str, Engine], tokenizers: dict[str, Any]):
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.family = family_for(bundle.manifest)
         self.engines = engines
-        self.tokenizers = tokenizers  # text encoder name -> its tokenizer
+        self.tokenizers = tokenizers  # text encoder name -> its tokenizer (CLIP or T5)
         # milliseconds `load` spent (see `load`)
         self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
@@ -74,6 +73,7 @@ class Pipeline:
         "total" (this call).
         """
         parse_device(device)  # a typo is refused before anything loads, for every backend
+        check_backend_options(backend, backend_options)
         start = time.perf_counter()
         loaded, checks = Bundle.open(bundle, trusted_key=trusted_key)
         timings = {"bundle": _ms_since(start)}
@@ -92,10 +92,7 @@ class Pipeline:
             engines = {}
             for name, future in loading.items():
                 engines[name], timings[name] = future.result()
-        tokenizers = {
-            name: ClipTokenizer.from_dir(folder) for name, folder in loaded.tokenizer_dirs().items()
-        }
-        pipe = cls(loaded, engines, tokenizers)
+        pipe = cls(loaded, engines, family_for(loaded.manifest).tokenizers(loaded))
         if "lora_branch" in pipe.manifest:  # bundles exported with --lora-rank
             pipe.adapters = AdapterPool(
                 pipe.manifest["lora_branch"], engines, max_loras, trusted_key
@@ -151,14 +148,15 @@ class Pipeline:
 
     def _generate(self, args: GenerationArgs, hold: Hold, progress: bool) -> PipelineOutput:
         timer, start = Timer(), time.perf_counter()
-        unet = self.engines["unet"]
+        denoiser = self.denoiser
         (cond,) = self.conditionings([args], [hold])
         tick = timer("text_encoder_ms", start)
         state = start_request(self, args, cond, self.guided(args))
-        state.cond_device = upload_constants(unet, cond)  # once per request, not per step
+        # once per request, not per step
+        state.cond_device = upload_constants(denoiser, {**cond, **state.layout.constants})
         tick = timer("vae_encode_ms" if args.image is not None else "scheduler_ms", tick)
         for _ in _progress(len(state.timesteps), progress):
-            step(unet, [state], timer)
+            step(denoiser, [state], timer)
         tick = time.perf_counter()
         images = self.decode_latents(state.latents)
         tick = timer("vae_decode_ms", tick)
@@ -203,9 +201,14 @@ class Pipeline:
         """A request checked against this bundle (`check_arguments` takes the keywords)."""
         return check_arguments(self.manifest, self.engines, **{"limits": self.limits, **call})
 
+    @property
+    def denoiser(self) -> Engine:
+        """The engine each step calls: the U-Net or the transformer."""
+        return self.engines[self.family.denoiser]
+
     def guided(self, args: GenerationArgs) -> bool:
-        """Classifier-free guidance runs two U-Net rows per image."""
-        return args.guidance_scale > 1.0 and not self.guidance_embedded
+        """Classifier-free guidance runs two denoiser rows per image."""
+        return self.family.guided(self, args)
 
     @property
     def inpainting_unet(self) -> bool:
@@ -214,83 +217,19 @@ class Pipeline:
 
     @property
     def guidance_embedded(self) -> bool:
-        """Guidance-distilled U-Nets (LCM) take the scale as an input instead of a 2x batch."""
-        return "timestep_cond" in self.engines["unet"].inputs
+        """Guidance-distilled denoisers (LCM, Flux-dev) take the scale as an input instead of
+        a 2x batch."""
+        inputs = self.denoiser.inputs
+        return "timestep_cond" in inputs or "guidance" in inputs
 
     def conditionings(
         self, requests: Sequence[GenerationArgs], holds: Sequence[Hold] | None = None
     ) -> list[dict[str, np.ndarray]]:
-        """Each request's U-Net inputs that stay fixed over its loop, uncond rows first; the
+        """Each request's denoiser inputs that stay fixed over its loop, uncond rows first; the
         prompts of all requests go through each text encoder in one call. `holds`: each
         request's adapters (`hold_loras`), for a --lora-rank bundle."""
         holds = holds or [NO_ADAPTER] * len(requests)
-        plans = [self._prompt_rows(args) for args in requests]
-        branch = [hold.rows(len(texts)) for hold, (texts, _) in zip(holds, plans, strict=True)]
-        hidden, pooled = self.encode_prompts(
-            [text for texts, _ in plans for text in texts],
-            {k: stack_rows([rows[k] for rows in branch]) for k in branch[0]},
-        )
-        conds, row = [], 0
-        for args, hold, (texts, zeros) in zip(requests, holds, plans, strict=True):
-            rows = slice(row, row + len(texts))
-            row += len(texts)
-            cond = self._conditioning(
-                args, hidden[rows], None if pooled is None else pooled[rows], zeros
-            )
-            if "lora_index" in self.engines["unet"].inputs:
-                cond.update(hold.rows(len(cond["encoder_hidden_states"])))
-            conds.append(cond)
-        return conds
-
-    def _prompt_rows(self, args: GenerationArgs) -> tuple[list[str], bool]:
-        """The texts to encode for a request, and whether its negative rows are zeros instead
-        (`negatives` None means the model's own choice: SDXL zeros, others "")."""
-        guided = self.guided(args)
-        zeros = (
-            guided and args.negatives is None and self.manifest.get("zero_negative_prompt", False)
-        )
-        negatives = args.negatives or [""] * len(args.prompts)
-        return (negatives + args.prompts if guided and not zeros else args.prompts), zeros
-
-    def _conditioning(
-        self, args: GenerationArgs, hidden: np.ndarray, pooled: np.ndarray | None, zeros: bool
-    ) -> dict[str, np.ndarray]:
-        if zeros:
-            hidden = np.concatenate([np.zeros_like(hidden), hidden])
-            pooled = None if pooled is None else np.concatenate([np.zeros_like(pooled), pooled])
-        cond = {"encoder_hidden_states": hidden}
-        unet_inputs = self.engines["unet"].inputs
-        if "text_embeds" in unet_inputs and pooled is not None:
-            # SDXL micro-conditioning: original size, crop top-left, target size
-            height, width = args.height, args.width
-            cond["text_embeds"] = pooled
-            cond["time_ids"] = np.tile(
-                np.array([[height, width, 0, 0, height, width]], np.float32), (len(pooled), 1)
-            )
-        if self.guidance_embedded:
-            cond["timestep_cond"] = guidance_embedding(
-                np.full(len(args.prompts), args.guidance_scale - 1.0, np.float32),
-                unet_inputs["timestep_cond"][1][-1],
-            )
-        return cond
-
-    def encode_prompts(
-        self, prompts: list[str], lora_rows: dict[str, np.ndarray] | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Hidden states of every text encoder joined on the feature axis, and the pooled
-        embedding of the last one that has it (SDXL); None for SD 1/2. `lora_rows`: each
-        prompt's adapter columns, for encoders with the run-time LoRA branch."""
-        hidden, pooled = [], None
-        for name, tokenizer in self.tokenizers.items():
-            ids = tokenizer.encode(prompts, self.manifest["text_max_length"])
-            engine = self.engines[name]
-            feeds = {"input_ids": ids}
-            if "lora_index" in engine.inputs:
-                feeds.update(lora_rows or NO_ADAPTER.rows(len(prompts)))
-            out = engine.run(feeds)
-            hidden.append(out["text_embeddings"])
-            pooled = out.get("pooled_embeddings", pooled)
-        return np.concatenate(hidden, axis=-1), pooled
+        return self.family.conditionings(self, requests, holds)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         scaled = latents / np.float32(self.manifest["vae_scaling_factor"])
@@ -309,15 +248,6 @@ class Pipeline:
         if self.manifest.get("vae_shift_factor") is not None:
             latents = latents - np.float32(self.manifest["vae_shift_factor"])
         return latents * np.float32(self.manifest["vae_scaling_factor"])
-
-
-def guidance_embedding(w: np.ndarray, dim: int) -> np.ndarray:
-    """Sinusoidal embedding of the guidance scale that guidance-distilled U-Nets take."""
-    half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1)))
-    angles = (w.astype(np.float32) * 1000.0)[:, None] * freqs[None, :]
-    emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    return np.pad(emb, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
 def _verify(checks: Sequence[HashCheck]) -> None:

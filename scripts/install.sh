@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Create .venv (if absent) with sdrt, its export/bench/dev extras and a CPU build of PyTorch.
+# Create .venv (if absent) with what `sdrt demo` needs: sdrt with its export extras, the CPU
+# ONNX Runtime and a CPU build of PyTorch. `--test` adds what the tests need (scripts/test.sh
+# passes it): the dev extras, the TensorRT stubs and Triton's own venv, .venv-triton.
 # On a GPU machine install `sdrt[export,cuda13]` or `sdrt[export,cuda12]` (and
 # `sdrt[tensorrt-cu13]` or `sdrt[tensorrt-cu12]`) instead; see README's install table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+    "" | --test) ;;
+    *) echo "usage: scripts/install.sh [--test]" >&2; exit 2 ;;
+esac
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -11,6 +17,10 @@ fi
 python -m pip install -q --upgrade pip
 # A plain `torch` requirement would pull a multi-GB CUDA build; pin the CPU one first.
 python -m pip install -q "torch==2.13.0"
+if [ "${1:-}" != "--test" ]; then
+    python -m pip install -q -e ".[export,cpu]"
+    exit 0
+fi
 python -m pip install -q -e ".[dev]"
 # The stubs pin the `tensorrt` stub package, whose install downloads from NVIDIA: skip deps.
 python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"

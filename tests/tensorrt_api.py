@@ -1,7 +1,7 @@
 """The TensorRT Python API as each major version offers it, read without a GPU or TensorRT.
 
-- TensorRT 10: the `tensorrt-stubs` 10.13 .pyi files that scripts/install.sh puts in the venv
-  (what `.ci/typecheck-tensorrt.sh` checks against).
+- TensorRT 10: the `tensorrt-stubs` 10.13 .pyi files that `scripts/install.sh --test` puts in
+  the venv (what `.ci/typecheck-tensorrt.sh` checks against).
 - TensorRT 11: the real bindings wheel `tensorrt-cu12-bindings` 11.4 from PyPI. Its
   `tensorrt.so` needs libnvinfer to import, but every class, method, property and enum member
   pybind11 registers is a NUL-terminated name in it. The linker merges a name into a longer one
@@ -76,7 +76,7 @@ def stub_api() -> tuple[dict[str, set[str]], set[str]]:
     if not bindings.is_file():
         pytest.fail(
             f"tensorrt-stubs are not installed in {sys.prefix}; run `{sys.executable} -m pip "
-            "install --no-deps tensorrt-stubs==10.13.0.35.1` (scripts/install.sh does)"
+            "install --no-deps tensorrt-stubs==10.13.0.35.1` (`scripts/install.sh --test` does)"
         )
     classes: dict[str, set[str]] = {}
     module_names: set[str] = set()

@@ -144,6 +144,21 @@ def test_a_given_bundle_is_reused_instead_of_exported(tiny_model_dir, tiny_bundl
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bench-bundle")]
 
 
+def test_a_bundle_of_another_architecture_is_refused_naming_each_difference(
+    preset_bundle, tmp_path, capsys
+):
+    _, sdxl = preset_bundle("tiny-sdxl")
+    argv = ["--random-weights", "tiny", *QUICK, "--bundle", str(sdxl), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sdrt: error: --bundle {sdxl} was not exported from the model benchmarked: "
+        "text encoders text_encoder+text_encoder_2 in the bundle, text_encoder in random "
+        "weights: tiny; text width 64 in the bundle, 32 in random weights: tiny; pass the "
+        "bundle exported from this model, or leave out --bundle to export one"
+    )
+    assert not (tmp_path / "bench.json").exists()  # refused before any row was measured
+
+
 def test_unknown_preset_is_a_one_line_error_with_exit_code_2(tmp_path, capsys):
     code = main(["--random-weights", "no-such-preset", *QUICK, "--out", str(tmp_path)])
     error = capsys.readouterr().err.strip().splitlines()[-1]

@@ -52,6 +52,28 @@ def test_manifest_of_another_schema_version(bundle_copy):
         Bundle.load(bundle_copy)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "graph", "stated"),
+    [
+        ("vae_scale_factor", 4, "vae_decoder.onnx", "8 (its 3 2x upsamplings)"),
+        ("latent_channels", 8, "unet.onnx", "4 (its output's channels)"),
+        ("unet_in_channels", 9, "unet.onnx", "4 (its input sample's channels)"),
+    ],
+)
+def test_a_manifest_number_its_graphs_contradict_is_refused(bundle_copy, key, value, graph, stated):
+    """Edited to 4, vae_scale_factor made a 64x64 request decode to 128x128; a wrong
+    latent_channels failed inside ONNX Runtime."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest[key] = value
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as refused:
+        Pipeline.load(bundle_copy, device="cpu")
+    assert str(refused.value) == (
+        f"manifest.json says {key} {value}, but {graph} has {stated}; the manifest was edited "
+        "or belongs to another export (re-export the bundle)"
+    )
+
+
 def test_missing_bundle_directory(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Bundle.load(tmp_path / "nowhere")

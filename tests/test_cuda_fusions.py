@@ -273,6 +273,8 @@ def test_fusion_pass_rewrites_the_export_and_computes_the_same(fused_graphs, nam
     assert set(expected) <= set(counts), counts
     convs = sum(n.op_type == "Conv" for n in plain.graph.node)
     assert counts["NhwcConv"] == convs  # every convolution went channels-last
+    resizes = [sum(n.op_type == "Resize" for n in g.graph.node) for g in (plain, fused)]
+    assert resizes[0] == resizes[1]  # what the bundle's vae_scale_factor check counts
     casts = sum(n.op_type == "Cast" for n in fused.graph.node)
     assert casts <= sum(n.op_type == "Cast" for n in plain.graph.node)  # no-op casts go
     # the domain is imported even where the export had no contrib op before (the VAE)

@@ -45,13 +45,32 @@ def test_cached_graphs_give_the_uncached_images_bit_for_bit(tiny_bundle, tmp_pat
     np.testing.assert_array_equal(image(hit), uncached_image)
 
 
-def test_an_entry_whose_files_changed_is_rebuilt_not_used(tiny_bundle, tmp_path, uncached_image):
+def flip_exponent_bit_midway(path) -> None:
+    """Same size, other bytes: the record's sizes still match."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 8 * 4 + 3] ^= 0x40  # the top byte of a float32 in the middle
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [graph_cache.WEIGHTS, graph_cache.MODEL],
+    ids=["weights ONNX Runtime still loads", "graph ONNX Runtime refuses"],
+)
+def test_an_entry_whose_files_changed_is_rebuilt_not_used(
+    tiny_bundle, tmp_path, uncached_image, damaged
+):
+    """Damaged weights still load (a float changed is a valid float): only the CRC-32 keeps
+    them from being used."""
     Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
-    for entry in entries(tmp_path):  # same size, other bytes: only the digest can tell
-        model = entry / graph_cache.MODEL
-        data = bytearray(model.read_bytes())
-        data[-20] ^= 0xFF
-        model.write_bytes(bytes(data))
+    for entry in entries(tmp_path):
+        if damaged == graph_cache.MODEL:
+            model = entry / graph_cache.MODEL
+            data = bytearray(model.read_bytes())
+            data[-20] ^= 0xFF
+            model.write_bytes(bytes(data))
+        else:
+            flip_exponent_bit_midway(entry / graph_cache.WEIGHTS)
     rebuilt = Pipeline.load(tiny_bundle, device="cpu", graph_cache=tmp_path)
     assert statuses(rebuilt) == {"rebuilt"}
     np.testing.assert_array_equal(image(rebuilt), uncached_image)

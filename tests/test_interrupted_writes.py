@@ -88,11 +88,30 @@ def test_export_losing_the_race_to_a_finished_bundle_says_so(tmp_path, tiny_bund
         _move_into_place(staging, tiny_bundle)
 
 
-def _limit_file_size() -> None:
-    """In the child: files may not grow past 1 KiB; an oversized write fails with EFBIG
-    instead of killing the process with SIGXFSZ."""
+def _limit_file_size(limit: int = 1024) -> None:
+    """In the child: files may not grow past `limit` bytes; an oversized write fails with
+    EFBIG instead of killing the process with SIGXFSZ."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_full_disk_mid_export_is_one_line_and_leaves_nothing(tmp_path):
+    """300 KB lets the tiny text encoder's graph through; torch.onnx's write of the U-Net's
+    then fails deep inside the exporter."""
+    dest = tmp_path / "bundle"
+    proc = subprocess.run(
+        [*SDRT, "export", "--random-weights", "tiny", str(dest)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: _limit_file_size(300_000),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"sdrt: error: could not write the bundle {dest}: File too large; nothing of it was "
+        "kept; free some space or export elsewhere"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_full_disk_keeps_the_existing_output(tiny_bundle, tmp_path):

@@ -126,10 +126,10 @@ def test_kohya_text_encoder_part_is_applied(pipe, files):
         want = diffusers_pipe.text_encoder(ids)[0].numpy()
     hold = pipe.adapters.hold({"kohya": 1.0})
     try:
-        got, _ = pipe.encode_prompts([PROMPT], hold.rows(1))
+        got = pipe.family.encode_text(pipe, [PROMPT], hold.rows(1))["encoder_hidden_states"]
     finally:
         hold.release()
-    plain, _ = pipe.encode_prompts([PROMPT])
+    plain = pipe.family.encode_text(pipe, [PROMPT])["encoder_hidden_states"]
     assert np.abs(want - plain).max() > 1e-3
     assert np.abs(got - want).max() <= 1e-5
 

@@ -110,6 +110,29 @@ def test_load_reports_milliseconds_for_the_bundle_and_each_engine(tiny_bundle):
     assert timings["total"] <= wall_ms
 
 
+@pytest.mark.parametrize(
+    ("backend", "options", "line"),
+    [
+        (
+            "onnxruntime",
+            {"foo": 1},
+            "Pipeline.load got unknown option foo for backend 'onnxruntime'; it takes "
+            "static_shapes, cuda_graph, cuda_options, graph_cache, threads",
+        ),
+        (
+            "tensorrt",
+            {"graph_cache": False, "threads": 2},
+            "Pipeline.load got unknown options graph_cache, threads for backend 'tensorrt'; it "
+            "takes cuda_graph, tensorrt_module",
+        ),
+    ],
+)
+def test_an_unknown_load_option_is_named_with_the_backends_own(tiny_bundle, backend, options, line):
+    with pytest.raises(UserError) as refused:
+        Pipeline.load(tiny_bundle, backend=backend, device="cpu", **options)
+    assert str(refused.value) == line + " (beside backend, device, verify, trusted_key)"
+
+
 def test_engines_load_in_parallel_beside_the_hash_checks(tiny_bundle, monkeypatch):
     """Each ONNX Runtime engine loads on its own thread while the hashes are checked: every
     load and the check wait at one barrier, which a serial load would never fill."""

@@ -125,12 +125,35 @@ def test_openai_client_works_through_the_ray_ingress(ray_url, runtime):
     assert np.abs(image - expected).max() <= 0.5 + 255e-5
 
 
+def _replicas() -> list[str]:
+    """The live replicas' actor names (Ray names each replica actor by its replica id)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in named if a["namespace"] == "serve" and f"::{APP}#" in a["name"]]
+
+
+def _holding_requests(replicas: list[str], timeout_s: float) -> str:
+    """The first replica that holds a request, by the count Serve's router probes
+    (`ReplicaActor.get_num_ongoing_requests`, ray 2.60 serve/_private/replica.py: requests
+    the replica accepted and has not answered; served on its own thread, so a busy replica
+    still answers)."""
+    actors = {name: ray.get_actor(name, namespace="serve") for name in replicas}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        counts = ray.get([a.get_num_ongoing_requests.remote() for a in actors.values()])
+        for name, count in zip(actors, counts, strict=True):
+            if count > 0:
+                return name
+        time.sleep(0.05)
+    raise TimeoutError(f"no replica of {replicas} took a request in {timeout_s} s")
+
+
 def test_killed_replica_loses_no_request_and_serve_brings_it_back(ray_url, runtime):
-    victim = _generate(ray_url, seed=0, num_inference_steps=1).headers[REPLICA_HEADER]
+    replicas = _replicas()
+    assert len(replicas) == 2, replicas
     load = [{"seed": 100 + i, "num_inference_steps": 30} for i in range(8)]
     with ThreadPoolExecutor(len(load)) as pool:
         futures = [pool.submit(_generate_retrying, ray_url, 5, **fields) for fields in load]
-        time.sleep(1.0)  # every request is running, half of them on the victim
+        victim = _holding_requests(replicas, timeout_s=60)
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         results = [f.result() for f in futures]
     assert sum(failures for _, failures in results) > 0  # the victim had requests in flight

@@ -1171,7 +1171,7 @@ def test_calibration_of_a_converted_unet_is_the_bundles_own_conditioning(
     assert [float(f["timestep"][0]) for f in feeds] == [np.float32(t) for t in TIMESTEPS]
     for index, feed in enumerate(feeds):
         prompt = PROMPTS[index % len(PROMPTS)]
-        hidden, _ = pipe.encode_prompts(["", prompt])
+        hidden = pipe.family.encode_text(pipe, ["", prompt])["encoder_hidden_states"]
         assert feed["sample"].shape == (2, 4, 16, 8)  # opt: one image of 128x64, guided
         assert feed["encoder_hidden_states"].dtype == np.float32
         np.testing.assert_allclose(feed["encoder_hidden_states"], hidden, rtol=0, atol=1e-6)

@@ -1,9 +1,9 @@
 """`sdrt triton-repo` against a real Triton Inference Server on 127.0.0.1 (CPU).
 
-The server is the `tritonserver` binary from nvidia-pytriton (scripts/install.sh builds
-.venv-triton); a missing binary fails these tests rather than skipping them. The model is
-decoupled, which Triton serves through gRPC streaming only (HTTP /infer refuses decoupled
-models); HTTP is checked for health, metadata and config.
+The server is the `tritonserver` binary from nvidia-pytriton (`scripts/install.sh --test`,
+which scripts/test.sh runs, builds .venv-triton); a missing binary fails these tests rather
+than skipping them. The model is decoupled, which Triton serves through gRPC streaming only
+(HTTP /infer refuses decoupled models); HTTP is checked for health, metadata and config.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ def triton(tiny_bundle, tmp_path_factory):
     write_repository(
         tiny_bundle,
         repo,
-        RepoOptions(
-            name=MODEL, kind="cpu", copy_bundle=True, max_queue=16, python_env=str(triton_venv())
-        ),
+        # the default kind, KIND_AUTO: Triton must place it on the CPU of this GPU-less host
+        RepoOptions(name=MODEL, copy_bundle=True, max_queue=16, python_env=str(triton_venv())),
     )
     with TritonServer(repo, repo.parent / "tritonserver.log") as server:
         yield server
@@ -112,7 +111,8 @@ def test_repository_records_provenance_and_triton_settings(tiny_bundle, tmp_path
 
 def test_triton_repo_command_refuses_bad_options_and_existing_model(tiny_bundle, tmp_path, capsys):
     out = tmp_path / "repo"
-    assert main(["triton-repo", str(tiny_bundle), str(out), "--kind", "cpu"]) == 0
+    assert main(["triton-repo", str(tiny_bundle), str(out)]) == 0
+    assert "kind: KIND_AUTO" in (out / "sdrt" / "config.pbtxt").read_text()
     assert main(["triton-repo", str(tiny_bundle), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["triton-repo", str(tiny_bundle), str(out), "--name", "x", "--instances", "0"]) == 2
@@ -141,6 +141,7 @@ def test_health_ready_and_model_config_over_http(triton):
     assert client.is_model_ready(MODEL)
     config = client.get_model_config(MODEL)
     assert config["model_transaction_policy"]["decoupled"] is True
+    assert [group["kind"] for group in config["instance_group"]] == ["KIND_CPU"]  # from AUTO
     names = {i["name"]: i["datatype"] for i in client.get_model_metadata(MODEL)["inputs"]}
     assert names["seed"] == "INT64" and names["prompt"] == "BYTES"
 

@@ -4,6 +4,7 @@ use needs to be installed."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from ..bundle import Bundle
@@ -30,6 +31,12 @@ def load_engine(
     backend: str, bundle: Bundle, component: str, device: str, **options: Any
 ) -> Engine:
     """The engine for `component`; `options` go to the backend (e.g. cuda_graph=True)."""
+    return engine_class(backend)(bundle, component, device, **options)
+
+
+def engine_class(backend: str) -> Any:
+    """The backend's engine class, its module imported now; UserError when the name is unknown
+    or the backend is not installed."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     module_name, class_name, install = BACKENDS[backend]
@@ -39,7 +46,28 @@ def load_engine(
         raise UserError(
             f"backend {backend!r} is not installed ({err.name} missing); run {install}"
         ) from err
-    return getattr(module, class_name)(bundle, component, device, **options)
+    return getattr(module, class_name)
 
 
-__all__ = ["BACKENDS", "PARALLEL_LOAD", "Engine", "load_engine"]
+def check_backend_options(backend: str, options: dict[str, Any]) -> None:
+    """Refuse an option the backend's engines do not take, naming those they do, before the
+    bundle is read (rather than a TypeError from inside `Pipeline.load`'s loading threads)."""
+    parameters = inspect.signature(engine_class(backend).__init__).parameters.values()
+    valid = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(
+            f"Pipeline.load got unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} "
+            f"for backend {backend!r}; it takes {', '.join(valid)} (beside backend, device, "
+            "verify, trusted_key)"
+        )
+
+
+__all__ = [
+    "BACKENDS",
+    "PARALLEL_LOAD",
+    "Engine",
+    "check_backend_options",
+    "engine_class",
+    "load_engine",
+]

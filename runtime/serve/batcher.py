@@ -290,7 +290,9 @@ class Batcher:
                 job.state = start_request(
                     self.pipeline, job.args, cond, self.pipeline.guided(job.args)
                 )
-                job.state.cond_device = upload_constants(self.pipeline.engines["unet"], cond)
+                job.state.cond_device = upload_constants(
+                    self.pipeline.denoiser, {**cond, **job.state.layout.constants}
+                )
             except Exception as err:  # e.g. an image the VAE cannot take
                 self._fail_job(job, err)
                 continue
@@ -320,7 +322,7 @@ class Batcher:
         return groups
 
     def _step_group(self, jobs: list[Job], timer: Timer) -> None:
-        unet = self.pipeline.engines["unet"]
+        unet = self.pipeline.denoiser
         rows = sum(job.state.rows for job in jobs)
         latents = jobs[0].state.latents
         before = timer.ms.get("unet_ms", 0.0)

@@ -49,7 +49,9 @@ WIRE_TYPES = {
     "TYPE_INT64": ("INT64", np.int64),
     "TYPE_FP32": ("FP32", np.float32),
 }
-KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+# model_config.proto's ModelInstanceGroup.Kind; KIND_AUTO: on the GPUs where Triton finds any,
+# else on the CPU (the python backend then reports the kind it chose)
+KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 BUNDLE_DIR = "bundle"  # where --copy-bundle puts the bundle, inside the model folder
 
 
@@ -57,7 +59,7 @@ BUNDLE_DIR = "bundle"  # where --copy-bundle puts the bundle, inside the model f
 class RepoOptions:
     name: str = "sdrt"
     instances: int = 1
-    kind: str = "gpu"
+    kind: str = "auto"
     backend: str = "onnxruntime"
     copy_bundle: bool = False
     max_batch_rows: int | None = None  # None: the batcher's default for the backend
@@ -180,7 +182,7 @@ def _check_options(options: RepoOptions) -> None:
     if options.instances < 1:
         raise UserError(f"--instances must be >= 1, got {options.instances}")
     if options.kind not in KINDS:
-        raise UserError(f"--kind must be gpu or cpu, got {options.kind!r}")
+        raise UserError(f"--kind must be auto, gpu or cpu, got {options.kind!r}")
     if options.backend not in ("onnxruntime", "tensorrt"):
         raise UserError(f"--backend must be onnxruntime or tensorrt, got {options.backend!r}")
     if options.max_batch_rows is not None and options.max_batch_rows < 1:
@@ -207,7 +209,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", default="sdrt", help="Triton model name (default sdrt)")
     parser.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
     parser.add_argument(
-        "--kind", choices=tuple(KINDS), default="gpu", help="instance kind (default gpu)"
+        "--kind",
+        choices=tuple(KINDS),
+        default="auto",
+        help="instance kind (default auto: the GPUs where Triton finds any, else the CPU)",
     )
     parser.add_argument("--backend", choices=("onnxruntime", "tensorrt"), default="onnxruntime")
     parser.add_argument(
