@@ -26,6 +26,7 @@ from sdrt.atomic_files import clear_staging, disk_full, staging_dir, write_atomi
 from sdrt.bundle import MANIFEST, file_sha256, tokenizer_hashes
 from sdrt.errors import UserError
 
+from . import lora_branch
 from .calibration import CUDA, calibration_feeds, calibration_providers
 from .families import export_family
 from .families.text_encoders import vocab_size
@@ -103,6 +104,7 @@ def export_bundle(
     cuda_fusions: bool = False,
     watch: StageWatch | None = None,
     release_weights: bool = False,
+    lora_rank: int = 0,
 ) -> dict[str, Any]:
     """Export `pipe` to the bundle directory `out` and return the manifest written.
 
@@ -112,12 +114,19 @@ def export_bundle(
     and fixed-shape copies of those graphs so CUDA graphs can be captured. `watch` records
     each stage's time and peak RSS (the memory benchmark reads it). `release_weights` frees
     each component's PyTorch weights once verified, keeping the peak near one model's size;
-    `pipe` cannot run afterwards.
+    `pipe` cannot run afterwards. `lora_rank` R > 0 gives the U-Net and text encoders the
+    run-time LoRA branch of that rank (`lora_branch`).
     """
     if dtype not in TOLERANCE:
         raise UserError(f"unknown dtype {dtype!r}; use fp32 or fp16")
     check_options(
-        export_family(family), dtype, fused_attention, cuda_fusions, static_sizes, bool(loras)
+        export_family(family),
+        dtype,
+        fused_attention,
+        cuda_fusions,
+        static_sizes,
+        bool(loras),
+        lora_rank,
     )
     out = Path(out)
     check_destination(out)
@@ -137,6 +146,7 @@ def export_bundle(
             cuda_fusions,
             watch or StageWatch(),
             release_weights,
+            lora_rank,
         )
         _normal_permissions(staging)
         _move_into_place(staging, out)
@@ -159,6 +169,7 @@ def check_options(
     cuda_fusions: bool,
     static_sizes: Sequence[tuple[int, int]],
     lora: bool = False,
+    lora_rank: int = 0,
 ) -> None:
     """Refuse, in one line, the options this family's export does not implement."""
     asked = {  # option -> (its flag, whether it was asked for)
@@ -167,6 +178,7 @@ def check_options(
         "cuda_fusions": ("--cuda-fusions", cuda_fusions),
         "static_sizes": ("--static-size", bool(static_sizes)),
         "lora": ("--lora", lora),
+        "lora_rank": ("--lora-rank", lora_rank > 0),
     }
     supported = kind.OPTIONS
     refused = [flag for option, (flag, on) in asked.items() if on and option not in supported]
@@ -204,6 +216,7 @@ def _write_bundle(
     cuda_fusions: bool,
     watch: StageWatch,
     release_weights: bool,
+    lora_rank: int,
 ) -> dict[str, Any]:
     kind = export_family(family)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -227,12 +240,22 @@ def _write_bundle(
         }
     )
     entries = {}
+    if lora_rank and static_sizes:
+        raise UserError(
+            "--lora-rank cannot be combined with --static-size yet (the adapter inputs have "
+            "dynamic sizes); export without one of them"
+        )
     parts = kind.components(pipe)
     if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
         size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
         for component in parts:
             with watch.stage(component.name, "fp16 calibrate"):
                 component.calibration = calibration_feeds(pipe, component, dims, size)
+    branch = None
+    if lora_rank:  # after calibration, which runs the plain models
+        branch = lora_branch.with_branches(pipe, parts, lora_rank)
+        dims.update(lora_branch.branch_dims(lora_rank, check=False))
+        check_dims.update(lora_branch.branch_dims(lora_rank, check=True))
     bar = tqdm(parts, desc="export", unit="component", disable=not progress)
     if progress:
         watch.on_change = _show_stage(bar)
@@ -282,6 +305,7 @@ def _write_bundle(
         "fused_attention": fused_attention,
         "cuda_fusions": cuda_fusions,
         "loras": loras or [],
+        **({"lora_branch": branch} if branch else {}),
         "export": _versions(dtype),
     }
     write_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")

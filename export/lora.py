@@ -9,56 +9,16 @@ act on and the records the manifest keeps.
 from __future__ import annotations
 
 import importlib.util
-import math
-import numbers
 from pathlib import Path
 from typing import Any
 
 from sdrt.bundle import file_sha256
 from sdrt.errors import UserError
+from sdrt.lora_files import check_lora_file, check_scale, parse_lora_arg
 
-LORA_SUFFIX = ".safetensors"
+__all__ = ["apply_loras", "check_lora_file", "check_scale", "parse_lora_arg"]
 # The pipeline components a Stable Diffusion LoRA may adapt, as diffusers names them.
 LORA_COMPONENTS = ("unet", "text_encoder")
-
-
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` from `--lora`; the scale defaults to 1.0.
-
-    A colon separates a scale only when a number follows it, so a path with a colon in it
-    (a Windows drive) still works when it ends in .safetensors.
-    """
-    path, sep, tail = arg.rpartition(":")
-    if sep and path and _is_number(tail):
-        return path, check_scale(float(tail), path)
-    if arg and (not sep or arg.lower().endswith(LORA_SUFFIX)):
-        return arg, 1.0
-    raise UserError(
-        f"--lora {arg!r} is not PATH[:SCALE]; pass e.g. --lora style.safetensors:0.8 "
-        "(SCALE a number, 1.0 when left out)"
-    )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def check_scale(scale: Any, name: str) -> float:
-    """A LoRA scale as a finite float; NaN or infinity would silently wreck every fused weight."""
-    if (
-        isinstance(scale, bool)
-        or not isinstance(scale, numbers.Real)
-        or not math.isfinite(float(scale))
-    ):
-        raise UserError(
-            f"LoRA scale {scale!r} for {name} is not a finite number; use e.g. 0.8 (1.0 is full "
-            "strength, 0 disables it)"
-        )
-    return float(scale)
 
 
 def apply_loras(pipe: Any, loras: list[tuple[str, float]]) -> list[dict[str, Any]]:
@@ -79,19 +39,6 @@ def apply_loras(pipe: Any, loras: list[tuple[str, float]]) -> list[dict[str, Any
         _fuse_one(pipe, path, scale, path_keys, adapter_name=f"sdrt_lora_{index}")
         for index, (path, scale, path_keys) in enumerate(zip(files, scales, keys, strict=True))
     ]
-
-
-def check_lora_file(path: str | Path) -> Path:
-    """An existing .safetensors file; pickle formats (.ckpt, .pt, .bin) can run code when read."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"LoRA file {str(path)!r} does not exist; check the path given to --lora")
-    if path.suffix.lower() != LORA_SUFFIX:
-        raise UserError(
-            f"LoRA file {path.name} is not a .safetensors file; only safetensors are read, "
-            "since other formats can run code when loaded: convert it to .safetensors first"
-        )
-    return path
 
 
 def lora_keys(path: Path) -> list[str]:

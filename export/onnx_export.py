@@ -82,9 +82,13 @@ class Component:
         for spec in self.inputs:
             shape = [d if isinstance(d, int) else dims[d] for d in spec.shape]
             if spec.dtype.startswith("int"):
-                feeds[spec.name] = rng.integers(0, dims["vocab"], shape).astype(spec.dtype)
+                # token ids, or rows of the LoRA banks (lora_branch.py)
+                high = dims["lora_bank"] if spec.name == "lora_index" else dims["vocab"]
+                feeds[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
             elif spec.name == "timestep":
                 feeds[spec.name] = rng.uniform(0, 999, shape).astype(spec.dtype)
+            elif spec.name.startswith("lora_"):  # small, as trained adapters are
+                feeds[spec.name] = 0.05 * rng.standard_normal(shape).astype(spec.dtype)
             else:
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         return feeds

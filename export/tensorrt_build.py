@@ -61,6 +61,7 @@ from sdrt.engine_cache import (
 )
 from sdrt.errors import UserError
 from sdrt.families import family_for
+from sdrt.lora_pool import DEFAULT_MAX_LORAS
 
 from .fp16_onnx import calibration_feeds, write_fp16_onnx
 
@@ -168,6 +169,17 @@ def component_dims(component: str, sizes: SizeRanges, vae_scale: int) -> dict[st
     }
 
 
+def lora_dims(branch: Mapping[str, Any] | None) -> dict[str, Span]:
+    """The run-time LoRA inputs' dimensions (export --lora-rank R): 1 to R rank columns per
+    row, and the pool's banks at their default size, (max_loras + 1) x R rows, fixed, since
+    the runtime binds them once."""
+    if not branch:
+        return {}
+    rank = int(branch["rank"])
+    rows = (DEFAULT_MAX_LORAS + 1) * rank
+    return {"lora_rank": (1, 1, rank), "lora_bank": (rows, rows, rows)}
+
+
 def _div(span: Span, by: int) -> Span:
     return (span[0] // by, span[1] // by, span[2] // by)
 
@@ -256,7 +268,11 @@ def engine_spec(
         info = bundle.components[name]
         precision = component_precision(name, vae_precision, bundle)
         check_precision(name, info.precision, precision)
-        profile = component_profile(info, component_dims(name, sizes, vae_scale))
+        dims = {
+            **component_dims(name, sizes, vae_scale),
+            **lora_dims(bundle.manifest.get("lora_branch")),
+        }
+        profile = component_profile(info, dims)
         specs[name] = ComponentSpec(precision, info.sha256, profile)
     return EngineSpec(env, sizes, specs, dict(builder))
 

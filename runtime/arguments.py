@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from PIL import Image
 
 from .errors import UserError
 from .image_inputs import image_size, strength_start
+from .lora_files import check_scale
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, compatible_schedulers, make_scheduler
 
 DEFAULT_MAX_IMAGES = 16
@@ -53,6 +54,7 @@ class GenerationArgs:
     mask_image: Any  # inpainting mask, or None
     strength: float | None  # share of the schedule run from `image`; None without an image
     output_type: str
+    loras: dict[str, float] = field(default_factory=dict)  # run-time LoRA name -> scale
 
 
 def check_arguments(
@@ -71,6 +73,7 @@ def check_arguments(
     mask_image: Any = None,
     strength: Any = None,
     output_type: Any = "pil",
+    loras: Any = None,
     limits: Limits = Limits(),  # noqa: B008 - frozen, never mutated
 ) -> GenerationArgs:
     """Raise UserError for the first bad value; `components` are the bundle's engine names."""
@@ -135,7 +138,23 @@ def check_arguments(
         mask_image,
         strength,
         output_type,
+        _check_loras(manifest, loras),
     )
+
+
+def _check_loras(manifest: dict[str, Any], loras: Any) -> dict[str, float]:
+    """{name: scale} for a bundle with the run-time LoRA branch; names are checked against
+    the loaded adapters when the request is held (`AdapterPool.hold`)."""
+    if not loras:
+        return {}
+    if not isinstance(loras, dict) or not all(isinstance(k, str) for k in loras):
+        raise UserError(f"loras must map adapter names to scales, got {loras!r}")
+    if "lora_branch" not in manifest:
+        raise UserError(
+            "this bundle has no run-time LoRA branch; re-export it with --lora-rank R, or fuse "
+            "the LoRA at export with --lora"
+        )
+    return {name: check_scale(scale, f"LoRA {name!r}") for name, scale in loras.items()}
 
 
 def latent_shape(manifest: dict[str, Any], batch: int, height: int, width: int) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ MAX_MEMORY_HELP = (
     "refuse to start when the estimated peak RAM exceeds this many GiB (default: never "
     "refuse, warn when above the memory available now; 0 turns the check off)"
 )
+MAX_LORA_RANK = 1024
 DEMO_PROMPT = "a red bicycle leaning on a wall, watercolor"
 
 
@@ -86,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         help="LoRA .safetensors fused into the weights at SCALE (default 1.0); repeatable",
     )
     export.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="give the U-Net and text encoders a run-time LoRA branch of rank R, so adapters "
+        "load per request (`generate --lora`, `serve --lora-dir`); default 0, none",
+    )
+    export.add_argument(
         "--max-memory",
         type=float,
         default=None,
@@ -117,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
         "--image", help="start from this picture (img2img, or inpainting with --mask)"
     )
     generate.add_argument("--mask", help="inpainting mask: white is repainted, black kept")
+    generate.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:SCALE]",
+        help="apply this LoRA file at SCALE (default 1.0) at run time; repeatable (the bundle "
+        "must be exported with --lora-rank)",
+    )
     generate.add_argument(
         "--strength",
         type=float,
@@ -171,8 +188,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(handler=cmd_info)
 
-    sign = commands.add_parser("sign", help="sign a bundle with an elliptic-curve private key")
-    sign.add_argument("bundle")
+    sign = commands.add_parser(
+        "sign", help="sign a bundle (or a run-time LoRA .safetensors) with an EC private key"
+    )
+    sign.add_argument("bundle", help="bundle folder, or a LoRA file (signature: FILE.sig)")
     sign.add_argument("--key", required=True, help="private key, PEM")
     sign.set_defaults(handler=cmd_sign)
 
@@ -278,12 +297,20 @@ def cmd_export(args: argparse.Namespace) -> int:
             "sd35-large|flux-dev|flux-schnell"
         )
     bundle_writer.check_destination(Path(args.bundle))
+    if not 0 <= args.lora_rank <= MAX_LORA_RANK:
+        raise UserError(f"--lora-rank {args.lora_rank} is outside 0-{MAX_LORA_RANK}; try 32")
     loras = [lora.parse_lora_arg(arg) for arg in args.lora]
     static_sizes = [parse_size(size, "--static-size") for size in args.static_size]
     kind = load.source_family(args.source, args.random_weights)
     if kind is not None:  # an option the family lacks: before the slow model load
         bundle_writer.check_options(
-            kind, args.dtype, args.fused_attention, args.cuda_fusions, static_sizes, bool(loras)
+            kind,
+            args.dtype,
+            args.fused_attention,
+            args.cuda_fusions,
+            static_sizes,
+            bool(loras),
+            args.lora_rank,
         )
     for path, _ in loras:  # fail on a typo before the slow model load
         lora.check_lora_file(path)
@@ -306,6 +333,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fused_attention=args.fused_attention,
         static_sizes=static_sizes,
         cuda_fusions=args.cuda_fusions,
+        lora_rank=args.lora_rank,
         release_weights=True,  # the pipeline is not used again: hold one model at a time
     )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
@@ -367,6 +395,7 @@ def _print_parity(manifest: dict[str, Any]) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .arguments import Limits
     from .images import generation_metadata, save_png
+    from .lora_files import check_lora_file, parse_named_lora_arg
     from .pipeline import Pipeline
 
     if args.num_images < 1:
@@ -374,9 +403,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(_check_output(Path(args.output)), args.num_images)
     image = _open_image(args.image, "--image", args.max_pixels) if args.image else None
     mask = _open_image(args.mask, "--mask", args.max_pixels) if args.mask else None
+    loras = [parse_named_lora_arg(arg) for arg in args.lora]
+    for _, path, _ in loras:  # a typo fails before the engines load
+        check_lora_file(path)
     pipe = Pipeline.load(
         args.bundle, backend=args.backend, device=args.device, trusted_key=args.trusted_key
     )
+    for name, path, _ in loras:
+        pipe.load_lora(name, path)
     pipe.limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels)
     call = {
         "prompt": [args.prompt] * args.num_images,
@@ -390,6 +424,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "image": image,
         "mask_image": mask,
         "strength": args.strength,
+        "loras": {name: scale for name, _, scale in loras},
     }
     metadata = generation_metadata(
         pipe.arguments(**call),
@@ -542,8 +577,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     from .bundle import Bundle
-    from .signing import sign_bundle
+    from .lora_files import LORA_SUFFIX
+    from .signing import sign_bundle, sign_file
 
+    if args.bundle.lower().endswith(LORA_SUFFIX):  # a run-time LoRA file
+        print(f"wrote {sign_file(args.bundle, args.key)}")
+        return 0
     Bundle.load(args.bundle)  # sign only what loads: a signature vouches for a sound bundle
     print(f"wrote {sign_bundle(args.bundle, args.key)}")
     return 0

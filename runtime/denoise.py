@@ -18,6 +18,7 @@ import numpy as np
 from .arguments import GenerationArgs, latent_shape
 from .families import Layout
 from .image_inputs import image_to_pixels, latent_mask, mask_to_array
+from .lora_pool import INDEX, SCALE, stack_rows
 from .schedulers import make_scheduler, predicted_clean
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def step(
     if len(states) == 1 and states[0].cond_device is not None:
         cond = states[0].cond_device
     else:
-        cond = {k: _rows([s.cond[k] for s in states]) for k in states[0].cond}
+        cond = {k: _rows([s.cond[k] for s in states], k) for k in states[0].cond}
         cond |= states[0].layout.constants
     feeds = {"sample": _rows(inputs), "timestep": _rows(times), **cond}
     if pad_to > len(feeds["sample"]):
@@ -170,8 +171,11 @@ def step(
     timer("scheduler_ms", tick)
 
 
-def _rows(parts: list[np.ndarray]) -> np.ndarray:
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+def _rows(parts: list[np.ndarray], name: str = "") -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]
+    # requests' LoRA columns differ in number (their adapters' ranks): padded
+    return stack_rows(parts) if name in (INDEX, SCALE) else np.concatenate(parts)
 
 
 def _pad(rows: np.ndarray, size: int) -> np.ndarray:

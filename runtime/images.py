@@ -37,6 +37,7 @@ def generation_metadata(
         "generator": "sdrt",
         **({"image": image_name, "strength": args.strength} if args.image is not None else {}),
         **({"mask": mask_name} if args.mask_image is not None else {}),
+        **({"loras": ", ".join(f"{k}:{v}" for k, v in args.loras.items())} if args.loras else {}),
     }
 
 

@@ -140,6 +140,7 @@ TOP_LEVEL: dict[str, tuple[bool, Check]] = {  # key -> (required, check)
     "cuda_fusions": (False, _of_type(bool, "true or false")),
     "zero_negative_prompt": (False, _of_type(bool, "true or false")),
     "loras": (False, _of_type(list, "a list")),
+    "lora_branch": (False, _of_type(dict, "an object: rank and layers per component")),
     "export": (False, _of_type(dict, "an object")),
 }
 COMPONENT: dict[str, tuple[bool, Check]] = {

@@ -21,9 +21,11 @@ from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
 from .denoise import Timer, start_request, step
+from .errors import UserError
 from .families import family_for
 from .image_inputs import sample_latents
 from .images import decoded_to_numpy, numpy_to_pil
+from .lora_pool import DEFAULT_MAX_LORAS, NO_ADAPTER, AdapterPool, Hold
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Pipeline:
         # milliseconds `load` spent (see `load`)
         self.load_timings: dict[str, float] = {}
         self.limits = Limits()  # request bounds; replace to raise them
+        # run-time LoRAs, for bundles exported with --lora-rank (`load_lora`)
+        self.adapters: AdapterPool | None = None
 
     @classmethod
     def load(
@@ -51,12 +55,14 @@ class Pipeline:
         device: str = "auto",
         verify: bool = True,
         trusted_key: str | Path | None = None,
+        max_loras: int = DEFAULT_MAX_LORAS,
         **backend_options: Any,
     ) -> Pipeline:
         """Validate the bundle and load each engine once; reuse the Pipeline across requests.
 
         With `trusted_key` (a PEM public key) the bundle must carry a valid signature by its
-        private key (`sdrt sign`); unsigned or altered bundles are refused before loading.
+        private key (`sdrt sign`); unsigned or altered bundles are refused before loading, and
+        so are run-time LoRA files (`load_lora`) without a valid FILE.sig by that key.
         `backend_options` go to every engine (e.g. onnxruntime's graph_cache=DIR and threads=N,
         tensorrt's cuda_graph=True).
 
@@ -87,6 +93,10 @@ class Pipeline:
             for name, future in loading.items():
                 engines[name], timings[name] = future.result()
         pipe = cls(loaded, engines, family_for(loaded.manifest).tokenizers(loaded))
+        if "lora_branch" in pipe.manifest:  # bundles exported with --lora-rank
+            pipe.adapters = AdapterPool(
+                pipe.manifest["lora_branch"], engines, max_loras, trusted_key
+            )
         timings["total"] = _ms_since(start)
         pipe.load_timings = timings
         return pipe
@@ -107,10 +117,12 @@ class Pipeline:
         strength: float | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        loras: dict[str, float] | None = None,
     ) -> PipelineOutput:
         """txt2img; img2img with `image` (+ `strength`); inpainting with `image` + `mask_image`.
 
-        `latents` is the initial noise (B, C, H/8, W/8); without it, `seed` draws it.
+        `latents` is the initial noise (B, C, H/8, W/8); without it, `seed` draws it. `loras`
+        {name: scale} applies adapters loaded with `load_lora` (several stack).
         """
         args = self.arguments(
             prompt=prompt,
@@ -126,15 +138,23 @@ class Pipeline:
             mask_image=mask_image,
             strength=strength,
             output_type=output_type,
+            loras=loras,
         )
+        hold = self.hold_loras(args)
+        try:
+            return self._generate(args, hold, progress)
+        finally:
+            hold.release()
+
+    def _generate(self, args: GenerationArgs, hold: Hold, progress: bool) -> PipelineOutput:
         timer, start = Timer(), time.perf_counter()
         denoiser = self.denoiser
-        (cond,) = self.conditionings([args])
+        (cond,) = self.conditionings([args], [hold])
         tick = timer("text_encoder_ms", start)
         state = start_request(self, args, cond, self.guided(args))
         # once per request, not per step
         state.cond_device = upload_constants(denoiser, {**cond, **state.layout.constants})
-        tick = timer("vae_encode_ms" if image is not None else "scheduler_ms", tick)
+        tick = timer("vae_encode_ms" if args.image is not None else "scheduler_ms", tick)
         for _ in _progress(len(state.timesteps), progress):
             step(denoiser, [state], timer)
         tick = time.perf_counter()
@@ -142,7 +162,34 @@ class Pipeline:
         tick = timer("vae_decode_ms", tick)
         timer.ms["unet_step_ms"] = timer.ms.get("unet_ms", 0.0) / max(len(state.timesteps), 1)
         timer.ms["total_ms"] = (tick - start) * 1e3
-        return PipelineOutput(numpy_to_pil(images) if output_type == "pil" else images, timer.ms)
+        pil = args.output_type == "pil"
+        return PipelineOutput(numpy_to_pil(images) if pil else images, timer.ms)
+
+    def load_lora(self, name: str, path: str | Path) -> dict[str, Any]:
+        """Load LoRA file `path` (diffusers/peft or kohya safetensors) as adapter `name`, for
+        requests' `loras={name: scale}`; returns what was loaded (file, rank, layers, bytes).
+        When `max_loras` are loaded, the least recently used one no request holds is evicted."""
+        return self._adapter_pool().load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._adapter_pool().unload(name)
+
+    def loras(self) -> list[dict[str, Any]]:
+        """The loaded adapters, least recently used first."""
+        pool = self._adapter_pool()
+        return [pool.describe(name) for name in pool.names()]
+
+    def hold_loras(self, args: GenerationArgs) -> Hold:
+        """The request's adapters, kept loaded until the hold is released (every request of a
+        --lora-rank bundle takes its branch inputs from one, adapters or not)."""
+        return self._adapter_pool().hold(args.loras) if args.loras else NO_ADAPTER
+
+    def _adapter_pool(self) -> AdapterPool:
+        if self.adapters is None:
+            raise UserError(
+                "this bundle has no run-time LoRA branch; re-export it with --lora-rank R"
+            )
+        return self.adapters
 
     @property
     def graph_cache_status(self) -> dict[str, dict[str, str]]:
@@ -175,10 +222,14 @@ class Pipeline:
         inputs = self.denoiser.inputs
         return "timestep_cond" in inputs or "guidance" in inputs
 
-    def conditionings(self, requests: Sequence[GenerationArgs]) -> list[dict[str, np.ndarray]]:
+    def conditionings(
+        self, requests: Sequence[GenerationArgs], holds: Sequence[Hold] | None = None
+    ) -> list[dict[str, np.ndarray]]:
         """Each request's denoiser inputs that stay fixed over its loop, uncond rows first; the
-        prompts of all requests go through each text encoder in one call."""
-        return self.family.conditionings(self, requests)
+        prompts of all requests go through each text encoder in one call. `holds`: each
+        request's adapters (`hold_loras`), for a --lora-rank bundle."""
+        holds = holds or [NO_ADAPTER] * len(requests)
+        return self.family.conditionings(self, requests, holds)
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         scaled = latents / np.float32(self.manifest["vae_scaling_factor"])

@@ -64,6 +64,46 @@ def verify_bundle(root: str | Path, public_key: str | Path) -> None:
         ) from err
 
 
+def file_signature(path: Path) -> Path:
+    """Where a single file's signature lies: beside it, named FILE.sig."""
+    return path.with_name(f"{path.name}.sig")
+
+
+def sign_file(path: str | Path, private_key: str | Path, password: str | None = None) -> Path:
+    """Write PATH.sig, a signature by `private_key` over one file (a run-time LoRA)."""
+    ms = _model_signing()
+    path, key = Path(path), _key_file(private_key, "private")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file")
+    signature = file_signature(path)
+    try:
+        ms.signing.Config().use_elliptic_key_signer(private_key=key, password=password).sign(
+            path, signature
+        )
+    except (ValueError, TypeError) as err:
+        raise UserError(f"cannot sign {path} with {key} ({_first_line(err)})") from err
+    return signature
+
+
+def verify_file(path: str | Path, public_key: str | Path) -> None:
+    """Refuse `path` unless PATH.sig is a valid signature over it by `public_key`'s pair."""
+    ms = _model_signing()
+    path, key = Path(path), _key_file(public_key, "public")
+    signature = file_signature(path)
+    if signature.is_symlink() or not signature.is_file():
+        raise UserError(
+            f"{path.name} is not signed ({signature.name} is missing) and a trusted key was "
+            f"given; sign it with `sdrt sign {path.name} --key PRIVATE.pem`"
+        )
+    try:
+        ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(path, signature)
+    except Exception as err:  # model-signing reports every failure as a plain exception
+        raise UserError(
+            f"{path.name} fails signature verification with {key}: it was changed after "
+            "signing or signed with another key, so it is not trusted"
+        ) from err
+
+
 def _model_signing() -> Any:
     try:
         import model_signing

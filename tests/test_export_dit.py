@@ -65,6 +65,7 @@ def error_line(capsys) -> str:
         (["--cuda-fusions"], "--cuda-fusions"),
         (["--fused-attention", "--static-size", "64x64"], "--fused-attention, --static-size"),
         (["--lora", "missing.safetensors"], "--lora"),
+        (["--lora-rank", "8"], "--lora-rank"),
     ],
 )
 def test_options_a_transformer_does_not_support_are_one_line(tmp_path, capsys, flags, refused):

@@ -27,6 +27,9 @@ DOCUMENTED_LIMITS = (
     "leaves no step of",  # an edit's strength times its steps under one step
     "the models are still loading",
     "is not here: it expired",  # an image id this server never made
+    "has no run-time LoRA branch",  # loras for a bundle exported without --lora-rank
+    "loras must",  # an edit's loras form field must hold a JSON object of scales
+    "LoRA scale",
 )
 
 

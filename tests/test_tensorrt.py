@@ -1234,6 +1234,33 @@ def test_sdrt_build_on_an_exported_bundle_with_tensorrt_10_and_11(
     assert f"  unet           fp16  {sources['unet']}" in capsys.readouterr().out.splitlines()
 
 
+def test_lora_banks_are_bound_once_by_address_and_rows_update_in_place(
+    bundle: Bundle, gpu: Any
+) -> None:
+    """`bind_banks` (the adapter pool) on the fake GPU. The fake U-Net adds the first value of
+    its encoder_hidden_states buffer, so a bank bound under that name shows what the kernel
+    reads through the bound address: a write of rows reaches the next run and the replayed
+    CUDA graph, with no new allocation, rebinding or recapture."""
+    cudart, module = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda", cuda_graph=True)
+    bank = np.zeros((2, 77, TEXT_DIM), np.float32)
+    changed = unet.bind_banks({"encoder_hidden_states": bank})
+    feeds = unet_feeds(32, 1.0)
+    del feeds["encoder_hidden_states"]
+    assert [unet.run(feeds)["noise_pred"][0, 0, 0, 0] for _ in range(3)] == [2.0] * 3
+    mallocs, launches = cudart.mallocs, cudart.launches
+    address = module.engines[0].contexts[0].addresses["encoder_hidden_states"]
+    bank[0, 0, :] = 0.5  # an adapter loaded into rows of the pool
+    bank[1] = 9.0  # written but not reported: stays on the host
+    changed("encoder_hidden_states", slice(0, 1))
+    assert cudart.uploads[-1] is False  # one pageable copy of those rows only
+    assert unet.run(feeds)["noise_pred"][0, 0, 0, 0] == 2.5
+    assert cudart.mallocs == mallocs and cudart.launches == launches + 1  # graph replayed
+    assert module.engines[0].contexts[0].addresses["encoder_hidden_states"] == address
+    device_copy = np.frombuffer(bytes(cudart.live(address)), np.float32).reshape(bank.shape)
+    assert np.all(device_copy[0] == bank[0]) and np.all(device_copy[1] == 0.0)
+
+
 @pytest.mark.parametrize("driver, extra", [(12080, "tensorrt-cu12"), (13000, "tensorrt-cu13")])
 def test_tensorrt_rtx_is_refused_before_building_on_a_data_centre_gpu(
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, driver: int, extra: str

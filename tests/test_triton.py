@@ -80,6 +80,20 @@ def _error_request_id(error, results, count) -> str:
     return "0"
 
 
+def test_loras_input_is_a_json_object_of_scales(tiny_bundle, tmp_path):
+    tensors = {"prompt": np.array([b"a"], object), "loras": np.array([b'{"style": 0.5}'], object)}
+    assert request_arguments(tensors.get)["loras"] == {"style": 0.5}
+    for bad, message in ((b"{oops", "input loras is not JSON"), (b"[1]", "must be a JSON object")):
+        with pytest.raises(ValueError, match=message):
+            request_arguments({**tensors, "loras": np.array([bad], object)}.get)
+    options = RepoOptions(name="lora", lora_dir=str(tmp_path))
+    config = (
+        write_repository(tiny_bundle, tmp_path / "repo", options) / "config.pbtxt"
+    ).read_text()
+    assert 'name: "loras" data_type: TYPE_STRING dims: [ 1 ] optional: true' in config
+    assert f'key: "lora_dir" value: {{ string_value: "{tmp_path.resolve()}" }}' in config
+
+
 def test_repository_records_provenance_and_triton_settings(tiny_bundle, tmp_path):
     model = write_repository(tiny_bundle, tmp_path, RepoOptions(name="sd", instances=2, kind="gpu"))
     config = (model / "config.pbtxt").read_text()

@@ -11,7 +11,9 @@ from .vae import vae_manifest
 
 LABEL = "U-Net"  # in messages
 # the export options this family's graphs support (ONNX Runtime CUDA's fast path, fp16)
-OPTIONS = frozenset({"fused_attention", "cuda_fusions", "static_sizes", "fp16", "lora"})
+OPTIONS = frozenset(
+    {"fused_attention", "cuda_fusions", "static_sizes", "fp16", "lora", "lora_rank"}
+)
 PIPELINE_CLASSES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",

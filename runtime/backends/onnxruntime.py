@@ -348,6 +348,7 @@ class OnnxRuntimeEngine:
         self._constants: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._session_lock = threading.Lock()
+        self.bound: dict[str, Any] = {}  # inputs fed on every call (`bind_banks`)
         if not self.variants:
             _ = self.session  # every call needs it: load errors surface at load
 
@@ -366,6 +367,7 @@ class OnnxRuntimeEngine:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Named numpy arrays (or device values) in, named host numpy arrays out."""
+        feeds = {**self.bound, **feeds}
         runner = self.static_runner(feeds)
         if runner is not None:
             with self._lock:
@@ -379,6 +381,7 @@ class OnnxRuntimeEngine:
     def run_on_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Like `run`, but outputs stay where the engine runs, as `ort.OrtValue`s to feed the
         next engine. From a static variant they are its buffers, valid until the next call."""
+        feeds = {**self.bound, **feeds}
         runner = self.static_runner(feeds)
         if runner is not None:
             with self._lock:
@@ -398,6 +401,24 @@ class OnnxRuntimeEngine:
         )
         self._constants.add(value)
         return value
+
+    def bind_banks(self, banks: Mapping[str, np.ndarray]) -> Callable[[str, slice], None]:
+        """Bind `banks` (input name -> host array, the LoRA adapter pool) as inputs of every
+        call from now on; returns `changed(name, rows)`, to call after writing rows of a bank.
+
+        On the CPU the OrtValue shares the array's memory: a write is the in-place update and
+        `changed` has nothing to do. On CUDA each bank is a device OrtValue refilled from its
+        host array (onnxruntime's Python API copies whole values, not row ranges)."""
+        import onnxruntime as ort
+
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
+            for name, array in banks.items()
+        }
+        self.bound = {**self.bound, **values}
+        if self.device_type == "cpu":
+            return lambda name, rows: None
+        return lambda name, rows: values[name].update_inplace(banks[name])
 
     def static_runner(self, feeds: Mapping[str, Any]) -> StaticRunner | None:
         """The fixed-buffer runner for these feeds' sizes, or None to use the dynamic graph."""

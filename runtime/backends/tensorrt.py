@@ -686,6 +686,7 @@ class TensorRTEngine:
         )
         self.cuda_graph = cuda_graph
         self._loaded: dict[Path, _LoadedEngine] = {}
+        self.bound: dict[str, DeviceTensor] = {}  # inputs fed on every call (`bind_banks`)
 
     def to_device(self, name: str, array: np.ndarray) -> DeviceTensor:
         """Upload `array` once for input `name`, to feed it on every call of a loop (the text
@@ -703,7 +704,25 @@ class TensorRTEngine:
         weakref.finalize(tensor, device.orphan, pointer)
         return tensor
 
+    def bind_banks(self, banks: Mapping[str, np.ndarray]) -> Callable[[str, slice], None]:
+        """Upload `banks` (input name -> host array, the LoRA adapter pool) once into
+        persistent device buffers bound by address on every run from now on; returns
+        `changed(name, rows)`, which copies those rows of a bank after it was written (an
+        adapter loaded): no refit, no rebuild, the addresses stay."""
+        tensors = {name: self.to_device(name, array) for name, array in banks.items()}
+        self.bound = {**self.bound, **tensors}
+
+        def changed(name: str, rows: slice) -> None:
+            host = banks[name]
+            part = np.ascontiguousarray(host[rows])
+            with self.device.active():
+                self.device.upload(tensors[name].pointer + rows.start * host.strides[0], part)
+                self.device.synchronize()  # `part` is pageable and dies with this call
+
+        return changed
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        feeds = {**self.bound, **feeds}
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise UserError(f"{self.component} needs input(s) {', '.join(missing)}")

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..arguments import GenerationArgs
 from ..image_inputs import strength_start
+from ..lora_pool import NO_ADAPTER, Hold
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -50,10 +51,11 @@ class Family:
         raise NotImplementedError
 
     def conditionings(
-        self, pipe: Pipeline, requests: Sequence[GenerationArgs]
+        self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
         """Each request's per-row denoiser inputs that stay fixed over its loop (uncond rows
-        first); the prompts of all requests go through each text encoder in one call."""
+        first); the prompts of all requests go through each text encoder in one call.
+        `holds`: each request's run-time adapters (NO_ADAPTER for none)."""
         raise NotImplementedError
 
     def timestep_options(self, manifest: dict[str, Any], args: GenerationArgs) -> dict[str, Any]:
@@ -84,7 +86,17 @@ def split_rows(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> list[dic
     return found
 
 
-def encode(pipe: Pipeline, name: str, prompts: list[str], max_length: int) -> dict[str, Any]:
-    """One text encoder's outputs for `prompts`."""
-    ids = pipe.tokenizers[name].encode(prompts, max_length)
-    return pipe.engines[name].run({"input_ids": ids})
+def encode(
+    pipe: Pipeline,
+    name: str,
+    prompts: list[str],
+    max_length: int,
+    lora_rows: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """One text encoder's outputs for `prompts`; `lora_rows`: each prompt's adapter columns,
+    for an encoder exported with the run-time LoRA branch (none: no adapter)."""
+    engine = pipe.engines[name]
+    feeds = {"input_ids": pipe.tokenizers[name].encode(prompts, max_length)}
+    if "lora_index" in engine.inputs:
+        feeds |= lora_rows or NO_ADAPTER.rows(len(prompts))
+    return engine.run(feeds)

@@ -17,6 +17,7 @@ from .base import Layout, encode, split_rows
 from .flow import FlowTransformer
 
 if TYPE_CHECKING:
+    from ..lora_pool import Hold
     from ..pipeline import Pipeline
 
 
@@ -28,8 +29,9 @@ class Flux(FlowTransformer):
         return False  # dev embeds the scale; schnell has none
 
     def conditionings(
-        self, pipe: Pipeline, requests: Sequence[GenerationArgs]
+        self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
+        # no run-time LoRA branch for transformers yet (export refuses --lora-rank): no holds
         text = self.encode_text(pipe, [text for args in requests for text in args.prompts])
         conds = split_rows(text, [len(args.prompts) for args in requests])
         if "guidance" in pipe.denoiser.inputs:  # dev

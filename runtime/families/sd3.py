@@ -15,6 +15,7 @@ from .base import encode, prompt_rows, split_rows
 from .flow import FlowTransformer
 
 if TYPE_CHECKING:
+    from ..lora_pool import Hold
     from ..pipeline import Pipeline
 
 
@@ -22,8 +23,9 @@ class SD3(FlowTransformer):
     t5_encoder = "text_encoder_3"
 
     def conditionings(
-        self, pipe: Pipeline, requests: Sequence[GenerationArgs]
+        self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
+        # no run-time LoRA branch for transformers yet (export refuses --lora-rank): no holds
         rows = [prompt_rows(args, self.guided(pipe, args)) for args in requests]
         text = self.encode_text(pipe, [text for texts in rows for text in texts])
         return split_rows(text, [len(texts) for texts in rows])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..arguments import GenerationArgs
+from ..lora_pool import Hold, stack_rows
 from ..tokenizer import ClipTokenizer
 from .base import Family, encode, prompt_rows, split_rows
 
@@ -28,22 +29,35 @@ class UNet(Family):
         return args.guidance_scale > 1.0 and not pipe.guidance_embedded
 
     def conditionings(
-        self, pipe: Pipeline, requests: Sequence[GenerationArgs]
+        self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
         plans = [self._rows(pipe, args) for args in requests]
-        text = self.encode_text(pipe, [text for texts, _ in plans for text in texts])
+        branch = [hold.rows(len(texts)) for hold, (texts, _) in zip(holds, plans, strict=True)]
+        text = self.encode_text(
+            pipe,
+            [text for texts, _ in plans for text in texts],
+            {k: stack_rows([rows[k] for rows in branch]) for k in branch[0]},
+        )
         parts = split_rows(text, [len(texts) for texts, _ in plans])
-        return [
-            _conditioning(pipe, args, part, zeros)
-            for args, (_, zeros), part in zip(requests, plans, parts, strict=True)
-        ]
+        conds = []
+        for args, hold, (_, zeros), part in zip(requests, holds, plans, parts, strict=True):
+            cond = _conditioning(pipe, args, part, zeros)
+            if "lora_index" in pipe.denoiser.inputs:  # a --lora-rank bundle: per-row adapters
+                cond |= hold.rows(len(cond["encoder_hidden_states"]))
+            conds.append(cond)
+        return conds
 
-    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+    def encode_text(
+        self,
+        pipe: Pipeline,
+        prompts: list[str],
+        lora_rows: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Hidden states of every text encoder joined on the feature axis, and SDXL's pooled
-        embedding (the last encoder's) as `text_embeds`."""
+        embedding (the last encoder's) as `text_embeds`; `lora_rows` as `encode` takes them."""
         hidden, pooled = [], None
         for name in pipe.tokenizers:
-            out = encode(pipe, name, prompts, pipe.manifest["text_max_length"])
+            out = encode(pipe, name, prompts, pipe.manifest["text_max_length"], lora_rows)
             hidden.append(out["text_embeddings"])
             pooled = out.get("pooled_embeddings", pooled)
         text = {"encoder_hidden_states": np.concatenate(hidden, axis=-1)}

@@ -29,6 +29,7 @@ from ..schedulers import SCHEDULERS, compatible_schedulers
 from .batcher import Batcher, QueueFull, RequestTimeout, ShuttingDown
 from .errors import ApiError, bad_value
 from .image_store import ImageStore, StoreFull
+from .lora_routes import add_lora_routes, preload
 from .metrics import Metrics
 from .previews import Previews
 from .requests import ImageRequest, image_request, open_upload, parse_json, read_body
@@ -80,6 +81,8 @@ class ServerState:
 def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) -> FastAPI:
     """Starts the batchers at startup and drains them at shutdown."""
     settings = settings or Settings()
+    if settings.lora_dir is not None:
+        preload(models, settings.lora_dir)
     state = ServerState(models, settings)
     metrics = Metrics(models)
     store = ImageStore(settings.image_url_ttl_s, settings.image_store_bytes)
@@ -197,6 +200,8 @@ def create_app(models: Mapping[str, Batcher], settings: Settings | None = None) 
                 {"id": name, "object": "model", "created": 0, "owned_by": "sdrt"} for name in models
             ],
         }
+
+    add_lora_routes(app, models, settings, authorize)
 
     @app.post("/v1/images/generations", responses={200: {"model": ImagesResponse}, **ERRORS})
     async def generations(request: Request) -> Response:

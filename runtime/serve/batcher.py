@@ -25,6 +25,7 @@ from ..backends.base import upload_constants
 from ..denoise import RequestState, Timer, start_request, step
 from ..errors import UserError
 from ..images import numpy_to_pil
+from ..lora_pool import NO_ADAPTER, Hold
 from ..pipeline import Pipeline, PipelineOutput
 from .previews import Previews, send_previews
 
@@ -60,6 +61,7 @@ class Job:
     submitted: float
     deadline: float
     state: RequestState | None = None
+    loras: Hold = NO_ADAPTER  # its run-time adapters, held until the future is done
     admitted: float | None = None
     first_step: float | None = None  # when its first U-Net call finished
     previews: Previews | None = None  # streamed partial images, if asked for
@@ -84,6 +86,7 @@ class Stats:
     unet_seconds: float = 0.0
     rows_per_call: collections.Counter = field(default_factory=collections.Counter)
     requests_per_call: collections.Counter = field(default_factory=collections.Counter)
+    adapters_per_call: collections.Counter = field(default_factory=collections.Counter)
     # active requests -> [ticks, tick seconds, engine seconds]: bookkeeping = tick - engine
     ticks_by_active: dict[int, list[float]] = field(default_factory=dict)
 
@@ -146,6 +149,8 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue, self._retry_after_s())
+            job.loras = self.pipeline.hold_loras(args)  # an unknown adapter fails here
+            job.future.add_done_callback(lambda _: job.loras.release())
             self._waiting.append(job)
             self._wake.notify()
         return job.future
@@ -172,6 +177,7 @@ class Batcher:
             copy = Stats(**vars(self._stats))
             copy.rows_per_call = collections.Counter(self._stats.rows_per_call)
             copy.requests_per_call = collections.Counter(self._stats.requests_per_call)
+            copy.adapters_per_call = collections.Counter(self._stats.adapters_per_call)
             copy.ticks_by_active = {k: list(v) for k, v in self._stats.ticks_by_active.items()}
             copy.queued, copy.active = len(self._waiting), len(self._active)
             return copy
@@ -271,7 +277,9 @@ class Batcher:
         instead of its host arrays at every step."""
         tick = time.perf_counter()
         try:
-            conds = self.pipeline.conditionings([job.args for job in jobs])
+            conds = self.pipeline.conditionings(
+                [job.args for job in jobs], [job.loras for job in jobs]
+            )
         except Exception as err:  # a failing engine fails these requests only
             for job in jobs:
                 self._fail_job(job, err)
@@ -332,6 +340,7 @@ class Batcher:
             self._stats.unet_seconds += seconds
             self._stats.rows_per_call[rows] += 1
             self._stats.requests_per_call[len(jobs)] += 1
+            self._stats.adapters_per_call[len({n for job in jobs for n in job.loras.names})] += 1
         self._unet_ms_per_row = seconds * 1e3 / rows
         for job in jobs:
             job.first_step = job.first_step or now

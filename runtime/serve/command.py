@@ -7,6 +7,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..arguments import Limits
@@ -61,6 +62,12 @@ def register(commands: Any) -> None:
         type=int,
         default=3,
         help="streamed previews a request may ask for, 0-3 (default 3; 0: none)",
+    )
+    serve.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="load every *.safetensors here as a run-time LoRA named by its stem; POST "
+        "/v1/loras loads files from here only",
     )
     serve.add_argument(
         "--trusted-key", help="public key (PEM): refuse any bundle not signed by its pair"
@@ -137,6 +144,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         image_url_ttl_s=args.image_url_ttl * 60,
         image_store_bytes=int(args.image_store_mb * 2**20),
         max_partial_images=args.max_partial_images,
+        lora_dir=args.lora_dir,
     )
 
 

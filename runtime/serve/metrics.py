@@ -57,6 +57,10 @@ class BatcherCollector:
             "sdrt_unet_requests_per_call", "Requests sharing one U-Net call", labels=["model"]
         )
         unet = SummaryMetricFamily("sdrt_unet_call_seconds", "U-Net call time", labels=["model"])
+        loras = GaugeMetricFamily("sdrt_lora_loaded", "Run-time LoRAs loaded", labels=["model"])
+        adapters = HistogramMetricFamily(
+            "sdrt_unet_adapters_per_call", "Distinct LoRAs in one U-Net call", labels=["model"]
+        )
         for name, batcher in self.batchers.items():
             stats = batcher.stats()
             queue.add_metric([name], stats.queued)
@@ -65,7 +69,10 @@ class BatcherCollector:
             rows.add_metric([name], *_buckets(stats.rows_per_call))
             requests.add_metric([name], *_buckets(stats.requests_per_call))
             unet.add_metric([name], stats.unet_calls, stats.unet_seconds)
-        yield from (queue, active, images, rows, requests, unet)
+            pool = batcher.pipeline.adapters
+            loras.add_metric([name], len(pool.names()) if pool is not None else 0)
+            adapters.add_metric([name], *_buckets(stats.adapters_per_call))
+        yield from (queue, active, images, rows, requests, unet, loras, adapters)
 
 
 def _buckets(counts: Mapping[int, int]) -> tuple[list[tuple[str, float]], float]:

@@ -29,6 +29,7 @@ SDRT_FIELDS = {
     "scheduler": str,
     "seed": int,
     "strength": float,
+    "loras": dict,  # run-time LoRA name -> scale; a JSON object in a form field
 }
 UPLOADS = ("image", "image[]", "mask")
 # quality -> share of the default step count (DEFAULT_STEPS): the preset name it runs as
@@ -40,6 +41,7 @@ QUALITY_PRESETS = {
     "high": ("high", 1.5),
     "hd": ("high", 1.5),
 }
+KINDS_SAID = {int: "an integer", float: "a number", dict: "a JSON object"}
 
 
 @dataclass
@@ -191,11 +193,13 @@ def _typed(value: Any, name: str, kind: type) -> Any:
     if kind is str or not isinstance(value, str):
         return value
     try:
+        if kind is dict:  # a JSON object in a form field; an empty field is no value
+            return json.loads(value) if value.strip() else {}
         return kind(value)
     except ValueError as err:
         raise ApiError(
             400,
-            f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}",
+            f"{name} must be {KINDS_SAID[kind]}, got {value!r}",
             name,
         ) from err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..arguments import Limits
 
@@ -20,3 +21,4 @@ class Settings:
     image_url_ttl_s: float = 3600.0  # how long a response_format "url" image stays served
     image_store_bytes: int = 256 * 2**20  # memory for those images; the oldest go first
     max_partial_images: int = 3  # streamed previews per request (OpenAI allows up to 3)
+    lora_dir: Path | None = None  # LoRA files loaded at start and by POST /v1/loras

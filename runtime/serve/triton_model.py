@@ -35,6 +35,7 @@ _SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "height": ("height", int),
     "width": ("width", int),
     "scheduler": ("scheduler", lambda v: _text(v, "scheduler")),
+    "loras": ("loras", lambda v: _json_object(_text(v, "loras"), "loras")),
 }
 
 
@@ -85,6 +86,16 @@ def _text(value: Any, name: str) -> str:
     raise UserError(f"input {name} must be BYTES (text), got {type(value).__name__}")
 
 
+def _json_object(text: str, name: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f'input {name} is not JSON ({err}); send e.g. {{"style": 0.8}}') from err
+    if not isinstance(value, dict):
+        raise UserError(f"input {name} must be a JSON object of name -> scale, got {text!r}")
+    return value
+
+
 def bundle_path(reference: str, model_dir: str) -> Path:
     """The config's bundle reference: absolute, or inside the model folder (--copy-bundle)."""
     path = Path(reference)
@@ -129,6 +140,8 @@ class TritonPythonModel:
         }
         if "max_batch_rows" in params:
             options["max_batch_rows"] = int(params["max_batch_rows"])
+        if params.get("lora_dir") and self.pipe.adapters is not None:
+            self.pipe.adapters.load_folder(Path(params["lora_dir"]))
         self.batcher = Batcher(self.pipe, mode="continuous", **options)
         self.batcher.start()
         labels = {"model": args["model_name"], "instance": args["model_instance_name"]}

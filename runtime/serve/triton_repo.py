@@ -40,6 +40,7 @@ INPUTS = (
     ("height", "TYPE_INT32", True),
     ("width", "TYPE_INT32", True),
     ("scheduler", "TYPE_STRING", True),
+    ("loras", "TYPE_STRING", True),  # JSON {"name": scale}: run-time LoRAs (--lora-rank bundles)
 )
 # config type -> (KServe v2 datatype a client sends, numpy dtype)
 WIRE_TYPES = {
@@ -65,6 +66,7 @@ class RepoOptions:
     max_queue: int = 64
     request_timeout_s: float = 600.0
     python_env: str | None = None  # a venv with sdrt installed, for the python backend's stub
+    lora_dir: str | None = None  # LoRA files each instance loads at start, named by stem
 
 
 def write_repository(bundle_dir: str | Path, out: str | Path, options: RepoOptions) -> Path:
@@ -138,6 +140,8 @@ def config_pbtxt(
     }
     if options.max_batch_rows is not None:
         parameters["max_batch_rows"] = str(options.max_batch_rows)
+    if options.lora_dir is not None:
+        parameters["lora_dir"] = str(Path(options.lora_dir).resolve())
     if options.python_env is not None:
         # Triton sources DIR/bin/activate before starting the stub: with the venv's bin first on
         # PATH the stub's embedded Python takes the venv as its prefix (pyvenv.cfg) and imports
@@ -225,6 +229,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="virtualenv (server's Python version, sdrt installed) the model runs in; "
         "default: the server's own Python",
     )
+    parser.add_argument(
+        "--lora-dir",
+        help="run-time LoRAs (*.safetensors, named by stem) each instance loads at start",
+    )
     parser.set_defaults(handler=_command)
 
 
@@ -239,6 +247,7 @@ def _command(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
         python_env=args.python_env,
+        lora_dir=args.lora_dir,
     )
     model_dir = write_repository(args.bundle, args.out, options)
     print(f"wrote {model_dir} (start: tritonserver --model-repository={Path(args.out)})")

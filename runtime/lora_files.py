@@ -1,0 +1,276 @@
+"""Read a LoRA file (diffusers/peft or kohya naming) into per-layer low-rank factors for a
+bundle's run-time branch, torch-free (safetensors' numpy API).
+
+A layer's update is `scale * (alpha / rank) * up @ down`; the factor alpha / rank is folded
+into `up` here, so the pool holds ready-to-use factors and a request's scale is the only
+number the graph multiplies by. The checks a user can act on happen before anything is put
+in the pool: the file is read whole first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+LORA_SUFFIX = ".safetensors"
+# diffusers' safetensors metadata key holding each component's peft LoraConfig, as
+# "<component>.<field>" (diffusers/loaders/lora_base.py, LORA_ADAPTER_METADATA_KEY)
+ADAPTER_METADATA = "lora_adapter_metadata"
+# kohya prefixes: SD 1/2 have one text encoder, SDXL two
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+DOWN = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
+UP = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight")
+ALPHA = ".alpha"
+# kohya / LyCORIS parts of adapters that are not a plain low-rank pair
+OTHER_KINDS = ("lora_mid", "hada_", "lokr_", ".diff", "dora_scale")
+TEXT_PREFIX = "text_model."  # CLIP's module level that layer names leave out
+
+
+@dataclass
+class Adapter:
+    """A LoRA file as factors per component and layer: down [rank, in], up [rank, out] with
+    alpha / rank folded in."""
+
+    file: str
+    rank: int
+    layers: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    size: int  # bytes of the factors
+
+    @property
+    def layer_count(self) -> int:
+        return sum(len(v) for v in self.layers.values())
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` from `--lora`; the scale defaults to 1.0.
+
+    A colon separates a scale only when a number follows it, so a path with a colon in it
+    (a Windows drive) still works when it ends in .safetensors.
+    """
+    path, sep, tail = arg.rpartition(":")
+    if sep and path and _is_number(tail):
+        return path, check_scale(float(tail), path)
+    if arg and (not sep or arg.lower().endswith(LORA_SUFFIX)):
+        return arg, 1.0
+    raise UserError(
+        f"--lora {arg!r} is not PATH[:SCALE]; pass e.g. --lora style.safetensors:0.8 "
+        "(SCALE a number, 1.0 when left out)"
+    )
+
+
+def parse_named_lora_arg(arg: str) -> tuple[str, str, float]:
+    """`NAME=PATH[:SCALE]` from `generate --lora`: (name, path, scale)."""
+    name, sep, rest = arg.partition("=")
+    if not sep or not name or not rest:
+        raise UserError(
+            f"--lora {arg!r} is not NAME=PATH[:SCALE]; pass e.g. --lora "
+            "style=style.safetensors:0.8 (SCALE 1.0 when left out)"
+        )
+    path, scale = parse_lora_arg(rest)
+    return name, path, scale
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_scale(scale: Any, name: str) -> float:
+    """A LoRA scale as a finite float; NaN or infinity would silently wreck every output."""
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, numbers.Real)
+        or not math.isfinite(float(scale))
+    ):
+        raise UserError(
+            f"LoRA scale {scale!r} for {name} is not a finite number; use e.g. 0.8 (1.0 is full "
+            "strength, 0 disables it)"
+        )
+    return float(scale)
+
+
+def check_lora_file(path: str | Path) -> Path:
+    """An existing .safetensors file; pickle formats (.ckpt, .pt, .bin) can run code when read."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"LoRA file {str(path)!r} does not exist; check the path")
+    if path.suffix.lower() != LORA_SUFFIX:
+        raise UserError(
+            f"LoRA file {path.name} is not a .safetensors file; only safetensors are read, "
+            "since other formats can run code when loaded: convert it to .safetensors first"
+        )
+    return path
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a safetensors file as numpy, and its metadata; one line on a bad file."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as err:
+        raise UserError(
+            "reading LoRA files needs safetensors; run `pip install 'sdrt[lora]'`"
+        ) from err
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - no iter
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, TypeError, ValueError) as err:
+        raise UserError(
+            f"could not read LoRA file {path.name} as safetensors ({err}); the file is "
+            "corrupted, not safetensors, or holds bfloat16 (numpy has none): convert it to "
+            "float16/float32 safetensors or download it again"
+        ) from err
+    if not tensors:
+        raise UserError(f"LoRA file {path.name} holds no tensors; is it the right file?")
+    return tensors, metadata
+
+
+def read_adapter(path: Path, branch: dict[str, Any]) -> Adapter:
+    """The factors of LoRA file `path` for a bundle whose manifest `lora_branch` is `branch`;
+    refuses a file with a layer the bundle has no branch for, convolution (LoCon) or other
+    adapter kinds, or a rank above the bundle's R."""
+    path = check_lora_file(path)
+    tensors, metadata = read_safetensors(path)
+    _refuse_other_kinds(path, tensors)
+    names = _layer_lookup(branch)
+    config = _peft_configs(metadata)
+    pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        stem, part = _split_key(key)
+        if part is None:
+            continue
+        target = names.get(stem)
+        if target is None:
+            raise UserError(
+                f"LoRA file {path.name} adapts {stem!r}, which has no LoRA branch in this "
+                "bundle; use a LoRA trained for this model (attention and feed-forward layers "
+                "only), or fuse it at export with --lora"
+            )
+        pairs.setdefault(target, {})[part] = value
+    if not pairs:
+        raise UserError(f"LoRA file {path.name} holds no LoRA layers (no lora_A/lora_down keys)")
+    shapes = {
+        (component, r["name"]): (r["in"], r["out"])
+        for component, records in branch["layers"].items()
+        for r in records
+    }
+    layers: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    rank = 0
+    for (component, name), parts in pairs.items():
+        down, up = _factors(path, component, name, parts, shapes[(component, name)], config)
+        rank = max(rank, len(down))
+        layers.setdefault(component, {})[name] = (down, up)
+    if rank > branch["rank"]:
+        raise UserError(
+            f"LoRA file {path.name} has rank {rank}, above this bundle's LoRA rank "
+            f"{branch['rank']}; re-export with --lora-rank {rank} or more"
+        )
+    size = sum(d.nbytes + u.nbytes for c in layers.values() for d, u in c.values())
+    return Adapter(path.name, rank, layers, size)
+
+
+def _refuse_other_kinds(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    for key, value in tensors.items():
+        if any(kind in key for kind in OTHER_KINDS) or (key.endswith(DOWN) and value.ndim != 2):
+            raise UserError(
+                f"LoRA file {path.name} adapts convolution layers or is not a plain LoRA "
+                f"(LoCon/LyCORIS: {key}); run-time adapters cover Linear layers only: fuse it "
+                "into a bundle at export with --lora instead"
+            )
+
+
+def _layer_lookup(branch: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every name a file may use for a branch layer -> (component, layer name): diffusers/peft
+    "<component>.<module path>" (a bare path for the U-Net), and kohya's underscored form."""
+    lookup = {}
+    for component, records in branch["layers"].items():
+        module_prefix = TEXT_PREFIX if component.startswith("text_encoder") else ""
+        kohya = [prefix for prefix, owner in KOHYA_PREFIXES.items() if owner == component]
+        for record in records:
+            name = record["name"]
+            target = (component, name)
+            module = f"{module_prefix}{name}"
+            names = [f"{component}.{module}", f"{component}.{name}"]
+            names += [f"{prefix}{module.replace('.', '_')}" for prefix in kohya]
+            names += [name] if component == "unet" else []
+            lookup.update(dict.fromkeys(names, target))
+    return lookup
+
+
+def _split_key(key: str) -> tuple[str, str | None]:
+    """(layer stem, "down" / "up" / "alpha") of a file key; part None for other keys."""
+    for part, ends in (("down", DOWN), ("up", UP), ("alpha", (ALPHA,))):
+        for end in ends:
+            if key.endswith(end):
+                return key[: -len(end)], part
+    return key, None
+
+
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per component, the peft LoraConfig fields diffusers saved in the file's metadata."""
+    raw = metadata.get(ADAPTER_METADATA)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _factors(
+    path: Path,
+    component: str,
+    name: str,
+    parts: dict[str, np.ndarray],
+    shape: tuple[int, int],
+    config: dict[str, dict[str, Any]],
+) -> tuple[np.ndarray, np.ndarray]:
+    if "down" not in parts or "up" not in parts:
+        raise UserError(f"LoRA file {path.name} has only half of layer {name} (down and up)")
+    down, up = parts["down"].astype(np.float32), parts["up"].astype(np.float32)
+    fan_in, fan_out = shape
+    rank = len(down)
+    if down.shape != (rank, fan_in) or up.shape != (fan_out, rank):
+        raise UserError(
+            f"LoRA file {path.name}: layer {name} has factors {down.shape} and {up.shape}, "
+            f"this bundle's layer is {fan_in} -> {fan_out}; use a LoRA for this model"
+        )
+    factor = _alpha_over_rank(parts, rank, name, config.get(component, {}))
+    if not (np.isfinite(down).all() and np.isfinite(up).all() and math.isfinite(factor)):
+        raise UserError(f"LoRA file {path.name}: layer {name} holds NaN or infinity; it is broken")
+    return np.ascontiguousarray(down), np.ascontiguousarray(up.T * np.float32(factor))
+
+
+def _alpha_over_rank(
+    parts: dict[str, np.ndarray], rank: int, name: str, config: dict[str, Any]
+) -> float:
+    """kohya and converted files keep alpha per layer; peft in its config (alpha_pattern for
+    exceptions, rsLoRA divides by sqrt(rank)); without either, alpha = rank."""
+    if "alpha" in parts:
+        return float(parts["alpha"]) / rank
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if name.endswith(pattern):
+            alpha = value
+    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
