@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .arguments import GenerationArgs, Limits, check_arguments
+from .arguments import DEFAULT_STEPS, GenerationArgs, Limits, check_arguments
 from .backends import PARALLEL_LOAD, Engine, check_backend_options, load_engine
 from .backends.base import parse_device, upload_constants
 from .bundle import Bundle, HashCheck
@@ -105,7 +105,7 @@ class Pipeline:
         self,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 7.5,
         height: int | None = None,
         width: int | None = None,
