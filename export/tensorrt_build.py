@@ -154,6 +154,11 @@ def component_dims(component: str, sizes: SizeRanges, vae_scale: int) -> dict[st
     # Text encoders see 2 x batch when negative prompts are encoded, but only the prompts
     # when guidance is off or the model uses zeros for an empty negative prompt (SDXL).
     text = (sizes.batch[0], guided[1], guided[2])
+    # Flux: one token per 2x2 latent patch
+    tokens = [
+        (h // (2 * vae_scale)) * (w // (2 * vae_scale))
+        for h, w in zip(sizes.height, sizes.width, strict=True)
+    ]
     return {
         "batch": text if component in TEXT_ENCODERS else sizes.batch,
         "unet_batch": guided,
@@ -161,11 +166,7 @@ def component_dims(component: str, sizes: SizeRanges, vae_scale: int) -> dict[st
         "width": sizes.width,
         "latent_height": _div(sizes.height, vae_scale),
         "latent_width": _div(sizes.width, vae_scale),
-        # Flux: one token per 2x2 latent patch
-        "image_tokens": tuple(
-            (h // (2 * vae_scale)) * (w // (2 * vae_scale))
-            for h, w in zip(sizes.height, sizes.width, strict=True)
-        ),
+        "image_tokens": (tokens[0], tokens[1], tokens[2]),
     }
 
 
