@@ -11,6 +11,7 @@ bundle that anyone else changed. Not covered: the signature file itself and `eng
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +47,19 @@ def verify_bundle(root: str | Path, public_key: str | Path) -> None:
     This is the load-side check behind `Pipeline.load(..., trusted_key=...)`, `sdrt verify`
     and `sdrt serve --trusted-key`: call it before anything in the bundle is read.
     """
-    ms = _model_signing()
     root, key = Path(root), _key_file(public_key, "public")
     _check_bundle_dir(root)
-    signature = root / SIGNATURE
-    if signature.is_symlink() or not signature.is_file():
-        raise UserError(
-            f"{root} is not signed ({SIGNATURE} is missing) and a trusted key was given; "
-            f"sign it with `sdrt sign {root} --key PRIVATE.pem` or load it without the key"
-        )
-    try:
-        ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(root, signature)
-    except Exception as err:  # model-signing reports every failure as a plain exception
-        raise UserError(
+    _verify(
+        root,
+        root / SIGNATURE,
+        key,
+        f"{root} is not signed ({SIGNATURE} is missing) and a trusted key was given; "
+        f"sign it with `sdrt sign {root} --key PRIVATE.pem` or load it without the key",
+        lambda err: (
             f"{root} fails signature verification with {key}: {_reason(err)}; the bundle was "
             "changed after signing or signed with another key, so it is not trusted"
-        ) from err
+        ),
+    )
 
 
 def file_signature(path: Path) -> Path:
@@ -87,21 +85,37 @@ def sign_file(path: str | Path, private_key: str | Path, password: str | None = 
 
 def verify_file(path: str | Path, public_key: str | Path) -> None:
     """Refuse `path` unless PATH.sig is a valid signature over it by `public_key`'s pair."""
-    ms = _model_signing()
     path, key = Path(path), _key_file(public_key, "public")
     signature = file_signature(path)
-    if signature.is_symlink() or not signature.is_file():
-        raise UserError(
-            f"{path.name} is not signed ({signature.name} is missing) and a trusted key was "
-            f"given; sign it with `sdrt sign {path.name} --key PRIVATE.pem`"
-        )
-    try:
-        ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(path, signature)
-    except Exception as err:  # model-signing reports every failure as a plain exception
-        raise UserError(
+    _verify(
+        path,
+        signature,
+        key,
+        f"{path.name} is not signed ({signature.name} is missing) and a trusted key was "
+        f"given; sign it with `sdrt sign {path.name} --key PRIVATE.pem`",
+        lambda err: (
             f"{path.name} fails signature verification with {key}: it was changed after "
             "signing or signed with another key, so it is not trusted"
-        ) from err
+        ),
+    )
+
+
+def _verify(
+    target: Path,
+    signature: Path,
+    key: Path,
+    unsigned: str,
+    failed: Callable[[Exception], str],
+) -> None:
+    """Refuse `target` (a bundle folder or one file) unless `signature` is a valid signature
+    over it by `key`'s pair: `unsigned` when there is none, `failed(err)` when it fails."""
+    ms = _model_signing()
+    if signature.is_symlink() or not signature.is_file():
+        raise UserError(unsigned)
+    try:
+        ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(target, signature)
+    except Exception as err:  # model-signing reports every failure as a plain exception
+        raise UserError(failed(err)) from err
 
 
 def _model_signing() -> Any:
