@@ -1,5 +1,6 @@
-"""Give the U-Net's and text encoders' Linear layers a low-rank branch fed by graph inputs, so
-LoRAs are applied at run time, per row, without touching the frozen weights (`--lora-rank R`).
+"""Give the denoiser's (U-Net or diffusion transformer) and CLIP text encoders' Linear layers a
+low-rank branch fed by graph inputs, so LoRAs are applied at run time, per row, without touching
+the frozen weights (`--lora-rank R`).
 
 Each targeted Linear computes `y = W x + ((x A_r^T) * s) B_r`, where for each row of the batch
 `A_r = A_bank[index_row]` (rank columns x in) and `B_r = B_bank[index_row]` (rank columns x out)
@@ -26,10 +27,21 @@ from sdrt.lora_pool import INDEX, SCALE, bank_inputs
 from .onnx_export import Component, TensorSpec
 
 # per component, the batch dimension its rows are counted in
-ROW_DIM = {"unet": "unet_batch", "text_encoder": "batch", "text_encoder_2": "batch"}
+ROW_DIM = {
+    "unet": "unet_batch",
+    "transformer": "unet_batch",
+    "text_encoder": "batch",
+    "text_encoder_2": "batch",
+    "text_encoder_3": "batch",
+}
 # The Linear layers of attention and feed-forward: a module path that holds one of these parts
-# (U-Net transformer blocks and their projections, CLIP encoder layers).
-TARGET_PARTS = (".transformer_blocks.", ".encoder.layers.")
+# (U-Net and SD3/Flux transformer blocks, the U-Net's block projections, CLIP encoder layers).
+# That is what diffusers' SD3 and Flux LoRA loaders load and its training scripts target: both
+# attention streams (to_q/k/v/out.0, add_q/k/v_proj, to_add_out), ff and ff_context, Flux's
+# single blocks' proj_mlp/proj_out. Not targeted: the AdaLN modulation Linears (`norm*.linear`,
+# over the per-row time embedding rather than tokens), the embedders, and T5, whose LoRAs
+# diffusers' SD3/Flux loaders do not load (no `text_encoder_3` / T5 in _lora_loadable_modules).
+TARGET_PARTS = (".transformer_blocks.", ".single_transformer_blocks.", ".encoder.layers.")
 TARGET_ENDS = (".proj_in", ".proj_out")
 CALIBRATION_RANK = 4
 
@@ -97,6 +109,7 @@ def target_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         for path, module in model.named_modules()
         if isinstance(module, torch.nn.Linear)
         and (any(part in f".{path}" for part in TARGET_PARTS) or path.endswith(TARGET_ENDS))
+        and not any(step.startswith("norm") for step in path.split("."))
     }
 
 
@@ -149,15 +162,14 @@ def calibration_branch(feed: dict[str, np.ndarray], extra: list[TensorSpec]) -> 
 
 
 def with_branches(pipe: Any, parts: list[Component], rank: int) -> dict[str, Any]:
-    """Add the branches to the U-Net and text encoder components of `parts`; the manifest's
-    `lora_branch` record: R and the targeted layers per component."""
-    models = {
-        "unet": pipe.unet,
-        "text_encoder": pipe.text_encoder,
-        "text_encoder_2": getattr(pipe, "text_encoder_2", None),
-    }
+    """Add the branches to the denoiser and the text encoders of `parts` that have targeted
+    layers (not T5); the manifest's `lora_branch` record: R and the targeted layers per
+    component."""
+    models = {part.name: getattr(pipe, part.name) for part in parts if part.name in ROW_DIM}
     layers = {
-        part.name: add_branches(part, models[part.name]) for part in parts if part.name in ROW_DIM
+        part.name: add_branches(part, models[part.name])
+        for part in parts
+        if part.name in models and target_layers(models[part.name])
     }
     return {"rank": rank, "layers": layers}
 

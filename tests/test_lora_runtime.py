@@ -1,12 +1,15 @@
 """Run-time LoRA (`export --lora-rank`): an adapter loaded into the pool gives the image
-diffusers gives with `load_lora_weights` + `set_adapters`, per request, in one U-Net call
-shared with requests using other adapters or none; bad adapters are refused in one line with
-the pool unchanged."""
+diffusers gives with `load_lora_weights` + `set_adapters`, per request, in one denoiser call
+shared with requests using other adapters or none, for the U-Net and the diffusion transformers
+(SD3, Flux.1) with their CLIP encoders; bad adapters are refused in one line with the pool
+unchanged."""
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,94 +28,226 @@ from sdrt.export.parity import run_diffusers
 RANK = 8  # the bundle's R; the files below have rank 4
 STEPS = 3
 SCHEDULER = "euler"
+CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# diffusers' text-encoder loader infers the key format from attention keys: a file whose text
+# part has only MLP layers fails there (state_dict_utils, "Could not automatically infer")
+CLIP_MLP = ["v_proj", "fc1", "fc2"]
+DIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+DIT_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
-def peft_file(folder: Path, name: str, seed: int, targets: list[str]) -> Path:
-    """A diffusers-saved peft adapter (alpha 2 in the metadata) on the tiny U-Net."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
+@dataclass(frozen=True)
+class Model:
+    """A tiny model the run-time LoRA tests run on: its adapters' peft targets per component
+    (diffusers names), and the call both sides get."""
+
+    preset: str
+    family: str
+    channels: int
+    scheduler: str
+    adapters: dict[str, dict[str, list[str]]]
+    call: dict[str, Any] = field(default_factory=dict)  # both sides
+    eager_call: dict[str, Any] = field(default_factory=dict)  # diffusers only
+
+
+MODELS = {
+    "tiny": Model(
+        "tiny",
+        "sd1",
+        4,
+        SCHEDULER,
+        {
+            "attn": {"unet": ["to_q", "to_k", "to_v", "to_out.0"]},
+            "ff": {"unet": ["to_k", "ff.net.0.proj", "ff.net.2"]},
+        },
+    ),
+    "tiny-sd3": Model(
+        "tiny-sd3",
+        "sd3",
+        16,
+        "flow_match_euler",
+        {  # both streams, the dual attention, and both CLIPs; no T5 (diffusers loads none)
+            "attn": {"transformer": [*DIT_ATTENTION, "to_add_out"], "text_encoder": CLIP_ATTENTION},
+            "ff": {"transformer": ["to_v", *DIT_FEED_FORWARD], "text_encoder_2": CLIP_MLP},
+        },
+        {"guidance_scale": 4.0},
+        {"max_sequence_length": 16},
+    ),
+    "tiny-flux": Model(
+        "tiny-flux",
+        "flux",
+        16,
+        "flow_match_euler",
+        {  # double blocks' both streams, single blocks' q/k/v, proj_mlp and proj_out, CLIP-L
+            "attn": {"transformer": [*DIT_ATTENTION, "to_add_out"], "text_encoder": CLIP_ATTENTION},
+            "ff": {
+                "transformer": [
+                    *DIT_FEED_FORWARD,
+                    "proj_mlp",
+                    "single_transformer_blocks.0.proj_out",
+                ],
+                "text_encoder": CLIP_MLP,
+            },
+        },
+        {"guidance_scale": 3.5},
+        {"max_sequence_length": 16},
+    ),
+}
+
+
+def peft_file(
+    folder: Path, name: str, seed: int, targets: dict[str, list[str]], preset: str = "tiny"
+) -> Path:
+    """A diffusers-saved peft adapter (alpha 2 in the metadata) on the tiny model of `preset`:
+    `targets` are each component's peft target modules."""
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    unet = random_pipeline("tiny", seed=0).unet
-    config = LoraConfig(r=4, lora_alpha=2, target_modules=targets)
-    unet.add_adapter(config)
+    pipe = random_pipeline(preset, seed=0)
     gen = torch.Generator().manual_seed(seed)
-    tensors = {
-        k: 0.2 * torch.randn(v.shape, generator=gen)
-        for k, v in get_peft_model_state_dict(unet).items()
-    }
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=tensors,
-        weight_name=f"{name}.safetensors",
-        unet_lora_adapter_metadata=config.to_dict(),
-    )
+    parts: dict[str, Any] = {}
+    for component, modules in targets.items():
+        model = getattr(pipe, component)
+        config = LoraConfig(r=4, lora_alpha=2, target_modules=modules)
+        inject_adapter_in_model(config, model)
+        parts[f"{component}_lora_layers"] = {
+            k: 0.2 * torch.randn(v.shape, generator=gen)
+            for k, v in get_peft_model_state_dict(model).items()
+        }
+        parts[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    type(pipe).save_lora_weights(folder, weight_name=f"{name}.safetensors", **parts)
     return folder / f"{name}.safetensors"
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("adapters")
-    kohya = folder / "kohya.safetensors"
-    save_file(kohya_tensors({**KOHYA_UNET_LAYERS, **KOHYA_TE_LAYERS}, alpha=2.0, seed=3), kohya)
-    return {
-        "attn": peft_file(folder, "attn", 1, ["to_q", "to_k", "to_v", "to_out.0"]),
-        "ff": peft_file(folder, "ff", 2, ["to_k", "ff.net.0.proj", "ff.net.2"]),
-        "kohya": kohya,
+@dataclass
+class Setup:
+    """A model's adapter files, its bundles exported with the branch (R = 8) and without, and
+    the branch bundle's pipeline with every adapter loaded."""
+
+    model: Model
+    files: dict[str, Path]
+    bundles: dict[str, Path]
+    pipe: Pipeline
+
+
+def build_setup(model: Model, folder: Path) -> Setup:
+    files = {
+        name: peft_file(folder, name, seed, targets, model.preset)
+        for seed, (name, targets) in enumerate(model.adapters.items(), start=1)
     }
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
-    """The tiny model exported with the branch (R = 8) and without it."""
-    folder = tmp_path_factory.mktemp("lora_bundles")
-    export_bundle(random_pipeline("tiny", seed=0), folder / "branch", "sd1", lora_rank=RANK)
-    export_bundle(random_pipeline("tiny", seed=0), folder / "plain", "sd1")
-    return {"branch": folder / "branch", "plain": folder / "plain"}
-
-
-@pytest.fixture(scope="module")
-def pipe(bundles, files) -> Pipeline:
-    loaded = Pipeline.load(bundles["branch"], device="cpu", max_loras=4)
+    if model.family == "sd1":  # kohya files name the U-Net's original layers
+        files["kohya"] = folder / "kohya.safetensors"
+        layers = {**KOHYA_UNET_LAYERS, **KOHYA_TE_LAYERS}
+        save_file(kohya_tensors(layers, alpha=2.0, seed=3), files["kohya"])
+    bundles = {"branch": folder / "branch", "plain": folder / "plain"}
+    export_bundle(
+        random_pipeline(model.preset, seed=0),
+        bundles["branch"],
+        model.family,
+        lora_rank=RANK,
+        progress=False,
+    )
+    export_bundle(
+        random_pipeline(model.preset, seed=0), bundles["plain"], model.family, progress=False
+    )
+    pipe = Pipeline.load(bundles["branch"], device="cpu", max_loras=4)
     for name, path in files.items():
-        loaded.load_lora(name, path)
-    return loaded
+        pipe.load_lora(name, path)
+    return Setup(model, files, bundles, pipe)
 
 
-def latents(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((1, 4, 8, 8), np.float32)
+@pytest.fixture(scope="module")
+def setups(tmp_path_factory):
+    """preset -> its Setup, built once each."""
+    built: dict[str, Setup] = {}
+
+    def build(preset: str) -> Setup:
+        if preset not in built:
+            built[preset] = build_setup(MODELS[preset], tmp_path_factory.mktemp(preset))
+        return built[preset]
+
+    return build
 
 
-def ours(pipe: Pipeline, loras: dict[str, float], seed: int = 0) -> np.ndarray:
+@pytest.fixture(scope="module")
+def files(setups) -> dict[str, Path]:
+    return setups("tiny").files
+
+
+@pytest.fixture(scope="module")
+def bundles(setups) -> dict[str, Path]:
+    return setups("tiny").bundles
+
+
+@pytest.fixture(scope="module")
+def pipe(setups) -> Pipeline:
+    return setups("tiny").pipe
+
+
+def latents(seed: int = 0, channels: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, channels, 8, 8), np.float32)
+
+
+def ours(
+    pipe: Pipeline, loras: dict[str, float], seed: int = 0, model: Model = MODELS["tiny"]
+) -> np.ndarray:
     out = pipe(
         PROMPT,
         num_inference_steps=STEPS,
-        scheduler=SCHEDULER,
-        latents=latents(seed),
+        scheduler=model.scheduler,
+        latents=latents(seed, model.channels),
         output_type="np",
         loras=loras,
+        **model.call,
     )
     return out.images
 
 
-def eager(files: dict[str, Path], loras: dict[str, float]) -> np.ndarray:
-    diffusers_pipe = random_pipeline("tiny", seed=0)
+def eager(setup: Setup, loras: dict[str, float]) -> np.ndarray:
+    model = setup.model
+    diffusers_pipe = random_pipeline(model.preset, seed=0)
     for name in loras:
-        diffusers_pipe.load_lora_weights(str(files[name]), adapter_name=name)
+        diffusers_pipe.load_lora_weights(str(setup.files[name]), adapter_name=name)
     diffusers_pipe.set_adapters(list(loras), adapter_weights=list(loras.values()))
     return run_diffusers(
-        diffusers_pipe, SCHEDULER, latents(), prompt=PROMPT, num_inference_steps=STEPS
+        diffusers_pipe,
+        model.scheduler,
+        latents(0, model.channels),
+        prompt=PROMPT,
+        num_inference_steps=STEPS,
+        **model.call,
+        **model.eager_call,
     )
 
 
+ONE, TWO = {"attn": 1.0}, {"attn": 0.7, "ff": 0.5}
+
+
 @pytest.mark.parametrize(
-    "loras",
-    [{"attn": 1.0}, {"attn": 0.7, "ff": 0.5}, {"kohya": 1.0}],
-    ids=["one", "two-stacked", "kohya-with-text-encoder"],
+    ("preset", "loras"),
+    [
+        ("tiny", ONE),
+        ("tiny", TWO),
+        ("tiny", {"kohya": 1.0}),
+        ("tiny-sd3", ONE),
+        ("tiny-sd3", TWO),
+        ("tiny-flux", ONE),
+        ("tiny-flux", TWO),
+    ],
+    ids=[
+        "unet-one",
+        "unet-two-stacked",
+        "unet-kohya-with-text-encoder",
+        "sd3-one-with-clip-l",
+        "sd3-two-stacked-with-clip-g",
+        "flux-one-with-clip",
+        "flux-two-stacked",
+    ],
 )
-def test_adapters_match_diffusers_set_adapters(pipe, files, loras):
-    got, want = ours(pipe, loras), eager(files, loras)
-    base = ours(pipe, {})
+def test_adapters_match_diffusers_set_adapters(setups, preset, loras):
+    setup = setups(preset)
+    got, want = ours(setup.pipe, loras, model=setup.model), eager(setup, loras)
+    base = ours(setup.pipe, {}, model=setup.model)
     assert np.abs(want - base).max() > 1e-2  # the adapters change the image
     assert np.abs(got - want).max() <= 1e-4
 
@@ -134,21 +269,25 @@ def test_kohya_text_encoder_part_is_applied(pipe, files):
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_three_requests_share_each_unet_call_and_match_their_own_runs(pipe, bundles):
+@pytest.mark.parametrize("preset", list(MODELS))
+def test_three_requests_share_each_denoiser_call_and_match_their_own_runs(setups, preset):
     from sdrt.serve.batcher import Batcher
 
+    setup = setups(preset)
+    model, pipe = setup.model, setup.pipe
     requests = [{"attn": 1.0}, {"ff": 0.5}, {}]
-    alone = [ours(pipe, loras, seed) for seed, loras in enumerate(requests)]
+    alone = [ours(pipe, loras, seed, model) for seed, loras in enumerate(requests)]
     batcher = Batcher(pipe, max_batch_rows=6)
     futures = [
         batcher.submit(
             {
                 "prompt": PROMPT,
                 "num_inference_steps": STEPS,
-                "scheduler": SCHEDULER,
-                "latents": latents(seed),
+                "scheduler": model.scheduler,
+                "latents": latents(seed, model.channels),
                 "output_type": "np",
                 "loras": loras,
+                **model.call,
             }
         )
         for seed, loras in enumerate(requests)
@@ -162,9 +301,14 @@ def test_three_requests_share_each_unet_call_and_match_their_own_runs(pipe, bund
     assert stats.unet_calls == STEPS and stats.requests_per_call == {3: STEPS}
     for got, want in zip(together, alone, strict=True):
         assert np.abs(got - want).max() <= 1e-5
-    plain = Pipeline.load(bundles["plain"], device="cpu")
+    plain = Pipeline.load(setup.bundles["plain"], device="cpu")
     without = plain(
-        PROMPT, num_inference_steps=STEPS, scheduler=SCHEDULER, latents=latents(2), output_type="np"
+        PROMPT,
+        num_inference_steps=STEPS,
+        scheduler=model.scheduler,
+        latents=latents(2, model.channels),
+        output_type="np",
+        **model.call,
     ).images
     assert np.abs(together[2] - without).max() <= 1e-6
 

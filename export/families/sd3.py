@@ -15,8 +15,8 @@ from .vae import vae_components, vae_manifest
 
 LABEL = "SD3"  # in messages
 # the export options this family's graphs support: fp32 or fp16 (the measured policy), plain
-# attention, dynamic shapes
-OPTIONS = frozenset({"fp16"})
+# attention, dynamic shapes, the run-time LoRA branch (not --lora: fusing at export)
+OPTIONS = frozenset({"fp16", "lora_rank"})
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 
 

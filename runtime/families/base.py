@@ -10,7 +10,7 @@ import numpy as np
 
 from ..arguments import GenerationArgs
 from ..image_inputs import strength_start
-from ..lora_pool import NO_ADAPTER, Hold
+from ..lora_pool import INDEX, NO_ADAPTER, Hold, stack_rows
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -45,9 +45,15 @@ class Family:
         """Classifier-free guidance: two denoiser rows per image."""
         return args.guidance_scale > 1.0
 
-    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+    def encode_text(
+        self,
+        pipe: Pipeline,
+        prompts: list[str],
+        lora_rows: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
         """The denoiser's text conditioning, one row per prompt, each text encoder called
-        once (what `conditionings` builds on; build-time fp16 calibration uses it too)."""
+        once (what `conditionings` builds on; build-time fp16 calibration uses it too);
+        `lora_rows` as `encode` takes them."""
         raise NotImplementedError
 
     def conditionings(
@@ -77,6 +83,21 @@ def prompt_rows(args: GenerationArgs, guided: bool) -> list[str]:
     return negatives + args.prompts if guided else args.prompts
 
 
+def text_lora_rows(holds: Sequence[Hold], counts: Sequence[int]) -> dict[str, np.ndarray]:
+    """The text encoders' branch inputs for the prompts of several requests in one call:
+    `counts[i]` prompt rows with request i's adapters."""
+    rows = [hold.rows(count) for hold, count in zip(holds, counts, strict=True)]
+    return {name: stack_rows([part[name] for part in rows]) for name in rows[0]}
+
+
+def with_lora_rows(pipe: Pipeline, cond: dict[str, np.ndarray], hold: Hold) -> dict[str, Any]:
+    """A request's denoiser conditioning plus its adapters' per-row branch inputs, for a
+    bundle exported with --lora-rank (unchanged otherwise)."""
+    if INDEX not in pipe.denoiser.inputs:
+        return cond
+    return cond | hold.rows(len(cond["encoder_hidden_states"]))
+
+
 def split_rows(arrays: dict[str, np.ndarray], counts: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Cut arrays stacked over every request's rows back into one dict per request."""
     found, start = [], 0
@@ -97,6 +118,6 @@ def encode(
     for an encoder exported with the run-time LoRA branch (none: no adapter)."""
     engine = pipe.engines[name]
     feeds = {"input_ids": pipe.tokenizers[name].encode(prompts, max_length)}
-    if "lora_index" in engine.inputs:
+    if INDEX in engine.inputs:
         feeds |= lora_rows or NO_ADAPTER.rows(len(prompts))
     return engine.run(feeds)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..arguments import GenerationArgs
 from ..schedulers.flow_match import dynamic_shift_mu, flux_sigmas
-from .base import Layout, encode, split_rows
+from .base import Layout, encode, split_rows, text_lora_rows, with_lora_rows
 from .flow import FlowTransformer
 
 if TYPE_CHECKING:
@@ -31,17 +31,23 @@ class Flux(FlowTransformer):
     def conditionings(
         self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
-        # no run-time LoRA branch for transformers yet (export refuses --lora-rank): no holds
-        text = self.encode_text(pipe, [text for args in requests for text in args.prompts])
-        conds = split_rows(text, [len(args.prompts) for args in requests])
+        counts = [len(args.prompts) for args in requests]
+        prompts = [text for args in requests for text in args.prompts]
+        text = self.encode_text(pipe, prompts, text_lora_rows(holds, counts))
+        conds = split_rows(text, counts)
         if "guidance" in pipe.denoiser.inputs:  # dev
             for cond, args in zip(conds, requests, strict=True):
                 cond["guidance"] = np.full(len(args.prompts), args.guidance_scale, np.float32)
-        return conds
+        return [with_lora_rows(pipe, cond, hold) for cond, hold in zip(conds, holds, strict=True)]
 
-    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
-        clip = encode(pipe, "text_encoder", prompts, pipe.manifest["text_max_length"])
-        t5 = encode(pipe, "text_encoder_2", prompts, pipe.manifest["t5_max_length"])
+    def encode_text(
+        self,
+        pipe: Pipeline,
+        prompts: list[str],
+        lora_rows: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        clip = encode(pipe, "text_encoder", prompts, pipe.manifest["text_max_length"], lora_rows)
+        t5 = encode(pipe, "text_encoder_2", prompts, pipe.manifest["t5_max_length"], lora_rows)
         return {
             "encoder_hidden_states": t5["text_embeddings"],
             "pooled_projections": clip["pooled_embeddings"],

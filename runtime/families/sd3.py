@@ -11,7 +11,7 @@ import numpy as np
 
 from ..arguments import GenerationArgs
 from ..schedulers.flow_match import dynamic_shift_mu
-from .base import encode, prompt_rows, split_rows
+from .base import encode, prompt_rows, split_rows, text_lora_rows, with_lora_rows
 from .flow import FlowTransformer
 
 if TYPE_CHECKING:
@@ -25,16 +25,24 @@ class SD3(FlowTransformer):
     def conditionings(
         self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
-        # no run-time LoRA branch for transformers yet (export refuses --lora-rank): no holds
         rows = [prompt_rows(args, self.guided(pipe, args)) for args in requests]
-        text = self.encode_text(pipe, [text for texts in rows for text in texts])
-        return split_rows(text, [len(texts) for texts in rows])
+        counts = [len(texts) for texts in rows]
+        text = self.encode_text(
+            pipe, [text for texts in rows for text in texts], text_lora_rows(holds, counts)
+        )
+        parts = split_rows(text, counts)
+        return [with_lora_rows(pipe, part, hold) for part, hold in zip(parts, holds, strict=True)]
 
-    def encode_text(self, pipe: Pipeline, prompts: list[str]) -> dict[str, np.ndarray]:
+    def encode_text(
+        self,
+        pipe: Pipeline,
+        prompts: list[str],
+        lora_rows: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
         clip_length, t5_length = pipe.manifest["text_max_length"], pipe.manifest["t5_max_length"]
-        clip_l = encode(pipe, "text_encoder", prompts, clip_length)
-        clip_g = encode(pipe, "text_encoder_2", prompts, clip_length)
-        t5 = encode(pipe, "text_encoder_3", prompts, t5_length)["text_embeddings"]
+        clip_l = encode(pipe, "text_encoder", prompts, clip_length, lora_rows)
+        clip_g = encode(pipe, "text_encoder_2", prompts, clip_length, lora_rows)
+        t5 = encode(pipe, "text_encoder_3", prompts, t5_length, lora_rows)["text_embeddings"]
         clip = np.concatenate([clip_l["text_embeddings"], clip_g["text_embeddings"]], axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
         return {

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..arguments import GenerationArgs
-from ..lora_pool import Hold, stack_rows
+from ..lora_pool import Hold
 from ..tokenizer import ClipTokenizer
-from .base import Family, encode, prompt_rows, split_rows
+from .base import Family, encode, prompt_rows, split_rows, text_lora_rows, with_lora_rows
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -32,20 +32,15 @@ class UNet(Family):
         self, pipe: Pipeline, requests: Sequence[GenerationArgs], holds: Sequence[Hold]
     ) -> list[dict[str, np.ndarray]]:
         plans = [self._rows(pipe, args) for args in requests]
-        branch = [hold.rows(len(texts)) for hold, (texts, _) in zip(holds, plans, strict=True)]
+        counts = [len(texts) for texts, _ in plans]
         text = self.encode_text(
-            pipe,
-            [text for texts, _ in plans for text in texts],
-            {k: stack_rows([rows[k] for rows in branch]) for k in branch[0]},
+            pipe, [text for texts, _ in plans for text in texts], text_lora_rows(holds, counts)
         )
-        parts = split_rows(text, [len(texts) for texts, _ in plans])
-        conds = []
-        for args, hold, (_, zeros), part in zip(requests, holds, plans, parts, strict=True):
-            cond = _conditioning(pipe, args, part, zeros)
-            if "lora_index" in pipe.denoiser.inputs:  # a --lora-rank bundle: per-row adapters
-                cond |= hold.rows(len(cond["encoder_hidden_states"]))
-            conds.append(cond)
-        return conds
+        parts = split_rows(text, counts)
+        return [
+            with_lora_rows(pipe, _conditioning(pipe, args, part, zeros), hold)
+            for args, hold, (_, zeros), part in zip(requests, holds, plans, parts, strict=True)
+        ]
 
     def encode_text(
         self,
