@@ -160,7 +160,7 @@ def read_adapter(path: Path, branch: dict[str, Any]) -> Adapter:
             raise UserError(
                 f"LoRA file {path.name} adapts {stem!r}, which has no LoRA branch in this "
                 "bundle; use a LoRA trained for this model (attention and feed-forward layers "
-                "only), or fuse it at export with --lora"
+                "only), or fuse it into a U-Net bundle at export with --lora"
             )
         pairs.setdefault(target, {})[part] = value
     if not pairs:

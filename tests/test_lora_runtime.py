@@ -461,6 +461,42 @@ def test_manifest_records_rank_and_the_attention_and_feed_forward_layers(bundles
     assert "lora_branch" not in json.loads((bundles["plain"] / "manifest.json").read_text())
 
 
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_transformer_branch_covers_attention_and_feed_forward_not_modulation_or_t5(setups, preset):
+    import json
+
+    setup = setups(preset)
+    manifest = json.loads((setup.bundles["branch"] / "manifest.json").read_text())
+    layers = {
+        component: {layer["name"] for layer in records}
+        for component, records in manifest["lora_branch"]["layers"].items()
+    }
+    block = "transformer_blocks.0"
+    both_streams = {f"{block}.attn.to_q", f"{block}.attn.add_v_proj", f"{block}.attn.to_add_out"}
+    feed_forward = {f"{block}.ff.net.0.proj", f"{block}.ff_context.net.2"}
+    if preset == "tiny-sd3":  # MMDiT-X's second attention; the last block has no context out
+        own, count, t5 = {f"{block}.attn2.to_k", "transformer_blocks.1.attn.add_k_proj"}, 25, 3
+    else:  # Flux's single blocks
+        single = "single_transformer_blocks.0"
+        own, count, t5 = {f"{single}.attn.to_v", f"{single}.proj_mlp", f"{single}.proj_out"}, 17, 2
+    assert both_streams | feed_forward | own <= layers["transformer"]
+    assert len(layers["transformer"]) == count
+    assert not any(".norm" in name or name == "proj_out" for name in layers["transformer"])
+    assert "encoder.layers.0.self_attn.q_proj" in layers["text_encoder"]
+    assert f"text_encoder_{t5}" not in layers  # T5: diffusers' loaders load no LoRA into it
+
+
+def test_dit_adapter_for_the_modulation_layers_is_refused_in_one_line(setups, tmp_path):
+    pipe = setups("tiny-flux").pipe
+    path = peft_file(tmp_path, "mod", 5, {"transformer": ["norm1.linear"]}, "tiny-flux")
+    before = pool_state(pipe)
+    with pytest.raises(
+        UserError, match=r"adapts 'transformer\.transformer_blocks\.0\.norm1\.linear'"
+    ):
+        pipe.load_lora("mod", path)
+    assert pool_state(pipe) == before
+
+
 def test_static_sizes_with_the_branch_are_refused_before_export(tmp_path):
     with pytest.raises(UserError, match="--lora-rank cannot be combined with --static-size"):
         export_bundle(
