@@ -65,7 +65,6 @@ def error_line(capsys) -> str:
         (["--cuda-fusions"], "--cuda-fusions"),
         (["--fused-attention", "--static-size", "64x64"], "--fused-attention, --static-size"),
         (["--lora", "missing.safetensors"], "--lora"),
-        (["--lora-rank", "8"], "--lora-rank"),
     ],
 )
 def test_options_a_transformer_does_not_support_are_one_line(tmp_path, capsys, flags, refused):
@@ -76,6 +75,17 @@ def test_options_a_transformer_does_not_support_are_one_line(tmp_path, capsys, f
         "(plain attention, dynamic shapes)"
     )
     assert not (tmp_path / "b").exists()
+
+
+def test_export_command_gives_a_transformer_the_run_time_lora_branch(tmp_path):
+    out = tmp_path / "b"
+    args = ["export", "--random-weights", "tiny-flux", str(out), "--lora-rank", "4"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    branch = manifest["lora_branch"]
+    assert branch["rank"] == 4 and set(branch["layers"]) == {"transformer", "text_encoder"}
+    inputs = {spec["name"] for spec in manifest["components"]["transformer"]["inputs"]}
+    assert {"lora_index", "lora_scale", "lora_a.single_transformer_blocks.0.proj_out"} <= inputs
 
 
 def test_an_unsupported_pipeline_class_lists_the_supported_ones(tmp_path, capsys):
