@@ -96,10 +96,15 @@ MODELS = {
 
 
 def peft_file(
-    folder: Path, name: str, seed: int, targets: dict[str, list[str]], preset: str = "tiny"
+    folder: Path,
+    name: str,
+    seed: int,
+    targets: dict[str, list[str]],
+    preset: str = "tiny",
+    std: float = 0.2,
 ) -> Path:
     """A diffusers-saved peft adapter (alpha 2 in the metadata) on the tiny model of `preset`:
-    `targets` are each component's peft target modules."""
+    `targets` are each component's peft target modules, factors drawn with deviation `std`."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
@@ -111,7 +116,7 @@ def peft_file(
         config = LoraConfig(r=4, lora_alpha=2, target_modules=modules)
         inject_adapter_in_model(config, model)
         parts[f"{component}_lora_layers"] = {
-            k: 0.2 * torch.randn(v.shape, generator=gen)
+            k: std * torch.randn(v.shape, generator=gen)
             for k, v in get_peft_model_state_dict(model).items()
         }
         parts[f"{component}_lora_adapter_metadata"] = config.to_dict()

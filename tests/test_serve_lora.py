@@ -1,6 +1,7 @@
-"""Run-time LoRA through `sdrt serve --lora-dir` as a real process on 127.0.0.1: adapters
-preloaded by file stem, listed, loaded (API key, paths inside --lora-dir only) and deleted,
-requests naming them get Pipeline's image, unknown names a 400, and the metrics count them."""
+"""Run-time LoRA through `sdrt serve --lora-dir` as a real process on 127.0.0.1, for a U-Net
+and a Flux bundle: adapters preloaded by file stem, listed, loaded (API key, paths inside
+--lora-dir only) and deleted, requests naming them get Pipeline's image, unknown names a 400,
+and the metrics count them."""
 
 from __future__ import annotations
 
@@ -20,24 +21,35 @@ from sdrt import Pipeline
 from sdrt.benchmarks.serve_process import ServeProcess
 from sdrt.export.bundle_writer import export_bundle
 from sdrt.export.load import random_pipeline
+from sdrt.export.presets import PRESETS
 
 PROMPT = "a lighthouse"
 CALL = {"prompt": PROMPT, "num_inference_steps": 2, "seed": 3, "size": "64x64"}
 PRELOADED = ["attn", "detail"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "tiny-flux"])
+def folders(request, tmp_path_factory):
+    preset = request.param
+    family = PRESETS[preset]["family"]
+    denoiser = "unet" if family == "sd1" else "transformer"  # the peft targets' module
+    std = 0.2 if family == "sd1" else 0.5  # tiny Flux's image moves by 2/255 at 0.2
+
+    def adapter(folder, name, seed, targets):
+        peft_file(folder, name, seed, {denoiser: targets}, preset, std)
+
     root = tmp_path_factory.mktemp("serve_lora")
-    export_bundle(random_pipeline("tiny", seed=0), root / "tiny", "sd1", lora_rank=8)
+    export_bundle(
+        random_pipeline(preset, seed=0), root / "bundle", family, lora_rank=8, progress=False
+    )
     loras = root / "loras"
     loras.mkdir()
-    peft_file(loras, "attn", 1, ["to_q", "to_k", "to_v", "to_out.0"])
-    peft_file(loras, "detail", 3, ["to_v", "ff.net.0.proj"])
+    adapter(loras, "attn", 1, ["to_q", "to_k", "to_v", "to_out.0"])
+    adapter(loras, "detail", 3, ["to_v", "ff.net.0.proj"])
     spare = root / "spare"
     spare.mkdir()
-    peft_file(spare, "ff", 2, ["to_k", "ff.net.0.proj", "ff.net.2"])
-    return {"bundle": root / "tiny", "loras": loras, "spare": spare}
+    adapter(spare, "ff", 2, ["to_k", "ff.net.0.proj", "ff.net.2"])
+    return {"bundle": root / "bundle", "loras": loras, "spare": spare}
 
 
 @pytest.fixture(scope="module")
