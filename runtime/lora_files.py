@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,31 @@ KOHYA_PREFIXES = {
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+}
+# sd-scripts' Flux.1 names (the original model's modules) -> the diffusers layers each feeds, in
+# the order a fused projection's outputs are cut (diffusers' lora_conversion_utils, kohya Flux):
+# the fused layers share the down factor, and the up factor is split along the outputs.
+KOHYA_FLUX = {
+    "lora_unet_double_blocks_{}_": (
+        "transformer_blocks.{}.",
+        {
+            "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "img_attn_proj": ("attn.to_out.0",),
+            "img_mlp_0": ("ff.net.0.proj",),
+            "img_mlp_2": ("ff.net.2",),
+            "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "txt_attn_proj": ("attn.to_add_out",),
+            "txt_mlp_0": ("ff_context.net.0.proj",),
+            "txt_mlp_2": ("ff_context.net.2",),
+        },
+    ),
+    "lora_unet_single_blocks_{}_": (
+        "single_transformer_blocks.{}.",
+        {
+            "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+            "linear2": ("proj_out",),
+        },
+    ),
 }
 DOWN = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight")
 UP = (".lora_B.weight", ".lora_up.weight", ".lora.up.weight")
@@ -149,27 +175,29 @@ def read_adapter(path: Path, branch: dict[str, Any]) -> Adapter:
     tensors, metadata = read_safetensors(path)
     _refuse_other_kinds(path, tensors)
     names = _layer_lookup(branch)
-    config = _peft_configs(metadata)
-    pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        stem, part = _split_key(key)
-        if part is None:
-            continue
-        target = names.get(stem)
-        if target is None:
-            raise UserError(
-                f"LoRA file {path.name} adapts {stem!r}, which has no LoRA branch in this "
-                "bundle; use a LoRA trained for this model (attention and feed-forward layers "
-                "only), or fuse it into a U-Net bundle at export with --lora"
-            )
-        pairs.setdefault(target, {})[part] = value
-    if not pairs:
-        raise UserError(f"LoRA file {path.name} holds no LoRA layers (no lora_A/lora_down keys)")
     shapes = {
         (component, r["name"]): (r["in"], r["out"])
         for component, records in branch["layers"].items()
         for r in records
     }
+    config = _peft_configs(metadata)
+    stems: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        stem, part = _split_key(key)
+        if part is None:
+            continue
+        if stem not in names:
+            raise UserError(
+                f"LoRA file {path.name} adapts {stem!r}, which has no LoRA branch in this "
+                "bundle; use a LoRA trained for this model (attention and feed-forward layers "
+                "only), or fuse it into a U-Net bundle at export with --lora"
+            )
+        stems.setdefault(stem, {})[part] = value
+    pairs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for stem, parts in stems.items():
+        pairs.update(_unfuse(path, stem, parts, names[stem], shapes))
+    if not pairs:
+        raise UserError(f"LoRA file {path.name} holds no LoRA layers (no lora_A/lora_down keys)")
     layers: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     rank = 0
     for (component, name), parts in pairs.items():
@@ -195,22 +223,66 @@ def _refuse_other_kinds(path: Path, tensors: dict[str, np.ndarray]) -> None:
             )
 
 
-def _layer_lookup(branch: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """Every name a file may use for a branch layer -> (component, layer name): diffusers/peft
-    "<component>.<module path>" (a bare path for the U-Net), and kohya's underscored form."""
+def _layer_lookup(branch: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """Every name a file may use for branch layers -> the (component, layer name) it feeds:
+    diffusers/peft "<component>.<module path>" (a bare path for the U-Net), kohya's underscored
+    form, and sd-scripts' fused Flux projections (several layers)."""
     lookup = {}
     for component, records in branch["layers"].items():
         module_prefix = TEXT_PREFIX if component.startswith("text_encoder") else ""
         kohya = [prefix for prefix, owner in KOHYA_PREFIXES.items() if owner == component]
         for record in records:
             name = record["name"]
-            target = (component, name)
+            target = [(component, name)]
             module = f"{module_prefix}{name}"
             names = [f"{component}.{module}", f"{component}.{name}"]
             names += [f"{prefix}{module.replace('.', '_')}" for prefix in kohya]
             names += [name] if component == "unet" else []
             lookup.update(dict.fromkeys(names, target))
+    return lookup | _kohya_flux_lookup(branch["layers"].get("transformer", []))
+
+
+def _kohya_flux_lookup(records: list[dict[str, Any]]) -> dict[str, list[tuple[str, str]]]:
+    """sd-scripts' Flux.1 names for the blocks a transformer's branch covers (a name is left
+    out unless every layer it feeds has a branch)."""
+    layers = {record["name"] for record in records}
+    lookup = {}
+    for kohya_block, (block, parts) in KOHYA_FLUX.items():
+        pattern = re.compile(re.escape(block).replace(r"\{\}", r"(\d+)"))
+        for index in sorted({m.group(1) for n in layers if (m := pattern.match(n))}):
+            for part, fed in parts.items():
+                targets = [f"{block.format(index)}{layer}" for layer in fed]
+                if all(target in layers for target in targets):
+                    lookup[f"{kohya_block.format(index)}{part}"] = [
+                        ("transformer", target) for target in targets
+                    ]
     return lookup
+
+
+def _unfuse(
+    path: Path,
+    stem: str,
+    parts: dict[str, np.ndarray],
+    targets: list[tuple[str, str]],
+    shapes: dict[tuple[str, str], tuple[int, int]],
+) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """Each target layer's parts of file layer `stem`: the parts themselves for one target;
+    for a fused projection, the shared down factor and alpha, and the up factor's rows of
+    each target's outputs (exact: the fused update's rows are the targets' updates)."""
+    up = parts.get("up")
+    if len(targets) == 1 or up is None:  # a half layer: _factors says so
+        return dict.fromkeys(targets, parts)
+    outs = [shapes[target][1] for target in targets]
+    if up.ndim != 2 or len(up) != sum(outs):
+        raise UserError(
+            f"LoRA file {path.name}: layer {stem} is not a fused projection of "
+            f"{' + '.join(map(str, outs))} outputs in this bundle; use a LoRA for this model"
+        )
+    cuts = np.cumsum(outs)[:-1]
+    return {
+        target: {**parts, "up": rows}
+        for target, rows in zip(targets, np.split(up, cuts), strict=True)
+    }
 
 
 def _split_key(key: str) -> tuple[str, str | None]:

@@ -36,6 +36,18 @@ DIT_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
 DIT_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
+# sd-scripts' names of the tiny Flux's layers -> (in, out); the fused q/k/v give 3 x 32 outputs.
+# Not single blocks' fused linear1: diffusers' converter cuts it at Flux.1's full-size widths.
+KOHYA_FLUX_LAYERS = {
+    "lora_unet_double_blocks_0_img_attn_qkv": (32, 96),
+    "lora_unet_double_blocks_0_img_attn_proj": (32, 32),
+    "lora_unet_double_blocks_0_img_mlp_0": (32, 128),
+    "lora_unet_double_blocks_0_txt_attn_qkv": (32, 96),
+    "lora_unet_double_blocks_0_txt_mlp_2": (128, 32),
+    "lora_unet_single_blocks_0_linear2": (160, 32),
+}
+
+
 @dataclass(frozen=True)
 class Model:
     """A tiny model the run-time LoRA tests run on: its adapters' peft targets per component
@@ -140,10 +152,10 @@ def build_setup(model: Model, folder: Path) -> Setup:
         name: peft_file(folder, name, seed, targets, model.preset)
         for seed, (name, targets) in enumerate(model.adapters.items(), start=1)
     }
-    if model.family == "sd1":  # kohya files name the U-Net's original layers
+    kohya = {"sd1": KOHYA_UNET_LAYERS, "flux": KOHYA_FLUX_LAYERS}.get(model.family)
+    if kohya:  # kohya files name the original model's layers
         files["kohya"] = folder / "kohya.safetensors"
-        layers = {**KOHYA_UNET_LAYERS, **KOHYA_TE_LAYERS}
-        save_file(kohya_tensors(layers, alpha=2.0, seed=3), files["kohya"])
+        save_file(kohya_tensors({**kohya, **KOHYA_TE_LAYERS}, alpha=2.0, seed=3), files["kohya"])
     bundles = {"branch": folder / "branch", "plain": folder / "plain"}
     export_bundle(
         random_pipeline(model.preset, seed=0),
@@ -238,6 +250,7 @@ ONE, TWO = {"attn": 1.0}, {"attn": 0.7, "ff": 0.5}
         ("tiny-sd3", TWO),
         ("tiny-flux", ONE),
         ("tiny-flux", TWO),
+        ("tiny-flux", {"kohya": 1.0}),
     ],
     ids=[
         "unet-one",
@@ -247,6 +260,7 @@ ONE, TWO = {"attn": 1.0}, {"attn": 0.7, "ff": 0.5}
         "sd3-two-stacked-with-clip-g",
         "flux-one-with-clip",
         "flux-two-stacked",
+        "flux-kohya-fused-qkv-with-text-encoder",
     ],
 )
 def test_adapters_match_diffusers_set_adapters(setups, preset, loras):
@@ -500,6 +514,30 @@ def test_dit_adapter_for_the_modulation_layers_is_refused_in_one_line(setups, tm
     ):
         pipe.load_lora("mod", path)
     assert pool_state(pipe) == before
+
+
+def test_kohya_flux_fused_linear1_feeds_q_k_v_and_mlp_their_rows(setups, tmp_path):
+    """Single blocks' linear1 (q, k, v and the MLP in one projection): each layer gets the
+    shared down factor and its rows of the up factor, alpha / rank folded in."""
+    from test_lora import RANK as KOHYA_RANK
+
+    from sdrt.lora_files import read_adapter
+
+    branch = setups("tiny-flux").pipe.manifest["lora_branch"]
+    stem = "lora_unet_single_blocks_0_linear1"
+    tensors = kohya_tensors({stem: (32, 3 * 32 + 128)}, alpha=2.0, seed=7)
+    save_file(tensors, tmp_path / "linear1.safetensors")
+    layers = read_adapter(tmp_path / "linear1.safetensors", branch).layers["transformer"]
+    down = tensors[f"{stem}.lora_down.weight"].numpy()
+    up = tensors[f"{stem}.lora_up.weight"].numpy() * 2.0 / KOHYA_RANK
+    rows = {"attn.to_q": (0, 32), "attn.to_k": (32, 64), "attn.to_v": (64, 96)}
+    for layer, (start, stop) in {**rows, "proj_mlp": (96, 224)}.items():
+        got_down, got_up = layers[f"single_transformer_blocks.0.{layer}"]
+        assert np.array_equal(got_down, down)
+        assert np.allclose(got_up, up[start:stop].T, rtol=0, atol=1e-7)
+    save_file(kohya_tensors({stem: (32, 200)}, 1.0, 7), tmp_path / "narrow.safetensors")
+    with pytest.raises(UserError, match="not a fused projection of 32 \\+ 32 \\+ 32 \\+ 128"):
+        read_adapter(tmp_path / "narrow.safetensors", branch)
 
 
 def test_static_sizes_with_the_branch_are_refused_before_export(tmp_path):
