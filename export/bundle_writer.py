@@ -114,7 +114,7 @@ def export_bundle(
     and fixed-shape copies of those graphs so CUDA graphs can be captured. `watch` records
     each stage's time and peak RSS (the memory benchmark reads it). `release_weights` frees
     each component's PyTorch weights once verified, keeping the peak near one model's size;
-    `pipe` cannot run afterwards. `lora_rank` R > 0 gives the U-Net and text encoders the
+    `pipe` cannot run afterwards. `lora_rank` R > 0 gives the denoiser and CLIP encoders the
     run-time LoRA branch of that rank (`lora_branch`).
     """
     if dtype not in TOLERANCE:
