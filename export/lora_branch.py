@@ -31,8 +31,7 @@ ROW_DIM = {
     "unet": "unet_batch",
     "transformer": "unet_batch",
     "text_encoder": "batch",
-    "text_encoder_2": "batch",
-    "text_encoder_3": "batch",
+    "text_encoder_2": "batch",  # SDXL's and SD3's CLIP-G; Flux's T5, which has no targets
 }
 # The Linear layers of attention and feed-forward: a module path that holds one of these parts
 # (U-Net and SD3/Flux transformer blocks, the U-Net's block projections, CLIP encoder layers).
