@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_graph_options(parser: argparse.ArgumentParser) -> None:
     """How export writes and checks the graphs (shared with the export memory benchmark)."""
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument(
         "--fused-attention",
         action="store_true",
@@ -237,7 +237,7 @@ def add_graph_options(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16, 6e-2 bf16)",
     )
 
 
@@ -345,7 +345,7 @@ def _check_export_memory(args: argparse.Namespace) -> None:
     """Check the estimated peak RAM against --max-memory before loading anything."""
     from sdrt.export.memory_estimate import check_export_memory
 
-    passes = args.dtype == "fp16" or args.cuda_fusions
+    passes = args.dtype != "fp32" or args.cuda_fusions
     check_export_memory(args.max_memory, args.source, args.random_weights, passes)
 
 

@@ -335,6 +335,12 @@ class OnnxRuntimeEngine:
                 f"runs ({', '.join(info.cuda_only_ops)}; exported with --cuda-fusions); run it "
                 "with --device cuda and onnxruntime-gpu, or export without --cuda-fusions"
             )
+        if info.precision == "bf16" and CUDA not in self._providers:
+            raise UserError(
+                f"{self._path} is bf16, which ONNX Runtime's CPU provider cannot run (it has no "
+                "bf16 MatMul, Add or Mul); run it with --device cuda and onnxruntime-gpu or with "
+                "TensorRT, or export the bundle with --dtype fp32 for the CPU"
+            )
         self.provider = self._providers[0]
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
         self.device_id = parse_device(device).index if self.device_type == "cuda" else 0
