@@ -390,6 +390,13 @@ def _print_parity(manifest: dict[str, Any]) -> None:
             f"  {name:13s} {entry['precision']}  max abs {parity['max_abs']:.2e}  "
             f"max rel {parity['max_rel']:.2e} vs PyTorch"
         )
+    checks = {
+        (p["check"], p["note"])
+        for e in manifest["components"].values()
+        if "note" in (p := e["parity"])
+    }
+    for check, note in sorted(checks):
+        print(f"  checked: {check}; {note}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
