@@ -241,8 +241,8 @@ def check_precision(component: str, onnx_precision: str, precision: str) -> None
         )
     if (onnx_precision == BF16) != (precision == BF16):
         raise UserError(
-            f"{component}.onnx is {onnx_precision} in this bundle, so it cannot give a {precision} "
-            f"engine; export the bundle with --dtype {precision} for that"
+            f"{component}.onnx is {onnx_precision} in this bundle, so it cannot give an engine "
+            f"in {precision}; export the bundle with --dtype {precision} for that"
         )
 
 

@@ -225,6 +225,6 @@ def test_a_bf16_vae_cannot_become_an_fp16_or_fp32_engine(bf16_bundle: Any) -> No
         with pytest.raises(UserError) as err:
             tb.engine_spec(bundle, sizes, H100, ["vae_decoder"], wanted, {})
         assert str(err.value) == (
-            f"vae_decoder.onnx is bf16 in this bundle, so it cannot give a {wanted} engine; "
+            f"vae_decoder.onnx is bf16 in this bundle, so it cannot give an engine in {wanted}; "
             f"export the bundle with --dtype {wanted} for that"
         )
