@@ -119,16 +119,32 @@ def test_weights_are_rounded_to_bf16_from_fp32_never_clipped_through_fp16() -> N
         np.testing.assert_array_equal(got, fp32.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
-def test_the_fp32_emulation_rounds_every_bf16_tensor_where_it_is_made(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_files", [False, True], ids=["weights inline", "weights in files"])
+def test_the_fp32_emulation_rounds_every_bf16_tensor_where_it_is_made(
+    tmp_path: Path, in_files: bool
+) -> None:
     """Each output the emulation gives holds a bf16 value, and the exact fp32 result of the same
-    rounded inputs differs from it: the rounding after Mul and Add is what it checks."""
+    rounded inputs differs from it: the rounding after Mul and Add is what it checks. Weights
+    in files (a large bundle's) are upcast a tensor at a time into a file of their own."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal(64).astype(np.float32)
     constant = rng.standard_normal(64).astype(np.float32)
     bf16 = bfloat16.convert_bf16(scaled_graph(weight, constant))
+    if in_files:
+        onnx.save_model(
+            bf16,
+            str(tmp_path / "m.onnx"),
+            save_as_external_data=True,
+            location="m.onnx.data",
+            size_threshold=0,
+        )
+        bf16 = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     emulated = bfloat16.emulated_fp32(bf16, tmp_path, "weights.data")
     assert BF16 in {a.i for n in emulated.graph.node for a in n.attribute if a.name == "to"}
-    session = ort.InferenceSession(emulated.SerializeToString(), providers=["CPUExecutionProvider"])
+    onnx.save_model(emulated, str(tmp_path / "emulated.onnx"))
+    session = ort.InferenceSession(
+        str(tmp_path / "emulated.onnx"), providers=["CPUExecutionProvider"]
+    )
     x = rng.standard_normal(64).astype(np.float32)
     [y] = session.run(None, {"x": x})
 
@@ -139,6 +155,7 @@ def test_the_fp32_emulation_rounds_every_bf16_tensor_where_it_is_made(tmp_path: 
     expected = rounded(rounded(rounded(x) * rounded(weight)) + rounded(constant))
     np.testing.assert_array_equal(y, expected)
     assert not np.array_equal(y, rounded(x) * rounded(weight) + rounded(constant))
+    assert (tmp_path / "weights.data").stat().st_size == (64 * 4 if in_files else 0)
 
 
 def test_bf16_with_onnx_runtime_fused_ops_is_refused_before_loading(
