@@ -573,6 +573,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(
             f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB"
             + (f"  parity max rel {entry['parity']['max_rel']:.1e}" if "parity" in entry else "")
+            + (f" ({entry['parity']['runtime']})" if "note" in entry.get("parity", {}) else "")
             + (
                 f"  static shapes: {len(entry['static_variants'])}"
                 if entry.get("static_variants")

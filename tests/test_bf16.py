@@ -245,3 +245,11 @@ def test_a_bf16_vae_cannot_become_an_fp16_or_fp32_engine(bf16_bundle: Any) -> No
             f"vae_decoder.onnx is bf16 in this bundle, so it cannot give an engine in {wanted}; "
             f"export the bundle with --dtype {wanted} for that"
         )
+
+
+def test_sdrt_info_says_a_bf16_parity_is_the_emulated_one(
+    bf16_bundle: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["info", str(bf16_bundle("tiny"))]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "unet.onnx" in line]
+    assert len(lines) == 1 and lines[0].endswith(" (ONNX Runtime CPU, bf16 emulated)")
