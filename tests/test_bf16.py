@@ -253,3 +253,15 @@ def test_sdrt_info_says_a_bf16_parity_is_the_emulated_one(
     assert main(["info", str(bf16_bundle("tiny"))]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "unet.onnx" in line]
     assert len(lines) == 1 and lines[0].endswith(" (ONNX Runtime CPU, bf16 emulated)")
+
+
+def test_a_triton_repository_for_a_bf16_bundle_on_cpu_instances_is_refused_when_written(
+    bf16_bundle: Any, tmp_path: Path
+) -> None:
+    from sdrt.serve.triton_repo import RepoOptions, write_repository
+
+    bundle = bf16_bundle("tiny")
+    with pytest.raises(UserError, match=r"is bf16, which ONNX Runtime's CPU provider cannot run"):
+        write_repository(bundle, tmp_path, RepoOptions(kind="cpu"))
+    assert list(tmp_path.iterdir()) == []
+    assert (write_repository(bundle, tmp_path, RepoOptions(kind="gpu")) / "config.pbtxt").is_file()
