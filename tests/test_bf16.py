@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from fake_tensorrt import FakeBuildAPI, FakeCudart
 from onnx import TensorProto, helper, numpy_helper
+from test_fp16_dit import overflowing_t5  # noqa: F401 (a fixture, asked for by name)
 from test_tensorrt import H100, fake_builder, quiet_logger  # noqa: F401 (a fixture)
 
 from sdrt.backends import tensorrt as trt_backend
@@ -265,3 +266,39 @@ def test_a_triton_repository_for_a_bf16_bundle_on_cpu_instances_is_refused_when_
         write_repository(bundle, tmp_path, RepoOptions(kind="cpu"))
     assert list(tmp_path.iterdir()) == []
     assert (write_repository(bundle, tmp_path, RepoOptions(kind="gpu")) / "config.pbtxt").is_file()
+
+
+def test_t5s_projection_past_the_fp16_range_needs_no_fp32_node_in_bf16(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The T5 whose feed-forward output (~9e4 on real prompts) the fp16 policy must keep fp32:
+    in bf16, with fp32's exponent, it converts whole and, emulated on those prompts, holds that
+    value finite and matches PyTorch within the bf16 tolerance."""
+    import torch
+    from test_fp16_dit import WO, _node
+
+    from sdrt.export.onnx_export import export_onnx
+
+    t5, dims = request.getfixturevalue("overflowing_t5")
+    path = tmp_path / "t5.onnx"
+    export_onnx(t5, dims, path, "bf16")
+    model = onnx.load(str(path))
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    assert weights[_node(model, WO).input[1]] == BF16  # nothing kept fp32 for range
+    emulated = bfloat16.emulated_fp32(model, tmp_path, "emulated.data")
+    projected = _node(emulated, WO).output[0].removesuffix("/fp32")
+    emulated.graph.output.append(helper.make_tensor_value_info(projected, FP32, None))
+    onnx.save_model(emulated, str(tmp_path / "emulated.onnx"))
+    session = ort.InferenceSession(
+        str(tmp_path / "emulated.onnx"), providers=["CPUExecutionProvider"]
+    )
+    feeds = t5.calibration[0]
+    got, wo = session.run(None, feeds)
+    with torch.no_grad():
+        want = t5.module(torch.from_numpy(feeds["input_ids"])).numpy()
+    assert np.abs(wo).max() > np.finfo(np.float16).max and np.isfinite(wo).all()
+    max_rel = float(np.abs(got - want).max() / np.abs(want).max())
+    assert max_rel <= bfloat16.BF16_TOLERANCE
+    print(
+        f"bf16 T5 past fp16's range: projection max {np.abs(wo).max():.3g}, max rel {max_rel:.2e}"
+    )
