@@ -292,9 +292,10 @@ def export_onnx(
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
     graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
-    measured on the fused graph written back as standard ops (`cuda_ops_lowered`). `stage`
-    brackets each step (trace, fuse, fp16 measure, fp16 convert, write); `traced` is called
-    once the graph is traced, when export no longer needs the PyTorch weights.
+    measured on the fused graph written back as standard ops (`cuda_ops_lowered`); bf16 keeps
+    fp32 only what fp16 keeps for precision (`bfloat16.bf16_keep`). `stage` brackets each step
+    (trace, fuse, fp16 measure, fp16 or bf16 convert, write); `traced` is called once the
+    graph is traced, when export no longer needs the PyTorch weights.
 
     The graph passes work on a skeleton whose weights lie in files in a temporary folder
     (`external_data.weights_to_disk`): no pass holds a copy of the weights in memory, and ONNX
