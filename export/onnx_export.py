@@ -25,6 +25,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from sdrt.errors import UserError
 
+from .bfloat16 import BF16_TOLERANCE, bf16_keep, convert_bf16, emulated_fp32, is_bf16
 from .calibration import attention_score_nodes, calibration_providers, measuring_room
 from .cuda_fusions import (
     cuda_only_ops,
@@ -50,7 +51,7 @@ INLINE_LIMIT = TWO_GB - 2**24  # protobuf's limit, less room for the graph itsel
 # protobuf builds the whole file in memory, about four copies of the weights
 INLINE_WRITE = 2**28
 # Relative error (max abs diff / max abs of the reference) above which export fails.
-TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2, "bf16": BF16_TOLERANCE}
 
 
 @dataclass
@@ -291,9 +292,10 @@ def export_onnx(
     `fuse_attention` emits com.microsoft MultiHeadAttention (ONNX Runtime only; TensorRT cannot
     parse it); `cuda_fusions` applies ORT CUDA's NHWC and normalisation fusions, on the fp32
     graph. fp16 then keeps in fp32 the nodes whose measured activations leave the fp16 range,
-    measured on the fused graph written back as standard ops (`cuda_ops_lowered`). `stage`
-    brackets each step (trace, fuse, fp16 measure, fp16 convert, write); `traced` is called
-    once the graph is traced, when export no longer needs the PyTorch weights.
+    measured on the fused graph written back as standard ops (`cuda_ops_lowered`); bf16 keeps
+    fp32 only what fp16 keeps for precision (`bfloat16.bf16_keep`). `stage` brackets each step
+    (trace, fuse, fp16 measure, fp16 or bf16 convert, write); `traced` is called once the
+    graph is traced, when export no longer needs the PyTorch weights.
 
     The graph passes work on a skeleton whose weights lie in files in a temporary folder
     (`external_data.weights_to_disk`): no pass holds a copy of the weights in memory, and ONNX
@@ -305,7 +307,7 @@ def export_onnx(
         spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
         for spec in component.inputs + component.outputs
     }
-    passes = cuda_fusions or dtype == "fp16"
+    passes = cuda_fusions or dtype != "fp32"
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp_name:
         tmp = Path(tmp_name)
         traced_file = tmp / "model.onnx"
@@ -349,6 +351,11 @@ def export_onnx(
             with stage("fp16 convert"):
                 model = convert_fp16(model, keep, tmp, "sdrt-fp16.data")
                 unfused.update(unfuse_unsupported(model))
+        if dtype == "bf16":
+            with stage("bf16 convert"):
+                model = convert_bf16(
+                    model, bf16_keep(model, component.upcast_attention), tmp, "sdrt-bf16.data"
+                )
         with stage("write"):
             _write(model, tmp, traced_file, path, external_data, passes)
     return ExportedOps(cuda_only_ops(model), dict(unfused))
@@ -479,15 +486,21 @@ def verify_onnx(
 ) -> dict[str, float]:
     """Run the ONNX file on ONNX Runtime's CPU provider and compare with PyTorch's outputs
     `want` (`reference_outputs`); CUDA-only ops are run as their standard-ONNX lowering (see
-    `cuda_fusions`), written beside `path` so that it reads the same weight file."""
+    `cuda_fusions`) and a bf16 graph as its fp32 emulation (`bfloat16.emulated_fp32`), each
+    written beside `path` so that it reads the same weight file."""
     import onnxruntime as ort
 
     feeds = component.sample_inputs(dims, seed=1)
     graph = onnx.load(str(path), load_external_data=False)
-    runnable = path.with_name(f".lowered-{path.name}") if cuda_only_ops(graph) else path
+    runnable = path.with_name(f".runnable-{path.name}")
+    data = f"{runnable.name}.data"
     try:
-        if runnable != path:
+        if cuda_only_ops(graph):
             save_onnx(lower_cuda_ops(graph), runnable)
+        elif is_bf16(graph):
+            onnx.save_model(emulated_fp32(graph, path.parent, data), str(runnable))
+        else:
+            runnable = path
         session = ort.InferenceSession(
             str(runnable), _lean_session_options(ort), providers=["CPUExecutionProvider"]
         )
@@ -496,7 +509,7 @@ def verify_onnx(
     finally:
         if runnable != path:
             runnable.unlink(missing_ok=True)
-            runnable.with_name(f"{runnable.name}.data").unlink(missing_ok=True)
+            runnable.with_name(data).unlink(missing_ok=True)
     max_abs = max_ref = 0.0
     for g, w in zip(got, want, strict=True):
         w64 = w.astype(np.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,6 +550,7 @@ def convert_fp16(
     keep_fp32: Sequence[str] = (),
     folder: Path | None = None,
     weights: str | None = None,
+    encode: Callable[[np.ndarray], bytes] | None = None,
 ) -> onnx.ModelProto:
     """fp16 copy of `model` with float32 inputs/outputs and the `keep_fp32` nodes in fp32.
 
@@ -557,7 +558,8 @@ def convert_fp16(
     edge to fp16, even between two kept nodes (an out-of-range value then overflows anyway),
     and it appends the casts it inserts out of topological order. That converter only retypes
     weights held in files; those are converted here, a tensor at a time, into the file
-    `weights` in `folder` (where `model`'s external weights lie).
+    `weights` in `folder` (where `model`'s external weights lie), by `encode` (default fp16;
+    `bfloat16.convert_bf16` passes bf16's).
     """
     from onnxruntime.transformers import float16
 
@@ -577,7 +579,7 @@ def convert_fp16(
     if retyped:
         if folder is None or weights is None:
             raise ValueError("the model's weights lie in files: pass the folder and a file name")
-        _external_to_fp16(retyped, folder, weights)
+        _external_to_fp16(retyped, folder, weights, encode)
     remove_fp16_round_trips(converted)
     sort_topologically(converted.graph)
     return converted
@@ -587,15 +589,21 @@ def _value_info_of(tensor: TensorProto) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
-def _external_to_fp16(tensors: Sequence[TensorProto], folder: Path, weights: str) -> None:
+def _external_to_fp16(
+    tensors: Sequence[TensorProto],
+    folder: Path,
+    weights: str,
+    encode: Callable[[np.ndarray], bytes] | None,
+) -> None:
     """Write fp16 copies of fp32 `tensors` (in files under `folder`) to `folder`/`weights`,
-    rounded as the converter rounds weights in memory, and point the tensors at them."""
+    rounded as the converter rounds weights in memory (or by `encode`), and point the tensors
+    at them."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
     with (folder / weights).open("wb") as out:
         for tensor in tensors:
             values = np.frombuffer(read_external(tensor, folder), np.float32)
-            half = convert_np_to_float16(values).tobytes()
+            half = encode(values) if encode else convert_np_to_float16(values).tobytes()
             point_at(tensor, weights, pad_to_page(out), len(half))
             out.write(half)
 

@@ -13,7 +13,8 @@ fp16 ONNX, or an fp16 ONNX converted at build time from an fp32 bundle with the 
 measured keep-fp32 policy (`sdrt.export.fp16_onnx`), written inside the staging directory and
 deleted after its engine is built. TensorRT 10's weak typing (`BuilderFlag.FP16`) is not used:
 it may lower the timestep embedding that every other path keeps fp32, and TensorRT 11 removed
-it, so one conversion serves TensorRT 10, 11 and TensorRT-RTX alike.
+it, so one conversion serves TensorRT 10, 11 and TensorRT-RTX alike. A bf16 bundle's engines
+are bf16, built from its bf16 ONNX the same strongly typed way (no BuilderFlag.BF16 either).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ DEFAULT_WIDTH = (256, 1024)
 DEFAULT_OPT_SIZE = 512  # clamped into the range when no opt size is given
 PRECISIONS = ("fp16", "fp32")
 VAE_PRECISIONS = ("auto", *PRECISIONS)
+BF16 = "bf16"  # engines of a bf16 bundle: built from its bf16 ONNX as it is
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MAX_OPTIMIZATION_LEVEL = 5
@@ -207,12 +209,15 @@ def component_profile(info: ComponentInfo, dims: Mapping[str, Span]) -> Profile:
 
 
 def component_precision(component: str, vae_precision: str, bundle: Bundle) -> str:
-    """fp16 everywhere but the VAE, whose precision `vae_precision` picks.
+    """fp16 everywhere but the VAE, whose precision `vae_precision` picks; bf16 throughout a
+    bf16 bundle ("auto"), whose graphs say what stays fp32.
 
     "auto" keeps fp32 where fp16 is known to overflow: the export measured it (the manifest
     entry carries a precision_note) or the family's VAE is known for it (SDXL, as diffusers'
     force_upcast says).
     """
+    if bundle.components[component].precision == BF16:
+        return BF16 if vae_precision == "auto" or component not in VAE_COMPONENTS else vae_precision
     if component not in VAE_COMPONENTS:
         return "fp16"
     if vae_precision != "auto":
@@ -223,8 +228,9 @@ def component_precision(component: str, vae_precision: str, bundle: Bundle) -> s
 
 
 def check_precision(component: str, onnx_precision: str, precision: str) -> None:
-    """Refuse precisions the ONNX cannot give: fp16 weights cannot become fp32 again."""
-    if precision not in PRECISIONS:
+    """Refuse precisions the ONNX cannot give: fp16 or bf16 weights cannot become another
+    type again, and bf16 engines come from bf16 ONNX only."""
+    if precision not in (*PRECISIONS, BF16):
         raise UserError(
             f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}"
         )
@@ -232,6 +238,11 @@ def check_precision(component: str, onnx_precision: str, precision: str) -> None
         raise UserError(
             f"{component}.onnx is fp16 in this bundle, so it cannot give an fp32 engine; "
             "export the bundle with --dtype fp32 for that"
+        )
+    if (onnx_precision == BF16) != (precision == BF16):
+        raise UserError(
+            f"{component}.onnx is {onnx_precision} in this bundle, so it cannot give an engine "
+            f"in {precision}; export the bundle with --dtype {precision} for that"
         )
 
 

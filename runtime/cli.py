@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_graph_options(parser: argparse.ArgumentParser) -> None:
     """How export writes and checks the graphs (shared with the export memory benchmark)."""
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument(
         "--fused-attention",
         action="store_true",
@@ -237,7 +237,7 @@ def add_graph_options(parser: argparse.ArgumentParser) -> None:
         "--tolerance",
         type=float,
         default=None,
-        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16)",
+        help="max relative ONNX-vs-PyTorch error (default 1e-3 fp32, 3e-2 fp16, 6e-2 bf16)",
     )
 
 
@@ -345,7 +345,7 @@ def _check_export_memory(args: argparse.Namespace) -> None:
     """Check the estimated peak RAM against --max-memory before loading anything."""
     from sdrt.export.memory_estimate import check_export_memory
 
-    passes = args.dtype == "fp16" or args.cuda_fusions
+    passes = args.dtype != "fp32" or args.cuda_fusions
     check_export_memory(args.max_memory, args.source, args.random_weights, passes)
 
 
@@ -390,6 +390,13 @@ def _print_parity(manifest: dict[str, Any]) -> None:
             f"  {name:13s} {entry['precision']}  max abs {parity['max_abs']:.2e}  "
             f"max rel {parity['max_rel']:.2e} vs PyTorch"
         )
+    checks = {
+        (p["check"], p["note"])
+        for e in manifest["components"].values()
+        if "note" in (p := e["parity"])
+    }
+    for check, note in sorted(checks):
+        print(f"  checked: {check}; {note}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -566,6 +573,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(
             f"{name:14s} {entry['file']}  {entry['precision']}  {size / 2**20:.1f} MiB"
             + (f"  parity max rel {entry['parity']['max_rel']:.1e}" if "parity" in entry else "")
+            + (f" ({entry['parity']['runtime']})" if "note" in entry.get("parity", {}) else "")
             + (
                 f"  static shapes: {len(entry['static_variants'])}"
                 if entry.get("static_variants")

@@ -76,7 +76,7 @@ class SizeRanges:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    precision: str  # "fp16" or "fp32"
+    precision: str  # "fp16", "fp32" or "bf16"
     onnx_sha256: str
     profile: Profile
 

@@ -147,7 +147,7 @@ COMPONENT: dict[str, tuple[bool, Check]] = {
     "file": (True, _file_name),
     "external_data": (False, _optional(_file_name)),
     "sha256": (True, _sha256),
-    "precision": (True, _one_of("fp32", "fp16")),
+    "precision": (True, _one_of("fp32", "fp16", "bf16")),
     "inputs": (True, _of_type(list, "a list of tensors")),
     "outputs": (True, _of_type(list, "a list of tensors")),
     "cuda_only_ops": (False, _optional(_of_type(dict, "an object"))),

@@ -80,7 +80,7 @@ def feeds_for(dims, seed):
     }
 
 
-def make_bundle(root, variants=()) -> Bundle:
+def make_bundle(root, variants=(), precision="fp32") -> Bundle:
     from sdrt.export.optimize import static_variant_file, write_static_variant
 
     onnx.save_model(unet_like(), root / "unet.onnx")
@@ -88,7 +88,7 @@ def make_bundle(root, variants=()) -> Bundle:
         write_static_variant(root / "unet.onnx", dims, root / static_variant_file("unet", dims))
         for dims in variants
     ]
-    info = ComponentInfo("unet", "unet.onnx", "-", "fp32", INPUTS, OUTPUTS, None)
+    info = ComponentInfo("unet", "unet.onnx", "-", precision, INPUTS, OUTPUTS, None)
     entry = {"file": "unet.onnx", "inputs": INPUTS, "outputs": OUTPUTS, "static_variants": entries}
     return Bundle(root, {"components": {"unet": entry}}, {"unet": info})
 
@@ -369,6 +369,7 @@ class FakeOrt:
         self.sessions: list[tuple[str, list]] = []
         self.events: list[str] = []  # "preload_dlls", "probe", "session", in call order
         self.cuda_starts = True  # False: the CUDA provider cannot load its libraries
+        self.missing_kernel: str | None = None  # an op no provider has a kernel for, as "Conv(11)"
         self.allocations: list[tuple[str, int]] = []
         self.bound_outputs: list[tuple[str, int]] = []
         fake = self
@@ -415,6 +416,11 @@ class FakeOrt:
                     fake.events.append("probe")
                     return
                 fake.events.append("session")
+                if fake.missing_kernel:  # the message of onnxruntime 1.32's NotImplemented
+                    raise Exception(
+                        "[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an "
+                        f"implementation for {fake.missing_kernel} node with name '/conv_in/Conv'"
+                    )
                 fake.sessions.append((path_or_bytes, providers))
                 self.static = ".static-" in path_or_bytes
 
@@ -546,3 +552,30 @@ def test_the_probe_model_is_an_identity_graph_that_onnxruntime_runs():
 def test_unknown_device_names_are_refused_not_run_on_the_cpu(bundle, device):
     with pytest.raises(UserError, match="unknown device"):
         OnnxRuntimeEngine(bundle, "unet", device)
+
+
+def test_a_bf16_graph_is_taken_by_the_cuda_provider_with_fp32_feeds(tmp_path, fake_gpu_ort):
+    """Graph inputs and outputs stay fp32 in a bf16 bundle (it casts inside), so buffers and
+    feeds are as for fp32; only the CPU provider is refused."""
+    engine = OnnxRuntimeEngine(make_bundle(tmp_path, precision="bf16"), "unet", "cuda")
+    engine.run_on_device(feeds_for(DIMS, seed=0))
+    assert [providers[0][0] for _, providers in fake_gpu_ort.sessions] == [CUDA]
+    assert {dtype for dtype, _ in engine.inputs.values()} == {"float32"}
+
+
+def test_an_op_without_a_bf16_cuda_kernel_is_one_line_naming_it(tmp_path, fake_gpu_ort):
+    fake_gpu_ort.missing_kernel = "Conv(11)"
+    with pytest.raises(UserError) as err:
+        OnnxRuntimeEngine(make_bundle(tmp_path, precision="bf16"), "unet", "cuda")
+    assert str(err.value) == (
+        "unet.onnx is bf16 and ONNX Runtime has no bf16 kernel for Conv(11) on "
+        "CUDAExecutionProvider; build TensorRT engines for this bundle (`sdrt build`), or "
+        "export it with --dtype fp16"
+    )
+
+
+def test_a_missing_kernel_in_an_fp32_graph_is_not_blamed_on_bf16(tmp_path, fake_gpu_ort):
+    fake_gpu_ort.missing_kernel = "Conv(11)"
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED") as err:
+        OnnxRuntimeEngine(make_bundle(tmp_path), "unet", "cuda", static_shapes="never")
+    assert not isinstance(err.value, UserError)

@@ -35,6 +35,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
+import re
 import threading
 import warnings
 import weakref
@@ -55,6 +56,8 @@ log = logging.getLogger("sdrt")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 STATIC_SHAPES = ("auto", "always", "never")
+# how ORT names an op no provider has a kernel for ("... for Conv(11) node with name '...'")
+MISSING_KERNEL = re.compile(r"Could not find an implementation for (\S+) node")
 FLAVOURS = ("onnxruntime", "onnxruntime-gpu")  # both install the `onnxruntime` package
 GPU_INSTALL = (
     "`pip install 'sdrt[cuda13]'` (CUDA 13 driver; 'sdrt[cuda12]' for CUDA 12, see README)"
@@ -318,6 +321,7 @@ class OnnxRuntimeEngine:
         threads per session (default: one per physical core)."""
         info = bundle.components[component]
         self.component = component
+        self.precision = info.precision
         self.inputs = io_table(info.inputs)
         self.outputs = io_table(info.outputs)
         self.cuda_graph = cuda_graph
@@ -334,6 +338,12 @@ class OnnxRuntimeEngine:
                 f"{self._path} holds ONNX Runtime ops that only its CUDA provider "
                 f"runs ({', '.join(info.cuda_only_ops)}; exported with --cuda-fusions); run it "
                 "with --device cuda and onnxruntime-gpu, or export without --cuda-fusions"
+            )
+        if info.precision == "bf16" and CUDA not in self._providers:
+            raise UserError(
+                f"{self._path} is bf16, which ONNX Runtime's CPU provider cannot run (it has no "
+                "bf16 MatMul, Add or Mul); run it with --device cuda and onnxruntime-gpu or with "
+                "TensorRT, or export the bundle with --dtype fp32 for the CPU"
             )
         self.provider = self._providers[0]
         self.device_type = "cuda" if self.provider == CUDA else "cpu"
@@ -540,9 +550,23 @@ def create_session(
     """An InferenceSession for `path` (through the engine's graph cache), logged: which graphs
     hold weights on the device is what decides memory, so a debug log of `Pipeline.load` and
     of each request shows it."""
-    session, status = cached_session(path, providers, engine.graph_cache, sources, engine.threads)
-    engine.graph_cache_status[path.name] = status
     wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    try:
+        session, status = cached_session(
+            path, providers, engine.graph_cache, sources, engine.threads
+        )
+    except Exception as err:
+        # ORT's CUDA provider has bf16 kernels for some ops only (MatMul, Gemm, the
+        # elementwise ones, Softmax, LayerNormalization); one it lacks fails the whole session
+        missing = MISSING_KERNEL.search(str(err))
+        if engine.precision != "bf16" or missing is None:
+            raise
+        raise UserError(
+            f"{path.name} is bf16 and ONNX Runtime has no bf16 kernel for {missing[1]} on "
+            f"{wanted}; build TensorRT engines for this bundle (`sdrt build`), or export it "
+            "with --dtype fp16"
+        ) from err
+    engine.graph_cache_status[path.name] = status
     if wanted not in session.get_providers():
         # ORT falls back to the CPU when the CUDA provider cannot load its libraries, and
         # buffers allocated on the GPU would then feed a CPU session: never run on silently.

@@ -82,6 +82,12 @@ def write_repository(bundle_dir: str | Path, out: str | Path, options: RepoOptio
             f"{bundle.root} has no TensorRT engines; run `sdrt build {bundle_dir}` on the GPU "
             "type Triton will run on, or pass --backend onnxruntime"
         )
+    bf16 = any(c.precision == "bf16" for c in bundle.components.values())
+    if bf16 and options.backend == "onnxruntime" and options.kind == "cpu":
+        raise UserError(
+            f"{bundle.root} is bf16, which ONNX Runtime's CPU provider cannot run; pass --kind "
+            "gpu or --backend tensorrt, or export the bundle with --dtype fp32 for the CPU"
+        )
     model_dir = Path(out) / options.name
     if model_dir.exists():
         raise UserError(f"{model_dir} already exists; remove it or pick another --name")
