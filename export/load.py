@@ -8,6 +8,9 @@ are refused unless the caller opts in.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +22,104 @@ from .families import PIPELINE_CLASSES, export_family
 from .presets import PRESETS
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# A pipeline of a family that can stream (`STREAMED` in export/families) with more fp32
+# weight than this is exported with its weights left on disk (lazy_weights, streamed_export).
+LAZY_BYTES = 8 * 2**30
+
+
+@contextmanager
+def opened_pipeline(
+    source: str | None,
+    random_weights: str | None = None,
+    allow_pickle: bool = False,
+    lazy: bool | None = None,
+    progress: bool = True,
+) -> Iterator[Any]:
+    """The pipeline to export, as `load_pipeline` loads it, except a big diffusion transformer
+    (or `lazy` True): its weights stay in their safetensors files, read a layer at a time.
+    A random-weight preset that big is first written as a diffusers folder, shard by shard, in
+    a temporary directory removed afterwards."""
+    if random_weights is not None:
+        if lazy is None:
+            lazy = random_weights in PRESETS and _streams(PRESETS[random_weights]["family"])
+            lazy = lazy and preset_bytes(random_weights) > LAZY_BYTES
+        if lazy:
+            from .random_folder import write_random_folder
+
+            with tempfile.TemporaryDirectory(prefix="sdrt-random-") as tmp:
+                write_random_folder(random_weights, Path(tmp), progress=progress)
+                yield lazy_pipeline(Path(tmp))
+            return
+        yield load_pipeline(None, random_weights)
+        return
+    path = checked_source(source, allow_pickle)
+    if lazy is None:
+        family = source_family(source, None)
+        lazy = family is not None and _streams_module(family) and folder_bytes(path) > LAZY_BYTES
+    yield lazy_pipeline(path) if lazy else load_pipeline(source, None, allow_pickle)
+
+
+def _streams(family: str) -> bool:
+    return _streams_module(export_family(family))
+
+
+def _streams_module(family: ModuleType) -> bool:
+    return bool(getattr(family, "STREAMED", False))
+
+
+def preset_bytes(preset: str) -> int:
+    """fp32 bytes of a preset's weights, counted on modules built without memory."""
+    import torch
+
+    pipe = random_pipeline(preset, device="meta")
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(4 * p.numel() for m in modules for p in m.parameters())
+
+
+def folder_bytes(path: Path) -> int:
+    """fp32 bytes of the weights in a diffusers folder's safetensors files (from headers)."""
+    import math
+
+    total = 0
+    for file in path.glob("*/*.safetensors"):
+        header = safetensors_header(file)
+        total += sum(4 * math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
+    return total
+
+
+def lazy_pipeline(path: Path) -> Any:
+    """A diffusers folder's pipeline with every model's parameters on the meta device, bound
+    to the safetensors tensors they are read from (`lazy_weights`); tokenizers and the
+    scheduler load as usual."""
+    import diffusers
+    import transformers
+
+    from .lazy_weights import WeightSource, bound_parameters, empty_weights
+
+    class_name = _pipeline_class(path)
+    index = json.loads((path / "model_index.json").read_text())
+    parts: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library = {"diffusers": diffusers, "transformers": transformers}.get(entry[0])
+        if library is None:
+            raise UserError(f"{path / name}: sdrt cannot load a {entry[0]} component")
+        cls = getattr(library, entry[1])
+        folder = path / name
+        if hasattr(cls, "load_config") and hasattr(cls, "from_config") and entry[0] == "diffusers" \
+                and not name.startswith("scheduler"):  # fmt: skip
+            with empty_weights():
+                parts[name] = cls.from_config(cls.load_config(folder))
+        elif entry[0] == "transformers" and name.startswith("text_encoder"):
+            with empty_weights():
+                parts[name] = cls(cls.config_class.from_pretrained(folder))
+        else:
+            parts[name] = cls.from_pretrained(folder)
+            continue
+        parts[name].eval()
+        bound_parameters(parts[name], WeightSource.of_folder(folder))
+    return getattr(diffusers, class_name)(**parts)
 
 
 def load_pipeline(

@@ -40,6 +40,7 @@ from .external_data import (
     gather_external_data,
     weights_to_disk,
 )
+from .lazy_weights import is_lazy, weights_while_called
 from .optimize import convert_fp16, count_nodes, fused_attention_for_export, keep_fp32_nodes
 from .stages import StageFn, no_stages
 
@@ -301,10 +302,7 @@ def export_onnx(
     """
     feeds = component.sample_inputs(dims)
     args = tuple(torch.from_numpy(feeds[s.name]) for s in component.inputs)
-    dynamic_axes = {
-        spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
-        for spec in component.inputs + component.outputs
-    }
+    dynamic_axes = _dynamic_axes(component)
     passes = cuda_fusions or dtype == "fp16"
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp_name:
         tmp = Path(tmp_name)
@@ -376,15 +374,34 @@ def _write(
         os.replace(traced, path)
 
 
+def _dynamic_axes(component: Component) -> dict[str, dict[int, str]]:
+    return {
+        spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+        for spec in component.inputs + component.outputs
+    }
+
+
+def weightless_trace(component: Component) -> Callable[[Path, tuple[torch.Tensor, ...]], None]:
+    """The exporter run for a component whose weights stay on disk (`streamed_export`): its
+    weights become graph inputs named after the parameters, and nothing is folded into them."""
+
+    def trace(out: Path, args: tuple[torch.Tensor, ...]) -> None:
+        _trace(component, args, out, _dynamic_axes(component), False, weights=False)
+
+    return trace
+
+
 def _trace(
     component: Component,
     args: tuple[torch.Tensor, ...],
     out: Path,
     dynamic_axes: dict[str, dict[int, str]],
     fuse_attention: bool,
+    weights: bool = True,
 ) -> list[str]:
     """torch.onnx.export (legacy exporter) of `component` to `out`; returns the names of the
-    attention modules emitted as MultiHeadAttention."""
+    attention modules emitted as MultiHeadAttention. `weights` False leaves the weights out
+    (as graph inputs) and folds no constants into them."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
     fusing = fused_attention_for_export(component.module) if fuse_attention else nullcontext()
     with warnings.catch_warnings(), torch.no_grad(), component.tracing(), fusing as fused:
@@ -397,7 +414,8 @@ def _trace(
             output_names=[s.name for s in component.outputs],
             dynamic_axes=dynamic_axes,
             opset_version=OPSET,
-            do_constant_folding=True,
+            do_constant_folding=weights,
+            export_params=weights,
             dynamo=False,
         )
     return list(fused or [])
@@ -469,7 +487,8 @@ def reference_outputs(component: Component, dims: dict[str, int]) -> list[np.nda
     """PyTorch's outputs on the verification inputs; computed before export so that the
     PyTorch weights can be freed once traced."""
     feeds = component.sample_inputs(dims, seed=1)
-    with torch.no_grad():
+    lazy = weights_while_called(component.module) if is_lazy(component.module) else nullcontext()
+    with torch.no_grad(), lazy:
         want = component.module(*(torch.from_numpy(feeds[s.name]) for s in component.inputs))
     return [w.numpy() for w in ([want] if isinstance(want, torch.Tensor) else want)]
 
@@ -497,6 +516,12 @@ def verify_onnx(
         if runnable != path:
             runnable.unlink(missing_ok=True)
             runnable.with_name(f"{runnable.name}.data").unlink(missing_ok=True)
+    return compare(got, want)
+
+
+def compare(got: list[np.ndarray], want: list[np.ndarray]) -> dict[str, float]:
+    """Largest absolute difference, relative to the reference's largest value, and whether
+    every output is finite."""
     max_abs = max_ref = 0.0
     for g, w in zip(got, want, strict=True):
         w64 = w.astype(np.float64)
