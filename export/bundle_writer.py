@@ -347,8 +347,10 @@ def _export_component(
     def export(dtype: str) -> ExportedOps:
         if is_lazy(component.module):
             feeds, check = component.sample_inputs(dims), component.sample_inputs(check_dims, 1)
-            trace = weightless_trace(component)
-            streamed[:] = export_streamed(component, feeds, check, path, dtype, stage, trace).outputs
+            done = export_streamed(
+                component, feeds, check, path, dtype, stage, weightless_trace(component)
+            )
+            streamed[:] = done.outputs
             return ExportedOps()
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
