@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .lazy_weights import empty_weights
 
-SHARD_BYTES = 2 * 2**30  # of bf16 data per shard
-UNIT_BYTES = 2**30  # fp32 bytes initialised at once
+SHARD_BYTES = 2**30  # of bf16 data per shard (safetensors builds each in memory to write it)
+UNIT_BYTES = 2**29  # fp32 bytes initialised at once
 
 
 def write_random_folder(preset: str, folder: Path, seed: int = 0, progress: bool = True) -> None:
