@@ -31,7 +31,7 @@ from . import lora_branch
 from .calibration import CUDA, calibration_feeds, calibration_providers
 from .families import export_family
 from .families.text_encoders import vocab_size
-from .lazy_weights import is_lazy
+from .lazy_weights import discard_sources, is_lazy
 from .load import family_of
 from .onnx_export import (
     OPSET,
@@ -266,11 +266,7 @@ def _write_bundle(
         watch.on_change = _show_stage(bar)
     for index, component in enumerate(bar):
         stage = watch.for_component(component.name)
-        release = (
-            _weight_release(component, parts[index + 1 :])
-            if release_weights and not is_lazy(component.module)
-            else None
-        )
+        release = _weight_release(component, parts[index + 1 :]) if release_weights else None
         entries[component.name] = _export_component(
             component,
             root,
@@ -412,6 +408,9 @@ def _weight_release(component: Component, later: list[Component]) -> Callable[[]
     def release() -> None:
         import torch
 
+        if is_lazy(component.module):  # nothing in memory; a temporary checkpoint on disk
+            discard_sources(component.module, [c.module for c in later])
+            return
         kept = {id(p) for c in later for p in c.module.parameters()}
         for param in component.module.parameters():
             if id(param) not in kept:

@@ -26,7 +26,8 @@ class WeightSource:
     """The tensors of one model's safetensors files (one file, or shards with an index),
     read a tensor at a time as float32."""
 
-    def __init__(self, files: list[Path]) -> None:
+    def __init__(self, files: list[Path], temporary: bool = False) -> None:
+        self.temporary = temporary  # export's own (a random-weight folder): removed once used
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, list[int]] = {}
         for file in files:
@@ -38,7 +39,7 @@ class WeightSource:
         self._open: dict[Path, Any] = {}
 
     @classmethod
-    def of_folder(cls, folder: Path) -> WeightSource:
+    def of_folder(cls, folder: Path, temporary: bool = False) -> WeightSource:
         """A diffusers or transformers component folder's weights (sharded or not)."""
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if indexes:
@@ -48,7 +49,7 @@ class WeightSource:
             files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise UserError(f"{folder} holds no .safetensors weights")
-        return cls(files)
+        return cls(files, temporary)
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor `key` as float32 (a checkpoint in bf16/fp16 is widened here)."""
@@ -80,6 +81,20 @@ def bound_parameters(module: torch.nn.Module, source: WeightSource, prefix: str 
 def is_lazy(module: torch.nn.Module) -> bool:
     """Whether `module`'s weights are on disk (built by `empty_weights`, bound to a source)."""
     return any(hasattr(p, "sdrt_source") for p in module.parameters())
+
+
+def discard_sources(module: torch.nn.Module, later: list[torch.nn.Module]) -> None:
+    """Delete the files of `module`'s temporary sources that no `later` module reads: a
+    full-size random-weight folder then never holds the disk twice beside the bundle."""
+    kept = {
+        id(p.sdrt_source[0]) for m in later for p in m.parameters() if hasattr(p, "sdrt_source")
+    }
+    for param in module.parameters():
+        source = getattr(param, "sdrt_source", (None,))[0]
+        if source is not None and source.temporary and id(source) not in kept:
+            source._open.clear()
+            for file in set(source.files.values()):
+                file.unlink(missing_ok=True)
 
 
 def read_parameter(param: torch.nn.Parameter) -> torch.Tensor:

@@ -48,7 +48,7 @@ def opened_pipeline(
 
             with tempfile.TemporaryDirectory(prefix="sdrt-random-") as tmp:
                 write_random_folder(random_weights, Path(tmp), progress=progress)
-                yield lazy_pipeline(Path(tmp))
+                yield lazy_pipeline(Path(tmp), temporary=True)
             return
         yield load_pipeline(None, random_weights)
         return
@@ -87,10 +87,11 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def lazy_pipeline(path: Path) -> Any:
+def lazy_pipeline(path: Path, temporary: bool = False) -> Any:
     """A diffusers folder's pipeline with every model's parameters on the meta device, bound
     to the safetensors tensors they are read from (`lazy_weights`); tokenizers and the
-    scheduler load as usual."""
+    scheduler load as usual. `temporary`: export's own folder, whose weight files export
+    deletes as soon as it no longer needs them."""
     import diffusers
     import transformers
 
@@ -118,7 +119,7 @@ def lazy_pipeline(path: Path) -> Any:
             parts[name] = cls.from_pretrained(folder)
             continue
         parts[name].eval()
-        bound_parameters(parts[name], WeightSource.of_folder(folder))
+        bound_parameters(parts[name], WeightSource.of_folder(folder, temporary))
     return getattr(diffusers, class_name)(**parts)
 
 

@@ -155,14 +155,23 @@ def test_pytorch_holds_one_layers_weights_at_a_time(folder):
     assert all(p.is_meta for p in transformer.module.parameters())  # all dropped again
 
 
-def test_a_big_preset_is_written_as_a_folder_and_streamed(monkeypatch):
+def test_a_big_preset_is_written_as_a_folder_and_streamed(monkeypatch, tmp_path):
     monkeypatch.setattr(load, "LAZY_BYTES", 1000)
     with load.opened_pipeline(None, "tiny-flux", progress=False) as pipe:
         assert is_lazy(pipe.transformer)
         source, _ = pipe.transformer.x_embedder.weight.sdrt_source
         root = next(iter(source.files.values())).parent.parent
-        assert (root / "model_index.json").is_file()
+        assert len(list(root.glob("*/*.safetensors"))) == 4
+        export_bundle(pipe, tmp_path / "b", "flux", progress=False, release_weights=True)
+        # each model's shards went once exported: never the whole checkpoint beside the bundle
+        assert (root / "model_index.json").is_file() and not list(root.glob("*/*.safetensors"))
     assert not root.exists()  # the temporary folder goes with the export
+
+
+def test_a_users_folder_keeps_its_weights(folder, tmp_path):
+    with load.opened_pipeline(str(folder("tiny-flux")), lazy=True) as pipe:
+        export_bundle(pipe, tmp_path / "b", "flux", progress=False, release_weights=True)
+    assert len(list(folder("tiny-flux").glob("*/*.safetensors"))) == 4
     with load.opened_pipeline(None, "tiny", progress=False) as pipe:  # U-Nets load whole
         assert not is_lazy(pipe.unet)
 
