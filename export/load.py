@@ -36,35 +36,32 @@ def opened_pipeline(
     progress: bool = True,
 ) -> Iterator[Any]:
     """The pipeline to export, as `load_pipeline` loads it, except a big diffusion transformer
-    (or `lazy` True): its weights stay in their safetensors files, read a layer at a time.
-    A random-weight preset that big is first written as a diffusers folder, shard by shard, in
-    a temporary directory removed afterwards."""
+    (`streams`, or `lazy` True): its weights stay in their safetensors files, read a layer at
+    a time. A random-weight preset that big is first written as a diffusers folder, shard by
+    shard, in a temporary directory removed afterwards."""
+    lazy = streams(source, random_weights) if lazy is None else lazy
+    if random_weights is not None and lazy:
+        from .random_folder import write_random_folder
+
+        with tempfile.TemporaryDirectory(prefix="sdrt-random-") as tmp:
+            write_random_folder(random_weights, Path(tmp), progress=progress)
+            yield lazy_pipeline(Path(tmp), temporary=True)
+    elif lazy:
+        yield lazy_pipeline(checked_source(source, allow_pickle))
+    else:
+        yield load_pipeline(source, random_weights, allow_pickle)
+
+
+def streams(source: str | None, random_weights: str | None) -> bool:
+    """Whether export keeps this model's weights on disk: a family that can stream (`STREAMED`
+    in export/families) with more than LAZY_BYTES of fp32 weights, a preset's counted on
+    modules built without memory, a folder's from its safetensors headers."""
+    family = source_family(source, random_weights)
+    if family is None or not getattr(family, "STREAMED", False):
+        return False
     if random_weights is not None:
-        if lazy is None:
-            lazy = random_weights in PRESETS and _streams(PRESETS[random_weights]["family"])
-            lazy = lazy and preset_bytes(random_weights) > LAZY_BYTES
-        if lazy:
-            from .random_folder import write_random_folder
-
-            with tempfile.TemporaryDirectory(prefix="sdrt-random-") as tmp:
-                write_random_folder(random_weights, Path(tmp), progress=progress)
-                yield lazy_pipeline(Path(tmp), temporary=True)
-            return
-        yield load_pipeline(None, random_weights)
-        return
-    path = checked_source(source, allow_pickle)
-    if lazy is None:
-        family = source_family(source, None)
-        lazy = family is not None and _streams_module(family) and folder_bytes(path) > LAZY_BYTES
-    yield lazy_pipeline(path) if lazy else load_pipeline(source, None, allow_pickle)
-
-
-def _streams(family: str) -> bool:
-    return _streams_module(export_family(family))
-
-
-def _streams_module(family: ModuleType) -> bool:
-    return bool(getattr(family, "STREAMED", False))
+        return preset_bytes(random_weights) > LAZY_BYTES
+    return folder_bytes(Path(source or "")) > LAZY_BYTES
 
 
 def preset_bytes(preset: str) -> int:
