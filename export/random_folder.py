@@ -54,7 +54,10 @@ def _write_model(model: torch.nn.Module, folder: Path, progress: bool) -> None:
     current: dict[str, torch.Tensor] = {}
     weight_map: dict[str, int] = {}  # key -> shard number, from 1
     count = 0
+    written: set[tuple[int, str]] = set()  # (owning module, attribute): tied weights once
     for names in _units(model, ""):
+        names = [n for n in names if _slot(model, n) not in written]
+        written.update(_slot(model, n) for n in names)
         for key, tensor in _initialised(model, names).items():
             if current and sum(t.numel() * 2 for t in current.values()) >= SHARD_BYTES:
                 count = _save_shard(current, folder, stem, count)
@@ -77,6 +80,11 @@ def _write_model(model: torch.nn.Module, folder: Path, progress: bool) -> None:
         "weight_map": {key: files[shard] for key, shard in weight_map.items()},
     }
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _slot(model: torch.nn.Module, name: str) -> tuple[int, str]:
+    path, _, attr = name.rpartition(".")
+    return id(model.get_submodule(path)), attr
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], folder: Path, stem: str, count: int) -> int:
