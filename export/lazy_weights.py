@@ -15,11 +15,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sdrt.errors import UserError
 
 from .checkpoint_files import safetensors_header
+
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def _header_length(file: Path) -> int:
+    with file.open("rb") as f:
+        return int.from_bytes(f.read(8), "little")
 
 
 class WeightSource:
@@ -30,13 +38,16 @@ class WeightSource:
         self.temporary = temporary  # export's own (a random-weight folder): removed once used
         self.files: dict[str, Path] = {}
         self.shapes: dict[str, list[int]] = {}
+        self._where: dict[str, tuple[str, int, int]] = {}  # key -> dtype, offset, length
         for file in files:
             header = safetensors_header(file)
+            start = 8 + _header_length(file)
             for key, entry in header.items():
                 if key != "__metadata__":
                     self.files[key] = file
                     self.shapes[key] = list(entry["shape"])
-        self._open: dict[Path, Any] = {}
+                    begin, end = entry["data_offsets"]
+                    self._where[key] = (entry["dtype"], start + begin, end - begin)
 
     @classmethod
     def of_folder(cls, folder: Path, temporary: bool = False) -> WeightSource:
@@ -52,15 +63,20 @@ class WeightSource:
         return cls(files, temporary)
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor `key` as float32 (a checkpoint in bf16/fp16 is widened here)."""
-        from safetensors import safe_open
-
-        file = self.files.get(key)
-        if file is None:
+        """The tensor `key` as float32 (a checkpoint in bf16/fp16 is widened here). Read with
+        plain file reads, not mapped: mapped pages of a file stay in the process's RSS while
+        the mapping lives, and a transformer's shards are bigger than the RAM."""
+        if key not in self._where:
             raise UserError(f"the checkpoint has no tensor {key!r}; is it the model's own?")
-        if file not in self._open:
-            self._open[file] = safe_open(str(file), framework="pt")
-        return self._open[file].get_tensor(key).float()
+        dtype, offset, length = self._where[key]
+        if dtype not in DTYPES:
+            raise UserError(f"weight {key!r} is {dtype}; sdrt reads F32, F16 and BF16 weights")
+        with self.files[key].open("rb") as f:
+            f.seek(offset)
+            raw = np.fromfile(f, DTYPES[dtype], length // np.dtype(DTYPES[dtype]).itemsize)
+        if dtype == "BF16":  # the upper half of a float32
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return torch.from_numpy(raw.astype(np.float32, copy=False).reshape(self.shapes[key]))
 
 
 def bound_parameters(module: torch.nn.Module, source: WeightSource, prefix: str = "") -> None:
@@ -92,7 +108,6 @@ def discard_sources(module: torch.nn.Module, later: list[torch.nn.Module]) -> No
     for param in module.parameters():
         source = getattr(param, "sdrt_source", (None,))[0]
         if source is not None and source.temporary and id(source) not in kept:
-            source._open.clear()
             for file in set(source.files.values()):
                 file.unlink(missing_ok=True)
 
