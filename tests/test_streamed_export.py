@@ -187,3 +187,21 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(folder, tmp_path)
     (copy / "transformer" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="context_embedder.weight.*configuration makes it"):
         load.lazy_pipeline(copy)
+
+
+def test_weights_are_read_as_safetensors_reads_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from sdrt.export.lazy_weights import WeightSource
+
+    tensors = {
+        f"w_{dtype}": (torch.randn(3, 5) * 100).to(dtype)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    }
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    source = WeightSource.of_folder(tmp_path)
+    for key, tensor in tensors.items():
+        assert torch.equal(source.read(key), tensor.float())
+    save_file({"ids": torch.arange(4)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(UserError, match="'ids' is I64; sdrt reads F32, F16 and BF16"):
+        WeightSource.of_folder(tmp_path).read("ids")
