@@ -15,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,16 @@ from sdrt.export.stages import GIB, StageRecord, StageWatch, peak_bytes, rss_byt
 def measure(preset: str, options: argparse.Namespace, progress: bool = False) -> dict[str, Any]:
     """Load `preset` with random weights and export it, watching every stage."""
     from sdrt.export import bundle_writer
-    from sdrt.export.load import load_pipeline
+    from sdrt.export.load import opened_pipeline
     from sdrt.export.presets import PRESETS
 
     watch = StageWatch(on_record=_print_record)
     started = time.perf_counter()
     start_rss = rss_bytes()
-    with watch.stage("pipeline", "load"):
-        pipe = load_pipeline(None, preset)
-    with tempfile.TemporaryDirectory(prefix="export-memory-") as tmp:
+    with ExitStack() as stack:
+        with watch.stage("pipeline", "load"):  # a full-size transformer: its random folder
+            pipe = stack.enter_context(opened_pipeline(None, preset, progress=progress))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="export-memory-"))
         manifest = bundle_writer.export_bundle(
             pipe,
             Path(tmp) / "bundle",

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from sdrt.atomic_files import clear_staging, disk_full, staging_dir, write_atomic
@@ -31,19 +32,23 @@ from .bfloat16 import BF16_PARITY
 from .calibration import CUDA, calibration_feeds, calibration_providers
 from .families import export_family
 from .families.text_encoders import vocab_size
+from .lazy_weights import discard_sources, is_lazy
 from .load import family_of
 from .onnx_export import (
     OPSET,
     TOLERANCE,
     Component,
     ExportedOps,
+    compare,
     export_onnx,
     reference_outputs,
     trace_dims,
     verify_onnx,
+    weightless_trace,
 )
 from .optimize import static_variant_file, write_static_variant
 from .stages import GIB, StageFn, StageWatch
+from .streamed_export import export_streamed
 
 # diffusers scheduler class -> the runtime's name for the same family
 SCHEDULER_NAMES = {
@@ -341,7 +346,16 @@ def _export_component(
     with stage("reference"):
         want = reference_outputs(component, check_dims)
 
+    streamed: list[np.ndarray] = []  # a lazy component's outputs, run segment by segment
+
     def export(dtype: str) -> ExportedOps:
+        if is_lazy(component.module):
+            feeds, check = component.sample_inputs(dims), component.sample_inputs(check_dims, 1)
+            done = export_streamed(
+                component, feeds, check, path, dtype, stage, weightless_trace(component)
+            )
+            streamed[:] = done.outputs
+            return ExportedOps()
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED
         traced = None if may_fall_back else release
@@ -349,6 +363,8 @@ def _export_component(
 
     def verify() -> dict[str, Any]:
         with stage("verify"):
+            if streamed:
+                return compare(streamed, want)
             return verify_onnx(component, path, check_dims, want)
 
     ops = export(dtype)
@@ -401,6 +417,9 @@ def _weight_release(component: Component, later: list[Component]) -> Callable[[]
     def release() -> None:
         import torch
 
+        if is_lazy(component.module):  # nothing in memory; a temporary checkpoint on disk
+            discard_sources(component.module, [c.module for c in later])
+            return
         kept = {id(p) for c in later for p in c.module.parameters()}
         for param in component.module.parameters():
             if id(param) not in kept:

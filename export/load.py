@@ -8,6 +8,9 @@ are refused unless the caller opts in.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +22,102 @@ from .families import PIPELINE_CLASSES, export_family
 from .presets import PRESETS
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# A pipeline of a family that can stream (`STREAMED` in export/families) with more fp32
+# weight than this is exported with its weights left on disk (lazy_weights, streamed_export).
+LAZY_BYTES = 8 * 2**30
+
+
+@contextmanager
+def opened_pipeline(
+    source: str | None,
+    random_weights: str | None = None,
+    allow_pickle: bool = False,
+    lazy: bool | None = None,
+    progress: bool = True,
+) -> Iterator[Any]:
+    """The pipeline to export, as `load_pipeline` loads it, except a big diffusion transformer
+    (`streams`, or `lazy` True): its weights stay in their safetensors files, read a layer at
+    a time. A random-weight preset that big is first written as a diffusers folder, shard by
+    shard, in a temporary directory removed afterwards."""
+    lazy = streams(source, random_weights) if lazy is None else lazy
+    if random_weights is not None and lazy:
+        from .random_folder import write_random_folder
+
+        with tempfile.TemporaryDirectory(prefix="sdrt-random-") as tmp:
+            write_random_folder(random_weights, Path(tmp), progress=progress)
+            yield lazy_pipeline(Path(tmp), temporary=True)
+    elif lazy:
+        yield lazy_pipeline(checked_source(source, allow_pickle))
+    else:
+        yield load_pipeline(source, random_weights, allow_pickle)
+
+
+def streams(source: str | None, random_weights: str | None) -> bool:
+    """Whether export keeps this model's weights on disk: a family that can stream (`STREAMED`
+    in export/families) with more than LAZY_BYTES of fp32 weights, a preset's counted on
+    modules built without memory, a folder's from its safetensors headers."""
+    family = source_family(source, random_weights)
+    if family is None or not getattr(family, "STREAMED", False):
+        return False
+    if random_weights is not None:
+        return preset_bytes(random_weights) > LAZY_BYTES
+    return folder_bytes(Path(source or "")) > LAZY_BYTES
+
+
+def preset_bytes(preset: str) -> int:
+    """fp32 bytes of a preset's weights, counted on modules built without memory."""
+    import torch
+
+    pipe = random_pipeline(preset, device="meta")
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return sum(4 * p.numel() for m in modules for p in m.parameters())
+
+
+def folder_bytes(path: Path) -> int:
+    """fp32 bytes of the weights in a diffusers folder's safetensors files (from headers)."""
+    import math
+
+    total = 0
+    for file in path.glob("*/*.safetensors"):
+        header = safetensors_header(file)
+        total += sum(4 * math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
+    return total
+
+
+def lazy_pipeline(path: Path, temporary: bool = False) -> Any:
+    """A diffusers folder's pipeline with every model's parameters on the meta device, bound
+    to the safetensors tensors they are read from (`lazy_weights`); tokenizers and the
+    scheduler load as usual. `temporary`: export's own folder, whose weight files export
+    deletes as soon as it no longer needs them."""
+    import diffusers
+    import transformers
+
+    from .lazy_weights import WeightSource, bound_parameters, empty_weights
+
+    class_name = _pipeline_class(path)
+    index = json.loads((path / "model_index.json").read_text())
+    parts: dict[str, Any] = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        library = {"diffusers": diffusers, "transformers": transformers}.get(entry[0])
+        if library is None:
+            raise UserError(f"{path / name}: sdrt cannot load a {entry[0]} component")
+        cls = getattr(library, entry[1])
+        folder = path / name
+        if hasattr(cls, "load_config") and hasattr(cls, "from_config") and entry[0] == "diffusers" \
+                and not name.startswith("scheduler"):  # fmt: skip
+            with empty_weights():
+                parts[name] = cls.from_config(cls.load_config(folder))
+        elif entry[0] == "transformers" and name.startswith("text_encoder"):
+            with empty_weights():
+                parts[name] = cls(cls.config_class.from_pretrained(folder))
+        else:
+            parts[name] = cls.from_pretrained(folder)
+            continue
+        parts[name].eval()
+        bound_parameters(parts[name], WeightSource.of_folder(folder, temporary))
+    return getattr(diffusers, class_name)(**parts)
 
 
 def load_pipeline(

@@ -319,23 +319,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_export_memory(args)
     started = time.perf_counter()
     print(f"loading {args.source or 'random weights: ' + args.random_weights}", file=sys.stderr)
-    pipe = load.load_pipeline(args.source, args.random_weights, args.allow_pickle)
-    records = lora.apply_loras(pipe, loras) if loras else []
-    manifest = _export(
-        bundle_writer,
-        load,
-        pipe,
-        Path(args.bundle),
-        args.dtype,
-        args.tolerance,
-        args.random_weights,
-        records,
-        fused_attention=args.fused_attention,
-        static_sizes=static_sizes,
-        cuda_fusions=args.cuda_fusions,
-        lora_rank=args.lora_rank,
-        release_weights=True,  # the pipeline is not used again: hold one model at a time
-    )
+    with load.opened_pipeline(args.source, args.random_weights, args.allow_pickle) as pipe:
+        records = lora.apply_loras(pipe, loras) if loras else []
+        manifest = _export(
+            bundle_writer,
+            load,
+            pipe,
+            Path(args.bundle),
+            args.dtype,
+            args.tolerance,
+            args.random_weights,
+            records,
+            fused_attention=args.fused_attention,
+            static_sizes=static_sizes,
+            cuda_fusions=args.cuda_fusions,
+            lora_rank=args.lora_rank,
+            release_weights=True,  # the pipeline is not used again: hold one model at a time
+        )
     print(f"wrote {args.bundle} in {time.perf_counter() - started:.1f} s")
     _print_parity(manifest)
     return 0

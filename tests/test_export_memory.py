@@ -244,3 +244,15 @@ def test_the_default_never_refuses_and_warns_in_one_line_above_what_is_available
     mem.check_export_memory(0, None, "tiny", False, available=1)  # 0: no check at all
     with pytest.raises(UserError, match="allowed by --max-memory"):
         mem.check_export_memory(0.001, None, "tiny", False)
+
+
+def test_a_streamed_export_is_estimated_by_its_segments_not_its_size():
+    """A full-size transformer streams (export/streamed_export.py): its estimate is the
+    measured streamed peak, not its 33-67 GB of fp32 weights; a U-Net preset is unchanged."""
+    from sdrt.export import memory_estimate as mem
+
+    with pytest.raises(UserError, match=r"about 6\.\d GiB"):
+        mem.check_export_memory(1.0, None, "flux-schnell", passes=True)
+    mem.check_export_memory(mem.STREAMED_BYTES / mem.GIB + 1, None, "sd35-large", passes=True)
+    with pytest.raises(UserError, match=r"about 1[0-9]\.\d GiB"):  # SDXL: its whole pipeline
+        mem.check_export_memory(1.0, None, "sdxl", passes=True)

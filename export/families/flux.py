@@ -17,6 +17,8 @@ LABEL = "Flux"  # in messages
 # the export options this family's graphs support: fp32 or fp16 (the measured policy), plain
 # attention, dynamic shapes, the run-time LoRA branch (not --lora: fusing at export)
 OPTIONS = frozenset({"fp16", "lora_rank"})
+# a full-size model exports with its weights on disk (export/streamed_export.py)
+STREAMED = True
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 
 
