@@ -259,6 +259,11 @@ def _write_bundle(
             "dynamic sizes); export without one of them"
         )
     parts = kind.components(pipe)
+    if lora_rank and any(is_lazy(c.module) for c in parts):
+        raise UserError(
+            "--lora-rank is not supported yet for a model exported with its weights on disk "
+            "(a full-size transformer); export without it"
+        )
     if dtype == "fp16":  # all first: the U-Net's needs the text encoders, which may be released
         size = calibration_latent_size(static_sizes, default_size, vae_scale, dims)
         for component in parts:

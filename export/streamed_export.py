@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sdrt.errors import UserError
 
+from .bfloat16 import convert_bf16, emulated_fp32
 from .calibration import attention_score_nodes, calibration_providers
 from .external_data import pad_to_page, point_at, read_external
 from .lazy_weights import placeholders, read_parameter
@@ -113,9 +114,15 @@ def export_streamed(
                 folder = tmp / f"segment-{index}"
                 folder.mkdir()
                 model = segment_model(skeleton, segment, recipes, types, folder)
+                runnable = model
                 if dtype == "fp16":
-                    model = _to_fp16(model, segment, fp32_live, always, folder, index)
-                check_live.update(run_segment(model, folder, check_live, segment.outputs))
+                    model = runnable = _to_fp16(model, segment, fp32_live, always, folder, index)
+                elif dtype == "bf16":  # fp32's range: only what fp16 keeps for precision
+                    names = {n.name for n in model.graph.node}
+                    converted = convert_bf16(model, sorted(always & names), folder, "bf16.data")
+                    _rename_new(converted, model, f"s{index}/")
+                    model, runnable = converted, emulated_fp32(converted, folder, "fp32.data")
+                check_live.update(run_segment(runnable, folder, check_live, segment.outputs))
                 for live in [check_live, *fp32_live]:  # what no later segment reads
                     for name in [n for n in live if last_use.get(n, -1) <= index]:
                         del live[name]

@@ -205,3 +205,21 @@ def test_weights_are_read_as_safetensors_reads_them(tmp_path):
     save_file({"ids": torch.arange(4)}, str(tmp_path / "m.safetensors"))
     with pytest.raises(UserError, match="'ids' is I64; sdrt reads F32, F16 and BF16"):
         WeightSource.of_folder(tmp_path).read("ids")
+
+
+def test_a_streamed_bf16_bundle_is_checked_as_its_fp32_emulation(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(streamed_export, "SEGMENT_BYTES", SEGMENT)
+    manifest = _bundle(folder("tiny-flux"), tmp_path / "bundle", "bf16")
+    for entry in manifest["components"].values():
+        assert entry["precision"] == "bf16"
+        assert entry["parity"]["max_rel"] <= TOLERANCE["bf16"]  # measured 4.8e-3 to 2.7e-2
+    graph = onnx.load(str(tmp_path / "bundle" / "transformer.onnx"), load_external_data=False)
+    types = {t.data_type for t in graph.graph.initializer}
+    assert onnx.TensorProto.BFLOAT16 in types
+
+
+def test_run_time_lora_is_refused_for_a_streamed_export(folder, tmp_path):
+    refused = pytest.raises(UserError, match="--lora-rank is not supported yet.*weights on disk")
+    with load.opened_pipeline(str(folder("tiny-flux")), lazy=True) as pipe, refused:
+        export_bundle(pipe, tmp_path / "b", "flux", progress=False, lora_rank=4)
+    assert not (tmp_path / "b").exists()
