@@ -66,9 +66,20 @@ def stack_rows(parts: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class _Loaded:
-    adapter: Adapter
+    """A loaded adapter: what `describe` tells and where it sits; its factors live in the banks
+    only (the file's arrays are dropped once copied)."""
+
+    file: str
+    rank: int
+    layers: dict[str, int]  # component -> adapted layers
+    size: int
     slot: int
     users: int = 0
+
+    @classmethod
+    def of(cls, adapter: Adapter, slot: int) -> _Loaded:
+        layers = {component: len(factors) for component, factors in adapter.layers.items()}
+        return cls(adapter.file, adapter.rank, layers, adapter.size, slot)
 
 
 class AdapterPool:
@@ -127,7 +138,7 @@ class AdapterPool:
                 )
             slot = old.slot if old is not None else self._free_slot(name)
             self._write(slot, adapter)
-            self._loaded[name] = _Loaded(adapter, slot)
+            self._loaded[name] = _Loaded.of(adapter, slot)
             self._loaded.move_to_end(name)
         return self.describe(name)
 
@@ -157,13 +168,12 @@ class AdapterPool:
     def describe(self, name: str) -> dict[str, Any]:
         with self._lock:
             loaded = self._get(name)
-            adapter = loaded.adapter
             return {
                 "name": name,
-                "file": adapter.file,
-                "rank": adapter.rank,
-                "layers": {c: len(v) for c, v in adapter.layers.items()},
-                "bytes": adapter.size,
+                "file": loaded.file,
+                "rank": loaded.rank,
+                "layers": dict(loaded.layers),
+                "bytes": loaded.size,
                 "in_use": loaded.users,
             }
 
@@ -175,18 +185,16 @@ class AdapterPool:
         scales = {name: check_scale(scale, f"LoRA {name!r}") for name, scale in loras.items()}
         with self._lock:
             chosen = [(self._get(name), scale) for name, scale in scales.items()]
-            total = sum(loaded.adapter.rank for loaded, _ in chosen)
+            total = sum(loaded.rank for loaded, _ in chosen)
             if total > self.rank:
                 raise UserError(
                     f"the LoRAs {', '.join(scales)} have rank {total} together, above this "
                     f"bundle's LoRA rank {self.rank}; use fewer adapters in one request"
                 )
             index = np.concatenate(
-                [loaded.slot * self.rank + np.arange(loaded.adapter.rank) for loaded, _ in chosen]
+                [loaded.slot * self.rank + np.arange(loaded.rank) for loaded, _ in chosen]
             )
-            scale = np.concatenate(
-                [np.full(loaded.adapter.rank, s, np.float32) for loaded, s in chosen]
-            )
+            scale = np.concatenate([np.full(loaded.rank, s, np.float32) for loaded, s in chosen])
             for loaded, _ in chosen:
                 loaded.users += 1
             for name in scales:
@@ -222,20 +230,26 @@ class AdapterPool:
         )
 
     def _write(self, slot: int, adapter: Adapter) -> None:
-        """Fill `slot`'s rows of every bank: the adapter's factors, zeros elsewhere (a layer
-        or component it does not adapt, rank columns past its own)."""
+        """Fill `slot`'s rows of every bank: the adapter's factors (alpha / rank folded into up
+        as it is copied), zeros elsewhere (a layer or component it does not adapt, rank
+        columns past its own). Each bank row is written once, straight from the file's arrays."""
         rows = slice(slot * self.rank, (slot + 1) * self.rank)
         for component, banks in self.banks.items():
-            factors = adapter.layers.get(component, {})
+            adapted = adapter.layers.get(component, {})
             for record in self.branch["layers"][component]:
                 down_name, up_name = bank_inputs(record["name"])
-                down, up = factors.get(record["name"], (None, None))
-                for bank_name, values in ((down_name, down), (up_name, up)):
-                    bank = banks[bank_name]
-                    bank[rows] = 0.0
-                    if values is not None:
-                        bank[rows.start : rows.start + len(values)] = values
-                    self._changed[component](bank_name, rows)
+                down_rows, up_rows = banks[down_name][rows], banks[up_name][rows]
+                factors = adapted.get(record["name"])
+                rank = 0 if factors is None else len(factors.down)
+                if factors is not None:
+                    down_rows[:rank] = factors.down
+                    np.multiply(
+                        factors.up.T, np.float32(factors.alpha_over_rank), out=up_rows[:rank]
+                    )
+                down_rows[rank:] = 0.0
+                up_rows[rank:] = 0.0
+                self._changed[component](down_name, rows)
+                self._changed[component](up_name, rows)
 
 
 def _check_name(name: Any) -> None:
