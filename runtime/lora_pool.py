@@ -113,8 +113,8 @@ class AdapterPool:
             banks = {}
             for record in records:
                 down, up = bank_inputs(record["name"])
-                banks[down] = np.zeros((bank_rows, record["in"]), np.float32)
-                banks[up] = np.zeros((bank_rows, record["out"]), np.float32)
+                banks[down] = _committed((bank_rows, record["in"]))
+                banks[up] = _committed((bank_rows, record["out"]))
             self.banks[component] = banks
             self._changed[component] = engine.bind_banks(banks)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
@@ -250,6 +250,14 @@ class AdapterPool:
                 up_rows[rank:] = 0.0
                 self._changed[component](down_name, rows)
                 self._changed[component](up_name, rows)
+
+
+def _committed(shape: tuple[int, int]) -> np.ndarray:
+    """A bank of zeros whose every page is written now. np.zeros leaves them to be mapped on
+    first write, which would then happen inside a load, at a page fault per 4 KiB (most of a
+    load's time on the machines measured); and a full pool's memory is taken at start, so
+    the sixteenth adapter cannot be the one that runs the machine out of it."""
+    return np.full(shape, 0.0, np.float32)
 
 
 def _check_name(name: Any) -> None:
