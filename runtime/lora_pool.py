@@ -25,7 +25,15 @@ from .signing import verify_file
 
 INDEX, SCALE = "lora_index", "lora_scale"
 DEFAULT_MAX_LORAS = 16
+MAX_LORAS_LIMIT = 1024
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_max_loras(max_loras: int, what: str = "max_loras") -> int:
+    """The pool's capacity; `what` names it as the user set it (an argument or a flag)."""
+    if not 1 <= max_loras <= MAX_LORAS_LIMIT:
+        raise UserError(f"{what} must be in 1-{MAX_LORAS_LIMIT}, got {max_loras!r}")
+    return max_loras
 
 
 def bank_inputs(layer: str) -> tuple[str, str]:
@@ -94,8 +102,7 @@ class AdapterPool:
     ) -> None:
         """`trusted_key`: a public key (PEM); each adapter file must then carry a signature
         by its pair (FILE.sig, `sdrt sign FILE --key PRIVATE.pem`)."""
-        if not 1 <= max_loras <= 1024:
-            raise UserError(f"max_loras must be in 1-1024, got {max_loras!r}")
+        check_max_loras(max_loras)
         self.branch = branch
         self.rank = int(branch["rank"])
         self.max_loras = max_loras

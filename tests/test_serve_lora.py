@@ -151,3 +151,30 @@ def test_post_needs_the_api_key_then_loads_and_delete_unloads(server, folders):
     deleted = httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH)
     assert deleted.status_code == 200 and names(server) == PRELOADED
     assert httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH).status_code == 404
+
+
+def test_max_loras_sizes_the_pool_and_a_full_one_evicts_the_least_recently_used(folders):
+    """`--max-loras 2` with two files preloaded: loading a third evicts the one no request
+    used last, and a request naming it then gets a 400."""
+    shutil.copy(folders["spare"] / "ff.safetensors", folders["loras"] / "ff3.safetensors")
+    try:
+        options = ["--api-key", KEY, "--lora-dir", str(folders["loras"]), "--max-loras", "2"]
+        process = ServeProcess([folders["bundle"]], options).start()
+    finally:
+        (folders["loras"] / "ff3.safetensors").unlink()  # preloaded by the process or not
+    try:
+        assert names(process) == ["detail", "ff3"]  # attn (first by name) evicted at start
+        assert post(
+            process, "/v1/images/generations", json={**CALL, "loras": {"detail": 1}}
+        ).is_success
+        shutil.copy(folders["spare"] / "ff.safetensors", folders["loras"] / "ff4.safetensors")
+        try:
+            loaded = post(process, "/v1/loras", json={"name": "ff", "path": "ff4.safetensors"})
+        finally:
+            (folders["loras"] / "ff4.safetensors").unlink()
+        assert loaded.status_code == 200, loaded.text
+        assert names(process) == ["detail", "ff"]  # ff3, the least recently used, evicted
+        gone = post(process, "/v1/images/generations", json={**CALL, "loras": {"ff3": 1}})
+        assert gone.status_code == 400 and "unknown LoRA 'ff3'" in gone.text
+    finally:
+        assert process.stop() == 0
