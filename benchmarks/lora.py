@@ -292,7 +292,8 @@ def load_while_stepping(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (benchmarks/gpu_session.sh --dry-run checks its LoRA phase with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--size", type=int, default=256)
@@ -305,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         "--load-only", action="store_true", help="measure loading alone (no export, no --work)"
     )
     parser.add_argument("--json", help="also write the report here, as each part ends")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
     if not args.load_only and not args.work:
         parser.error("--work is required (or --load-only)")
