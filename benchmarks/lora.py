@@ -64,21 +64,56 @@ class HostBanks:
 
 
 def measure_load(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
-    """Loading alone: an adapter of rank R on every branch layer, loaded `repeats` times."""
+    """Loading alone: an adapter of rank R on every branch layer, loaded `repeats` times, while
+    another thread ticks every millisecond: its longest gap bounds how long a load keeps
+    the interpreter from a batcher thread (whose engine calls run without it)."""
     record = branch_record(args.preset, args.rank)
     pool = AdapterPool(record, {"unet": HostBanks()}, max_loras=16)
     report: dict[str, Any] = {**header(args), "layers": len(record["layers"]["unet"])}
     with tempfile.TemporaryDirectory() as tmp:
         path = adapter_file(record, args.rank, Path(tmp) / "adapter.safetensors", 0)
         report["adapter_file_bytes"] = path.stat().st_size
-        load_s = []
+        with Ticker() as idle:  # the machine's own gaps, for comparison
+            time.sleep(1.0)
+        report["longest_tick_gap_idle_ms"] = round(idle.longest_gap_s * 1e3, 1)
+        load_s, gaps = [], []
         for i in range(args.repeats):
-            start = time.perf_counter()
-            pool.load(f"a{i % 4}", path)  # four slots in turn: fresh pages, then reused ones
-            load_s.append(time.perf_counter() - start)
-    report |= {"load_s": load_s, "load_median_s": statistics.median(load_s)}
+            with Ticker() as ticker:
+                start = time.perf_counter()
+                pool.load(f"a{i % 4}", path)  # four slots in turn
+                load_s.append(time.perf_counter() - start)
+            gaps.append(ticker.longest_gap_s)
+    report |= {
+        "load_s": load_s,
+        "load_median_s": statistics.median(load_s),
+        "longest_tick_gap_during_load_ms": [round(g * 1e3, 1) for g in gaps],
+    }
     emit(report)
     return report
+
+
+class Ticker:
+    """A thread that wakes every millisecond and keeps the longest gap between two wakes."""
+
+    def __init__(self) -> None:
+        self.longest_gap_s = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick)
+
+    def _tick(self) -> None:
+        last = time.perf_counter()
+        while not self._done.wait(0.001):
+            now = time.perf_counter()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def export_unets(preset: str, rank: int, work: Path) -> tuple[Path, Path, dict[str, Any]]:
