@@ -10,13 +10,16 @@
 #   device: bash .devpack/K/recv.sh                    K = 1..N-1, one short run each
 #   device: bash benchmarks/gpu_session.sh             the session, carrying .devpack/N
 #   here:   bash benchmarks/gpu_session.sh commands    the sdrt command lines, one per line
-#   device: bash benchmarks/gpu_session.sh environment|install   one phase alone
+#   here:   bash benchmarks/gpu_session.sh lora-args   the LoRA benchmark's arguments
+#   device: bash benchmarks/gpu_session.sh environment|install|lora   one phase alone
 #
 # Phases: environment; install (the last wheel piece joins the others and installs into
 # /tmp/site, sdrt into /tmp/sdrt, then a torch-free check that the CUDA provider starts);
 # `sdrt bench` (SD 1.5 architecture, 512x512, 50 steps: eager diffusers against the ONNX
 # Runtime CUDA fast path, exported inside the same process; torch.compile too where the time
-# left allows); TensorRT, only where `import tensorrt` works.
+# left allows); the run-time LoRA branch's cost (issue 20 item 3: SD 1.5 U-Net exported plain
+# and with the branch, R = 32, on ORT CUDA), only with LORA_MIN left (else alone in a later
+# call: `lora`); TensorRT, only where `import tensorrt` works.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +39,10 @@ INSTALL_BUDGET=${INSTALL_BUDGET:-100}
 BENCH_BUDGET=${BENCH_BUDGET:-330}  # export inside (155 s, fp32 fast path, H100), eager, ORT
 COMPILE_BUDGET=${COMPILE_BUDGET:-120}  # torch.compile's row: 75 s to compile on an H100, timed calls
 TRT_MIN=${TRT_MIN:-60}  # the TensorRT phase runs only with this much left
+# two fp32 SD 1.5 U-Net exports on the host's CPUs (~60-90 s), then 2 x 4 sets of ORT CUDA calls
+LORA_BUDGET=${LORA_BUDGET:-150}
+LORA_MIN=${LORA_MIN:-120}  # the LoRA phase runs only with this much left
+LORA_WORK=/tmp/sdrt-lora
 
 # The sdrt command lines (arguments after `sdrt`); --dry-run parses each with the CLI's parser.
 BENCH=(bench --random-weights sd15 --device cuda --steps 50 --height 512 --width 512
@@ -46,6 +53,9 @@ TRT_GENERATE=(generate "$TRT_BUNDLE" --prompt "a red bicycle" --steps 30 --heigh
     --width 512 --backend tensorrt --device cuda --output "$OUT/trt.png")
 COMMANDS=(BENCH TRT_EXPORT TRT_BUILD TRT_GENERATE)
 SDRT=("$PYTHON" -m sdrt.cli)
+# python -m sdrt.benchmarks.lora ARGS; its report is rewritten as each part ends
+LORA=(--preset sd15 --size 512 --rank 32 --device cuda --repeats 5 --work "$LORA_WORK"
+    --json "$OUT/lora.json")
 
 START=$(date +%s)
 left() { echo $((START + SESSION - $(date +%s))); }
@@ -118,12 +128,24 @@ cmd_session() {
         compile=--torch-compile budget=$((BENCH_BUDGET + COMPILE_BUDGET))
     fi
     phase "$budget" "sdrt bench 512x512 50 steps $compile" "${SDRT[@]}" "${BENCH[@]}" "$compile"
+    if [ "$(left)" -ge "$LORA_MIN" ]; then
+        cmd_lora
+    else
+        log "LoRA phase skipped: $(left)s left (run it alone: bash $SELF lora)"
+    fi
     if [ "$(left)" -ge "$TRT_MIN" ]; then
         tensorrt
     else
         log "TensorRT phase skipped: $(left)s left"
     fi
     log "session done"
+}
+
+cmd_lora() {
+    mkdir -p "$OUT"
+    export PYTHONPATH=/tmp/site:/tmp/sdrt PYTHONUNBUFFERED=1
+    phase "$LORA_BUDGET" "LoRA branch (SD 1.5 U-Net 512x512, R=32, ORT CUDA)" \
+        "$PYTHON" -m sdrt.benchmarks.lora "${LORA[@]}"
 }
 
 cmd_pack() {
@@ -147,6 +169,11 @@ cmd_commands() {
     done
 }
 
+cmd_lora_args() {
+    printf '%q ' "${LORA[@]}"
+    echo
+}
+
 # Bytes that travel with every call: tracked files and untracked ones git does not ignore.
 tree_bytes() {
     git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 |
@@ -159,7 +186,10 @@ cmd_dry_run() {
     echo "  environment ${ENV_BUDGET}s -> $OUT/env.txt"
     echo "  install ${INSTALL_BUDGET}s: ${WHEELS[*]} -> /tmp/site; sdrt -> /tmp/sdrt"
     echo "  sdrt bench ${BENCH_BUDGET}s, +${COMPILE_BUDGET}s with torch.compile -> $OUT/bench"
+    echo "  LoRA ${LORA_BUDGET}s with ${LORA_MIN}s or more left -> $OUT/lora.json"
     echo "  TensorRT with ${TRT_MIN}s or more left, where it imports"
+    [ "$LORA_MIN" -le "$LORA_BUDGET" ] && [ $((LORA_BUDGET + 15)) -le "$SESSION" ] ||
+        { echo "FAIL: the LoRA phase's budget does not fit"; failed=1; }
     [ $((ENV_BUDGET + INSTALL_BUDGET + BENCH_BUDGET + 45)) -le "$SESSION" ] &&
         [ "$SESSION" -le 540 ] ||
         { echo "FAIL: the phases' budgets do not fit in ${SESSION}s (at most 540)"; failed=1; }
@@ -172,6 +202,12 @@ for line in sys.stdin:
     args = parser.parse_args(shlex.split(line))  # exits 2 on an unknown option
     assert callable(args.handler), line
 print("  each one parses with the sdrt CLI")' || { echo "FAIL: a command line"; failed=1; }
+    echo "  python -m sdrt.benchmarks.lora $(cmd_lora_args)"
+    cmd_lora_args | "$PYTHON" -c 'import shlex, sys
+from sdrt.benchmarks.lora import arguments
+arguments().parse_args(shlex.split(sys.stdin.read()))  # exits 2 on an unknown option
+print("  it parses with the LoRA benchmark'"'"'s parser")' ||
+        { echo "FAIL: the LoRA command line"; failed=1; }
     echo "wheels:"
     for name in "${WHEELS[@]}"; do
         [[ $name =~ ^[A-Za-z0-9._-]+==[0-9][A-Za-z0-9.]*$ ]] ||
@@ -205,7 +241,9 @@ case "${1:-}" in
     --dry-run) cmd_dry_run ;;
     environment) cmd_environment ;;
     install) cmd_install ;;
+    lora) cmd_lora ;;
+    lora-args) cmd_lora_args ;;
     pack) cmd_pack ;;
     commands) cmd_commands ;;
-    *) sed -n '2,19p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -11,7 +11,15 @@ both see the same drift):
 - `load`: an adapter file of rank R on every branch layer loaded into the pool (max_loras 16)
   while the U-Net steps in another thread; the longest step meanwhile vs the median step.
 Ratios: of the medians, of the minima, and the median ratio of interleaved pairs; the JSON
-report goes to stdout and `--json`.
+report goes to stdout and `--json` (there rewritten as each part ends, so a run stopped by a
+timeout keeps what it measured).
+
+    python -m sdrt.benchmarks.lora --preset sd15 --rank 64 --load-only [--repeats N]
+
+measures loading alone, without exporting anything: an adapter of rank R on every branch
+layer of the preset's U-Net (its layer list read from the architecture built without
+weights) loaded N times into a pool over host arrays, as ONNX Runtime's CPU provider binds
+them (rank 64 in fp32 is a 96 MB file for SD 1.5).
 """
 
 from __future__ import annotations
@@ -27,9 +35,85 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.atomic_files import write_atomic
 from sdrt.lora_pool import INDEX, SCALE, AdapterPool
 
 from .environment import command_line, machine, now, versions
+
+
+def branch_record(preset: str, rank: int) -> dict[str, Any]:
+    """The U-Net's branch layers as export records them, from the architecture built on the
+    meta device (no weights, no export)."""
+    from sdrt.export import lora_branch
+    from sdrt.export.load import random_pipeline
+
+    unet = random_pipeline(preset, device="meta").unet
+    layers = [
+        {"name": lora_branch.layer_name(path), "in": linear.in_features, "out": linear.out_features}
+        for path, linear in lora_branch.target_layers(unet).items()
+    ]
+    return {"rank": rank, "layers": {"unet": layers}}
+
+
+class HostBanks:
+    """An engine that binds the pool's arrays as they are: what ONNX Runtime's CPU provider
+    does (its OrtValues share the arrays' memory, so a written row needs nothing more)."""
+
+    def bind_banks(self, banks: dict[str, np.ndarray]) -> Any:
+        return lambda name, rows: None
+
+
+def measure_load(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
+    """Loading alone: an adapter of rank R on every branch layer, loaded `repeats` times, while
+    another thread ticks every millisecond: its longest gap bounds how long a load keeps
+    the interpreter from a batcher thread (whose engine calls run without it)."""
+    record = branch_record(args.preset, args.rank)
+    pool = AdapterPool(record, {"unet": HostBanks()}, max_loras=16)
+    report: dict[str, Any] = {**header(args), "layers": len(record["layers"]["unet"])}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = adapter_file(record, args.rank, Path(tmp) / "adapter.safetensors", 0)
+        report["adapter_file_bytes"] = path.stat().st_size
+        with Ticker() as idle:  # the machine's own gaps, for comparison
+            time.sleep(1.0)
+        report["longest_tick_gap_idle_ms"] = round(idle.longest_gap_s * 1e3, 1)
+        load_s, gaps = [], []
+        for i in range(args.repeats):
+            with Ticker() as ticker:
+                start = time.perf_counter()
+                pool.load(f"a{i % 4}", path)  # four slots in turn
+                load_s.append(time.perf_counter() - start)
+            gaps.append(ticker.longest_gap_s)
+    report |= {
+        "load_s": load_s,
+        "load_median_s": statistics.median(load_s),
+        "longest_tick_gap_during_load_ms": [round(g * 1e3, 1) for g in gaps],
+    }
+    emit(report)
+    return report
+
+
+class Ticker:
+    """A thread that wakes every millisecond and keeps the longest gap between two wakes."""
+
+    def __init__(self) -> None:
+        self.longest_gap_s = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick)
+
+    def _tick(self) -> None:
+        last = time.perf_counter()
+        while not self._done.wait(0.001):
+            now = time.perf_counter()
+            self.longest_gap_s = max(self.longest_gap_s, now - last)
+            last = now
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def export_unets(preset: str, rank: int, work: Path) -> tuple[Path, Path, dict[str, Any]]:
@@ -150,7 +234,21 @@ def summary(times: dict[str, list[float]], plain: str, branch: str) -> dict[str,
     }
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "benchmark": "lora",
+        "date": now(),
+        "command": command_line(),
+        "preset": args.preset,
+        "size": args.size,
+        "rank": args.rank,
+        "threads": args.threads,
+        "versions": versions(),
+        "machine": machine(args.device, None),
+    }
+
+
+def measure(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
     work = Path(args.work)
     plain_path, branch_path, record = export_unets(args.preset, args.rank, work)
     plain = Runner(plain_path, args.threads, args.device)
@@ -166,7 +264,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             pool.load(f"a{i}", path)
             load_s.append(time.perf_counter() - start)
         adapter_bytes = files[0].stat().st_size
-        report: dict[str, Any] = {"adapter_file_bytes": adapter_bytes, "load_s": load_s}
+        report = {**header(args), "adapter_file_bytes": adapter_bytes, "load_s": load_s}
+        emit(report)
         two = unet_feeds(2, args.size, plain.text_dim, rng)
         none = {**two, INDEX: np.zeros((2, 1), np.int64), SCALE: np.zeros((2, 1), np.float32)}
         report["no_adapter"] = summary(
@@ -177,6 +276,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "plain",
             "branch",
         )
+        emit(report)
         sixteen = unet_feeds(16, args.size, plain.text_dim, rng)
         holds = [pool.hold({f"a{i}": 1.0}) for i in range(8)]
         rows = [hold.rows(2) for hold in holds]
@@ -189,21 +289,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "plain",
             "branch",
         )
+        emit(report)
         for hold in holds:
             hold.release()
         report["load"] = load_while_stepping(pool, branch, none, files[0], args.repeats)
-    return {
-        "benchmark": "lora",
-        "date": now(),
-        "command": command_line(),
-        "preset": args.preset,
-        "size": args.size,
-        "rank": args.rank,
-        "threads": args.threads,
-        "versions": versions(),
-        "machine": machine(args.device, None),
-        **report,
-    }
+        emit(report)
+    return report
 
 
 def load_while_stepping(
@@ -236,7 +327,8 @@ def load_while_stepping(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (benchmarks/gpu_session.sh --dry-run checks its LoRA phase with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="sd15")
     parser.add_argument("--size", type=int, default=256)
@@ -244,14 +336,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--work", required=True, help="folder for the exported U-Nets (reused)")
-    parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--work", help="folder for the exported U-Nets (reused)")
+    parser.add_argument(
+        "--load-only", action="store_true", help="measure loading alone (no export, no --work)"
+    )
+    parser.add_argument("--json", help="also write the report here, as each part ends")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
-    report = measure(args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    if not args.load_only and not args.work:
+        parser.error("--work is required (or --load-only)")
+
+    def emit(report: dict[str, Any]) -> None:
+        if args.json:
+            write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+
+    report = measure_load(args, emit) if args.load_only else measure(args, emit)
+    print(json.dumps(report, indent=2))
     return 0
 
 

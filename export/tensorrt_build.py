@@ -62,7 +62,7 @@ from sdrt.engine_cache import (
 )
 from sdrt.errors import UserError
 from sdrt.families import family_for
-from sdrt.lora_pool import DEFAULT_MAX_LORAS
+from sdrt.lora_pool import DEFAULT_MAX_LORAS, check_max_loras
 
 from .fp16_onnx import calibration_feeds, write_fp16_onnx
 
@@ -172,15 +172,18 @@ def component_dims(component: str, sizes: SizeRanges, vae_scale: int) -> dict[st
     }
 
 
-def lora_dims(branch: Mapping[str, Any] | None) -> dict[str, Span]:
+def lora_dims(
+    branch: Mapping[str, Any] | None, max_loras: int = DEFAULT_MAX_LORAS
+) -> dict[str, Span]:
     """The run-time LoRA inputs' dimensions (export --lora-rank R): 1 to R rank columns per
-    row, and the pool's banks at their default size, (max_loras + 1) x R rows, fixed, since
-    the runtime binds them once."""
+    row, and the pool's banks, (slots + 1) x R rows for a pool of 1 to `max_loras` slots
+    (`sdrt serve --max-loras`), tuned for the largest; the runtime binds them once."""
     if not branch:
         return {}
+    check_max_loras(max_loras, "--max-loras")
     rank = int(branch["rank"])
-    rows = (DEFAULT_MAX_LORAS + 1) * rank
-    return {"lora_rank": (1, 1, rank), "lora_bank": (rows, rows, rows)}
+    rows = (max_loras + 1) * rank
+    return {"lora_rank": (1, 1, rank), "lora_bank": (2 * rank, rows, rows)}
 
 
 def _div(span: Span, by: int) -> Span:
@@ -266,6 +269,7 @@ def engine_spec(
     components: Sequence[str],
     vae_precision: str,
     builder: Mapping[str, Any],
+    max_loras: int = DEFAULT_MAX_LORAS,
 ) -> EngineSpec:
     """What the engines for these components will be, before any is built."""
     if vae_precision not in VAE_PRECISIONS:
@@ -282,7 +286,7 @@ def engine_spec(
         check_precision(name, info.precision, precision)
         dims = {
             **component_dims(name, sizes, vae_scale),
-            **lora_dims(bundle.manifest.get("lora_branch")),
+            **lora_dims(bundle.manifest.get("lora_branch"), max_loras),
         }
         profile = component_profile(info, dims)
         specs[name] = ComponentSpec(precision, info.sha256, profile)
@@ -515,13 +519,15 @@ def build_engines(
     tensorrt_module: str | None = None,
     force: bool = False,
     progress: bool = True,
+    max_loras: int = DEFAULT_MAX_LORAS,
 ) -> Path:
     """Build (or reuse) engines for `bundle_dir` on this GPU; returns BUNDLE/engines/<key>.
 
     opt: HEIGHTxWIDTH TensorRT tunes for (default 512x512 clamped into the ranges);
     static: one HEIGHTxWIDTH for min, opt and max; opt_batch: default the minimum batch;
     vae_precision: auto (fp32 where the bundle or family says fp16 overflows), fp16 or fp32;
-    timing_cache: default BUNDLE/engines/<backend>-<version>-sm<XY>.timing-cache.
+    timing_cache: default BUNDLE/engines/<backend>-<version>-sm<XY>.timing-cache;
+    max_loras: the largest run-time LoRA pool the engines take (bundles with --lora-rank).
     """
     log: Log = (lambda line: print(line, flush=True)) if progress else (lambda line: None)
     bundle = Bundle.load(bundle_dir)
@@ -556,7 +562,7 @@ def build_engines(
     log(f"{trt_api.describe()} on {env.gpu_name} (compute capability {env.compute_capability})")
     check_rtx_runs_here(env, driver_cuda_major(cudart))
     options = {"optimization_level": optimization_level, "workspace_gb": workspace_gb}
-    spec = engine_spec(bundle, sizes, env, names, vae_precision, options)
+    spec = engine_spec(bundle, sizes, env, names, vae_precision, options, max_loras)
     log(f"engine key {cache_key(spec)}")
     builder = TensorRTBuilder(
         trt_api,

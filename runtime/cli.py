@@ -24,6 +24,7 @@ from typing import Any
 from .arguments import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS
 from .engine_cache import ENGINES_DIR, read_entry
 from .errors import UserError
+from .lora_pool import DEFAULT_MAX_LORAS
 
 MAX_MEMORY_HELP = (
     "refuse to start when the estimated peak RAM exceeds this many GiB (default: never "
@@ -164,6 +165,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--optimization-level", type=int, default=3, choices=range(6))
     build.add_argument("--components", nargs="+", help="only these components")
     build.add_argument("--force", action="store_true", help="rebuild even if engines exist")
+    build.add_argument(
+        "--max-loras",
+        type=int,
+        default=DEFAULT_MAX_LORAS,
+        help="largest run-time LoRA pool the engines take, as `serve --max-loras` (default 16)",
+    )
     build.set_defaults(handler=cmd_build)
 
     from sdrt.benchmarks.cli import register as register_bench  # argparse only; cheap
@@ -535,6 +542,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         optimization_level=args.optimization_level,
         components=args.components,
         force=args.force,
+        max_loras=args.max_loras,
     )
     print(f"engines in {out} ({time.perf_counter() - started:.1f} s)")
     return 0

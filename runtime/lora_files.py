@@ -2,9 +2,10 @@
 bundle's run-time branch, torch-free (safetensors' numpy API).
 
 A layer's update is `scale * (alpha / rank) * up @ down`; the factor alpha / rank is folded
-into `up` here, so the pool holds ready-to-use factors and a request's scale is the only
-number the graph multiplies by. The checks a user can act on happen before anything is put
-in the pool: the file is read whole first.
+into `up` as the pool copies it into its bank (one pass, no intermediate copy), so the pool
+holds ready-to-use factors and a request's scale is the only number the graph multiplies by.
+The checks a user can act on happen before anything is put in the pool: the file is read
+whole first.
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ TEXT_PREFIX = "text_model."  # CLIP's module level that layer names leave out
 
 
 @dataclass
+class Factors:
+    """One layer's checked factors as the file holds them, float32: down [rank, in],
+    up [out, rank]; and alpha / rank, which the pool folds into up as it copies it."""
+
+    down: np.ndarray
+    up: np.ndarray
+    alpha_over_rank: float
+
+
+@dataclass
 class Adapter:
-    """A LoRA file as factors per component and layer: down [rank, in], up [rank, out] with
-    alpha / rank folded in."""
+    """A LoRA file as factors per component and layer."""
 
     file: str
     rank: int
-    layers: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    layers: dict[str, dict[str, Factors]]
     size: int  # bytes of the factors
-
-    @property
-    def layer_count(self) -> int:
-        return sum(len(v) for v in self.layers.values())
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -198,18 +204,18 @@ def read_adapter(path: Path, branch: dict[str, Any]) -> Adapter:
         pairs.update(_unfuse(path, stem, parts, names[stem], shapes))
     if not pairs:
         raise UserError(f"LoRA file {path.name} holds no LoRA layers (no lora_A/lora_down keys)")
-    layers: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    layers: dict[str, dict[str, Factors]] = {}
     rank = 0
     for (component, name), parts in pairs.items():
-        down, up = _factors(path, component, name, parts, shapes[(component, name)], config)
-        rank = max(rank, len(down))
-        layers.setdefault(component, {})[name] = (down, up)
+        factors = _factors(path, component, name, parts, shapes[(component, name)], config)
+        rank = max(rank, len(factors.down))
+        layers.setdefault(component, {})[name] = factors
     if rank > branch["rank"]:
         raise UserError(
             f"LoRA file {path.name} has rank {rank}, above this bundle's LoRA rank "
             f"{branch['rank']}; re-export with --lora-rank {rank} or more"
         )
-    size = sum(d.nbytes + u.nbytes for c in layers.values() for d, u in c.values())
+    size = sum(f.down.nbytes + f.up.nbytes for c in layers.values() for f in c.values())
     return Adapter(path.name, rank, layers, size)
 
 
@@ -317,10 +323,12 @@ def _factors(
     parts: dict[str, np.ndarray],
     shape: tuple[int, int],
     config: dict[str, dict[str, Any]],
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Factors:
     if "down" not in parts or "up" not in parts:
         raise UserError(f"LoRA file {path.name} has only half of layer {name} (down and up)")
-    down, up = parts["down"].astype(np.float32), parts["up"].astype(np.float32)
+    # float32 files are used as read: no copy here, the pool's bank is the only one
+    down = parts["down"].astype(np.float32, copy=False)
+    up = parts["up"].astype(np.float32, copy=False)
     fan_in, fan_out = shape
     rank = len(down)
     if down.shape != (rank, fan_in) or up.shape != (fan_out, rank):
@@ -329,9 +337,15 @@ def _factors(
             f"this bundle's layer is {fan_in} -> {fan_out}; use a LoRA for this model"
         )
     factor = _alpha_over_rank(parts, rank, name, config.get(component, {}))
-    if not (np.isfinite(down).all() and np.isfinite(up).all() and math.isfinite(factor)):
+    if not (_finite(down) and _finite(up) and math.isfinite(factor)):
         raise UserError(f"LoRA file {path.name}: layer {name} holds NaN or infinity; it is broken")
-    return np.ascontiguousarray(down), np.ascontiguousarray(up.T * np.float32(factor))
+    return Factors(down, up, factor)
+
+
+def _finite(values: np.ndarray) -> bool:
+    """No NaN or infinity in `values`: min and max carry either (NaN propagates), with no
+    temporary array as large as `values`."""
+    return not values.size or (math.isfinite(values.min()) and math.isfinite(values.max()))
 
 
 def _alpha_over_rank(

@@ -25,7 +25,15 @@ from .signing import verify_file
 
 INDEX, SCALE = "lora_index", "lora_scale"
 DEFAULT_MAX_LORAS = 16
+MAX_LORAS_LIMIT = 1024
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_max_loras(max_loras: int, what: str = "max_loras") -> int:
+    """The pool's capacity; `what` names it as the user set it (an argument or a flag)."""
+    if not 1 <= max_loras <= MAX_LORAS_LIMIT:
+        raise UserError(f"{what} must be in 1-{MAX_LORAS_LIMIT}, got {max_loras!r}")
+    return max_loras
 
 
 def bank_inputs(layer: str) -> tuple[str, str]:
@@ -66,9 +74,20 @@ def stack_rows(parts: list[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class _Loaded:
-    adapter: Adapter
+    """A loaded adapter: what `describe` tells and where it sits; its factors live in the banks
+    only (the file's arrays are dropped once copied)."""
+
+    file: str
+    rank: int
+    layers: dict[str, int]  # component -> adapted layers
+    size: int
     slot: int
     users: int = 0
+
+    @classmethod
+    def of(cls, adapter: Adapter, slot: int) -> _Loaded:
+        layers = {component: len(factors) for component, factors in adapter.layers.items()}
+        return cls(adapter.file, adapter.rank, layers, adapter.size, slot)
 
 
 class AdapterPool:
@@ -83,8 +102,7 @@ class AdapterPool:
     ) -> None:
         """`trusted_key`: a public key (PEM); each adapter file must then carry a signature
         by its pair (FILE.sig, `sdrt sign FILE --key PRIVATE.pem`)."""
-        if not 1 <= max_loras <= 1024:
-            raise UserError(f"max_loras must be in 1-1024, got {max_loras!r}")
+        check_max_loras(max_loras)
         self.branch = branch
         self.rank = int(branch["rank"])
         self.max_loras = max_loras
@@ -102,8 +120,8 @@ class AdapterPool:
             banks = {}
             for record in records:
                 down, up = bank_inputs(record["name"])
-                banks[down] = np.zeros((bank_rows, record["in"]), np.float32)
-                banks[up] = np.zeros((bank_rows, record["out"]), np.float32)
+                banks[down] = _committed((bank_rows, record["in"]))
+                banks[up] = _committed((bank_rows, record["out"]))
             self.banks[component] = banks
             self._changed[component] = engine.bind_banks(banks)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()  # least recently used first
@@ -127,7 +145,7 @@ class AdapterPool:
                 )
             slot = old.slot if old is not None else self._free_slot(name)
             self._write(slot, adapter)
-            self._loaded[name] = _Loaded(adapter, slot)
+            self._loaded[name] = _Loaded.of(adapter, slot)
             self._loaded.move_to_end(name)
         return self.describe(name)
 
@@ -157,13 +175,12 @@ class AdapterPool:
     def describe(self, name: str) -> dict[str, Any]:
         with self._lock:
             loaded = self._get(name)
-            adapter = loaded.adapter
             return {
                 "name": name,
-                "file": adapter.file,
-                "rank": adapter.rank,
-                "layers": {c: len(v) for c, v in adapter.layers.items()},
-                "bytes": adapter.size,
+                "file": loaded.file,
+                "rank": loaded.rank,
+                "layers": dict(loaded.layers),
+                "bytes": loaded.size,
                 "in_use": loaded.users,
             }
 
@@ -175,18 +192,16 @@ class AdapterPool:
         scales = {name: check_scale(scale, f"LoRA {name!r}") for name, scale in loras.items()}
         with self._lock:
             chosen = [(self._get(name), scale) for name, scale in scales.items()]
-            total = sum(loaded.adapter.rank for loaded, _ in chosen)
+            total = sum(loaded.rank for loaded, _ in chosen)
             if total > self.rank:
                 raise UserError(
                     f"the LoRAs {', '.join(scales)} have rank {total} together, above this "
                     f"bundle's LoRA rank {self.rank}; use fewer adapters in one request"
                 )
             index = np.concatenate(
-                [loaded.slot * self.rank + np.arange(loaded.adapter.rank) for loaded, _ in chosen]
+                [loaded.slot * self.rank + np.arange(loaded.rank) for loaded, _ in chosen]
             )
-            scale = np.concatenate(
-                [np.full(loaded.adapter.rank, s, np.float32) for loaded, s in chosen]
-            )
+            scale = np.concatenate([np.full(loaded.rank, s, np.float32) for loaded, s in chosen])
             for loaded, _ in chosen:
                 loaded.users += 1
             for name in scales:
@@ -222,20 +237,34 @@ class AdapterPool:
         )
 
     def _write(self, slot: int, adapter: Adapter) -> None:
-        """Fill `slot`'s rows of every bank: the adapter's factors, zeros elsewhere (a layer
-        or component it does not adapt, rank columns past its own)."""
+        """Fill `slot`'s rows of every bank: the adapter's factors (alpha / rank folded into up
+        as it is copied), zeros elsewhere (a layer or component it does not adapt, rank
+        columns past its own). Each bank row is written once, straight from the file's arrays."""
         rows = slice(slot * self.rank, (slot + 1) * self.rank)
         for component, banks in self.banks.items():
-            factors = adapter.layers.get(component, {})
+            adapted = adapter.layers.get(component, {})
             for record in self.branch["layers"][component]:
                 down_name, up_name = bank_inputs(record["name"])
-                down, up = factors.get(record["name"], (None, None))
-                for bank_name, values in ((down_name, down), (up_name, up)):
-                    bank = banks[bank_name]
-                    bank[rows] = 0.0
-                    if values is not None:
-                        bank[rows.start : rows.start + len(values)] = values
-                    self._changed[component](bank_name, rows)
+                down_rows, up_rows = banks[down_name][rows], banks[up_name][rows]
+                factors = adapted.get(record["name"])
+                rank = 0 if factors is None else len(factors.down)
+                if factors is not None:
+                    down_rows[:rank] = factors.down
+                    np.multiply(
+                        factors.up.T, np.float32(factors.alpha_over_rank), out=up_rows[:rank]
+                    )
+                down_rows[rank:] = 0.0
+                up_rows[rank:] = 0.0
+                self._changed[component](down_name, rows)
+                self._changed[component](up_name, rows)
+
+
+def _committed(shape: tuple[int, int]) -> np.ndarray:
+    """A bank of zeros whose every page is written now. np.zeros leaves them to be mapped on
+    first write, which would then happen inside a load, at a page fault per 4 KiB (most of a
+    load's time on the machines measured); and a full pool's memory is taken at start, so
+    the sixteenth adapter cannot be the one that runs the machine out of it."""
+    return np.full(shape, 0.0, np.float32)
 
 
 def _check_name(name: Any) -> None:

@@ -66,6 +66,18 @@ def test_the_bench_is_one_process_with_its_export_inside_and_no_memory_refusal()
     assert trt_export.max_memory == 0
 
 
+def test_the_lora_phase_measures_the_issue_20_figures_on_cuda_into_out():
+    """The LoRA phase's command line, read by the benchmark's own parser: SD 1.5, R = 32 (the
+    issue's ratios), ORT CUDA, the report under $OUT (rewritten as each part ends)."""
+    from sdrt.benchmarks.lora import arguments
+
+    done = run_script("lora-args", OUT="/x/out")
+    args = arguments().parse_args(shlex.split(done.stdout))
+    assert (args.preset, args.rank, args.device) == ("sd15", 32, "cuda")
+    assert args.json == "/x/out/lora.json" and not args.load_only
+    assert args.work and not args.work.startswith("/x/out")  # 7 GB of ONNX stay out of $OUT
+
+
 FAKE_PYTHON = """#!/usr/bin/env bash
 args="$*"
 echo "${args//$'\n'/ }" >> "$CALLS"  # one line per call
@@ -74,33 +86,55 @@ case "$*" in
     *"sdrt.cli bench"*)
         mkdir -p "$OUT/bench" && echo '{"paths": []}' > "$OUT/bench/bench.json"
         exec sleep 60 ;;
+    *"sdrt.benchmarks.lora"*)
+        echo '{"load_s": [0.1]}' > "$OUT/lora.json"
+        exec sleep 60 ;;
 esac
 """
 
 
 def test_the_session_keeps_each_phase_to_its_budget_and_leaves_results_under_out(tmp_path):
-    """The whole session with a stand-in Python whose bench overruns: it is stopped at its
-    budget, what it wrote stays under $OUT, and the phases after it still run."""
+    """The whole session with a stand-in Python whose bench and LoRA benchmark overrun: each
+    is stopped at its budget, what it wrote stays under $OUT, and the phases after it still
+    run."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     out, calls = tmp_path / "out", tmp_path / "calls"
     budgets = {"SESSION": "60", "ENV_BUDGET": "5", "INSTALL_BUDGET": "5", "BENCH_BUDGET": "6"}
-    budgets |= {"COMPILE_BUDGET": "3", "TRT_MIN": "5"}
+    budgets |= {"COMPILE_BUDGET": "3", "TRT_MIN": "5", "LORA_BUDGET": "5", "LORA_MIN": "5"}
     started = time.monotonic()
     done = run_script(PYTHON=str(fake), OUT=str(out), CALLS=str(calls), **budgets)
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
-    assert elapsed < 30  # the bench was stopped at 6 + 3 s (SIGKILL 10 s later at the latest)
+    assert elapsed < 30  # bench stopped at 6 + 3 s, LoRA at 5 s (SIGKILL 10 s later at most)
     log = (out / "session.log").read_text()
-    for line in ("install: exit 0", "--torch-compile: exit 124", "TensorRT skipped", "done"):
+    for line in ("install: exit 0", "--torch-compile: exit 124", "ORT CUDA): exit 124"):
         assert line in log, log
+    assert "TensorRT skipped" in log and "done" in log
     assert (out / "env.txt").is_file() and (out / "bench" / "bench.json").is_file()
+    assert (out / "lora.json").is_file()
     made = calls.read_text().splitlines()
     assert made[1].startswith("-m pip install") and "--target /tmp/sdrt" in made[1]
     assert "cuda_provider_starts()" in made[2]  # the torch-free check
     [bench] = [line for line in made if "sdrt.cli bench" in line]
     assert bench.endswith("--torch-compile") and "--max-memory 0" in bench
+    [lora] = [line for line in made if "sdrt.benchmarks.lora" in line]
+    assert "--device cuda" in lora and f"--json {out}/lora.json" in lora
+
+
+def test_the_lora_phase_is_skipped_when_too_little_of_the_session_is_left(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out, calls = tmp_path / "out", tmp_path / "calls"
+    budgets = {"SESSION": "60", "ENV_BUDGET": "5", "INSTALL_BUDGET": "5", "BENCH_BUDGET": "6"}
+    budgets |= {"COMPILE_BUDGET": "3", "TRT_MIN": "5", "LORA_BUDGET": "60", "LORA_MIN": "59"}
+    done = run_script(PYTHON=str(fake), OUT=str(out), CALLS=str(calls), **budgets)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "session.log").read_text()
+    assert "LoRA phase skipped" in log and "gpu_session.sh lora" in log
+    assert "sdrt.benchmarks.lora" not in calls.read_text()
 
 
 @pytest.mark.parametrize("argv", [["nonsense"], ["--dry"]])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from pipeline_parity import PROMPT
 from safetensors.torch import save_file
-from test_lora import KOHYA_TE_LAYERS, KOHYA_UNET_LAYERS, kohya_tensors
+from test_lora import KOHYA_TE_LAYERS, KOHYA_UNET_LAYERS, KOHYA_UNET_Q, kohya_tensors
 from test_security_bundle import keys  # noqa: F401, F811 - a fixture
 
 from sdrt import Pipeline
@@ -356,6 +356,13 @@ def write_kohya(path: Path, layers: dict[str, tuple[int, int]], rank: int = 4, *
     return path
 
 
+def one_value(shape: tuple[int, int], value: float) -> torch.Tensor:
+    """Small factors with a single `value` among them."""
+    tensor = torch.full(shape, 0.01)
+    tensor[shape[0] // 2, shape[1] // 2] = value
+    return tensor
+
+
 BAD_FILES = {
     "rank above R": (
         lambda d: write_kohya(d / "big.safetensors", KOHYA_UNET_LAYERS, rank=RANK + 1),
@@ -386,6 +393,22 @@ BAD_FILES = {
             },
         ),
         "adapts convolution layers or is not a plain LoRA",
+    ),
+    "NaN in a factor": (
+        lambda d: write_kohya(
+            d / "nan.safetensors",
+            KOHYA_UNET_LAYERS,
+            **{f"{KOHYA_UNET_Q}.lora_down.weight": one_value((4, 64), float("nan"))},
+        ),
+        "attn1.to_q holds NaN or infinity",
+    ),
+    "infinity in a factor": (
+        lambda d: write_kohya(
+            d / "inf.safetensors",
+            KOHYA_UNET_LAYERS,
+            **{f"{KOHYA_UNET_Q}.lora_up.weight": one_value((64, 4), float("inf"))},
+        ),
+        "attn1.to_q holds NaN or infinity",
     ),
     "pickle file": (
         lambda d: (d / "old.ckpt").write_bytes(b"x") and d / "old.ckpt",

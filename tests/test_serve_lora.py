@@ -163,3 +163,45 @@ def test_post_needs_the_api_key_then_loads_and_delete_unloads(server, folders):
     deleted = httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH)
     assert deleted.status_code == 200 and names(server) == PRELOADED
     assert httpx.delete(f"{server.url}/v1/loras/ff", headers=AUTH).status_code == 404
+
+
+def test_max_loras_sizes_the_pool_and_a_full_one_evicts_the_least_recently_used(folders, tmp_path):
+    """`--max-loras 2` with three files preloaded (by name: attn, detail, ff3): the first is
+    evicted for the third; loading one more evicts the least recently used, and a request
+    naming it then gets a 400."""
+    for name in PRELOADED:
+        shutil.copy(folders["loras"] / f"{name}.safetensors", tmp_path)
+    shutil.copy(folders["spare"] / "ff.safetensors", tmp_path / "ff3.safetensors")
+    options = ["--api-key", KEY, "--lora-dir", str(tmp_path), "--max-loras", "2"]
+    process = ServeProcess([folders["bundle"]], options).start()
+    try:
+        assert names(process) == ["detail", "ff3"]
+        used = post(process, "/v1/images/generations", json={**CALL, "loras": {"detail": 1}})
+        assert used.is_success
+        shutil.copy(folders["spare"] / "ff.safetensors", tmp_path / "ff4.safetensors")
+        loaded = post(process, "/v1/loras", json={"name": "ff", "path": "ff4.safetensors"})
+        assert loaded.status_code == 200, loaded.text
+        assert names(process) == ["detail", "ff"]  # ff3, the least recently used, evicted
+        gone = post(process, "/v1/images/generations", json={**CALL, "loras": {"ff3": 1}})
+        assert gone.status_code == 400 and "unknown LoRA 'ff3'" in gone.text
+    finally:
+        assert process.stop() == 0
+
+
+def test_openapi_describes_the_lora_routes_and_fields_and_post_refuses_unknown_fields(server):
+    api = httpx.get(f"{server.url}/openapi.json").json()
+    routes = {path: set(ops) for path, ops in api["paths"].items() if "loras" in path}
+    assert routes == {"/v1/loras": {"get", "post"}, "/v1/loras/{name}": {"delete"}}
+    post_op = api["paths"]["/v1/loras"]["post"]
+    assert post_op["security"] == [{"apiKey": []}]
+    body = post_op["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/LoadLoraRequest"}
+    schemas = api["components"]["schemas"]
+    assert set(schemas["LoadLoraRequest"]["required"]) == {"name", "path"}
+    form_loras = schemas["CreateImageEditRequest"]["properties"]["loras"]
+    assert form_loras["type"] == "string" and form_loras["contentMediaType"] == "application/json"
+    generation_loras = schemas["CreateImageRequest"]["properties"]["loras"]["anyOf"][0]
+    assert generation_loras["additionalProperties"] == {"type": "number"}
+    extra = post(server, "/v1/loras", json={"name": "x", "path": "attn.safetensors", "scale": 1})
+    assert extra.status_code == 400 and "unknown field 'scale'" in extra.text
+    assert names(server) == PRELOADED

@@ -370,6 +370,7 @@ def test_bad_openai_field_gets_one_sentence(server, fields, fragment, param):
         (["--image-store-mb", "-1"], "--image-store-mb >= 0, got 60.0 and -1.0"),
         (["--image-url-ttl", "0"], "--image-url-ttl must be > 0"),
         (["--max-partial-images", "4"], "--max-partial-images must be 0 to 3, got 4"),
+        (["--max-loras", "0"], "--max-loras must be in 1-1024, got 0"),
     ],
 )
 def test_bad_new_serve_flag_is_one_line_and_exit_2(capsys, flags, line):

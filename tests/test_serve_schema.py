@@ -1,6 +1,8 @@
 """sdrt serve against its own /openapi.json: a schema-driven fuzzer (schemathesis) on a real
 server process finds no 5xx, no answer outside the schema, and no schema-valid request refused
-unless a documented limit refuses it. Limits are kept small so the run stays short."""
+unless a documented limit refuses it. Limits are kept small so the run stays short. The bundle
+takes run-time LoRAs (--lora-rank) and one is loaded from --lora-dir, so the `loras` fields
+and the /v1/loras routes run their real paths."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
+from test_lora_runtime import peft_file
 
 from sdrt.benchmarks.serve_process import ServeProcess
+from sdrt.export.bundle_writer import export_bundle
 
 EXAMPLES = 20  # per operation and mode: bounded so the run takes well under a minute
 KEY = "schema-key"
@@ -27,9 +31,14 @@ DOCUMENTED_LIMITS = (
     "leaves no step of",  # an edit's strength times its steps under one step
     "the models are still loading",
     "is not here: it expired",  # an image id this server never made
-    "has no run-time LoRA branch",  # loras for a bundle exported without --lora-rank
     "loras must",  # an edit's loras form field must hold a JSON object of scales
     "LoRA scale",
+    "unknown LoRA",  # a name no POST /v1/loras (or --lora-dir) loaded
+    "no LoRA named",  # DELETE of a name not loaded
+    # POST /v1/loras: a path must name a .safetensors file inside --lora-dir
+    "is outside the server's LoRA folder",
+    "does not exist; check the path",
+    "is not a .safetensors file",
 )
 
 
@@ -63,9 +72,14 @@ def check(case) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle):
+def server(tiny_pipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("schema")
+    export_bundle(tiny_pipe, root / "tiny", "sd1", lora_rank=8, progress=False)
+    (root / "loras").mkdir()
+    peft_file(root / "loras", "style", 1, ["to_q", "to_v"])
     options = ["--api-key", KEY, "--max-size", "64", "--max-steps", "3", "--max-images", "2"]
-    process = ServeProcess([tiny_bundle], options).start()
+    options += ["--lora-dir", str(root / "loras")]
+    process = ServeProcess([root / "tiny"], options).start()
     yield process
     assert process.stop() == 0
 

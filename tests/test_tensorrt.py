@@ -28,6 +28,7 @@ from sdrt.backends import load_engine
 from sdrt.backends import tensorrt as trt_backend
 from sdrt.backends.base import upload_constants
 from sdrt.bundle import Bundle, file_sha256
+from sdrt.cli import _parser as main_parser
 from sdrt.cli import main, parse_range, parse_size
 from sdrt.engine_cache import (
     ENGINES_DIR,
@@ -1259,6 +1260,33 @@ def test_lora_banks_are_bound_once_by_address_and_rows_update_in_place(
     assert module.engines[0].contexts[0].addresses["encoder_hidden_states"] == address
     device_copy = np.frombuffer(bytes(cudart.live(address)), np.float32).reshape(bank.shape)
     assert np.all(device_copy[0] == bank[0]) and np.all(device_copy[1] == 0.0)
+
+
+def test_a_lora_pool_larger_than_the_engines_take_is_refused_before_any_upload(
+    bundle: Bundle, gpu: Any
+) -> None:
+    """The pool's bank rows follow max_loras; an engine built for fewer is refused at bind
+    time in one line naming the fix, with nothing allocated on the device."""
+    cudart, _ = gpu
+    unet = trt_backend.TensorRTEngine(bundle, "unet", "cuda", cuda_graph=True)
+    rows = max(
+        e.spec.components["unet"].profile["encoder_hidden_states"].max[0] for e in unet.entries
+    )
+    mallocs = cudart.mallocs
+    with pytest.raises(UserError, match=r"rebuild them with `sdrt build --max-loras N`") as err:
+        unet.bind_banks({"encoder_hidden_states": np.zeros((rows + 1, 77, TEXT_DIM), np.float32)})
+    assert "\n" not in str(err.value) and cudart.mallocs == mallocs and unet.bound == {}
+
+
+def test_the_engines_lora_bank_range_covers_every_pool_up_to_max_loras() -> None:
+    branch = {"rank": 4, "layers": {}}
+    assert tb.lora_dims(branch, 8) == {"lora_rank": (1, 1, 4), "lora_bank": (8, 36, 36)}
+    assert tb.lora_dims(branch)["lora_bank"][2] == 17 * 4  # serve's default, 16 slots
+    assert tb.lora_dims(None, 8) == {}
+    with pytest.raises(UserError, match="--max-loras must be in 1-1024, got 0"):
+        tb.lora_dims(branch, 0)
+    args = main_parser().parse_args(["build", "B", "--max-loras", "8"])
+    assert args.max_loras == 8
 
 
 @pytest.mark.parametrize("driver, extra", [(12080, "tensorrt-cu12"), (13000, "tensorrt-cu13")])

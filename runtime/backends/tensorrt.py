@@ -709,6 +709,7 @@ class TensorRTEngine:
         persistent device buffers bound by address on every run from now on; returns
         `changed(name, rows)`, which copies those rows of a bank after it was written (an
         adapter loaded): no refit, no rebuild, the addresses stay."""
+        self._check_banks(banks)
         tensors = {name: self.to_device(name, array) for name, array in banks.items()}
         self.bound = {**self.bound, **tensors}
 
@@ -720,6 +721,24 @@ class TensorRTEngine:
                 self.device.synchronize()  # `part` is pageable and dies with this call
 
         return changed
+
+    def _check_banks(self, banks: Mapping[str, np.ndarray]) -> None:
+        """Refuse, before any upload, a pool no built engine takes: its bank rows follow
+        max_loras, and the engines' range follows `sdrt build --max-loras`."""
+        reasons = []
+        for entry in self.entries:
+            profile = entry.spec.components[self.component].profile
+            banked = {name: profile[name] for name in banks if name in profile}
+            violation = profile_violation({n: a.shape for n, a in banks.items()}, banked)
+            if violation is None:
+                return
+            reasons.append(violation)
+        if reasons:
+            raise UserError(
+                f"no built {self.component} engine takes a LoRA pool this large ({reasons[0]}); "
+                "use a max_loras (serve --max-loras) up to the one the engines were built "
+                "for, or rebuild them with `sdrt build --max-loras N`"
+            )
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         feeds = {**self.bound, **feeds}

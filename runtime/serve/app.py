@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..images import encode_image, generation_metadata, numpy_to_pil
 from ..schedulers import SCHEDULERS, compatible_schedulers
 from .batcher import Batcher, QueueFull, RequestTimeout, ShuttingDown
-from .errors import ApiError, bad_value
+from .errors import ApiError, bad_value, error_responses
 from .image_store import ImageStore, StoreFull
 from .lora_routes import add_lora_routes, preload
 from .metrics import Metrics
@@ -46,11 +46,7 @@ ZERO_USAGE = {
     "output_tokens": 0,
     "input_tokens_details": {"text_tokens": 0, "image_tokens": 0},
 }
-ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-ERRORS = {
-    status: {"description": "an OpenAI-shaped error", "content": ERROR_BODY}
-    for status in (400, 401, 404, 413, 429, 500, 503, 504)
-}
+ERRORS = error_responses(400, 401, 404, 413, 429, 500, 503, 504)
 
 
 class ServerState:

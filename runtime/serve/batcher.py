@@ -25,7 +25,7 @@ from ..backends.base import upload_constants
 from ..denoise import RequestState, Timer, start_request, step
 from ..errors import UserError
 from ..images import numpy_to_pil
-from ..lora_pool import NO_ADAPTER, Hold
+from ..lora_pool import DEFAULT_MAX_LORAS, NO_ADAPTER, Hold, check_max_loras
 from ..pipeline import Pipeline, PipelineOutput
 from .previews import Previews, send_previews
 
@@ -422,16 +422,25 @@ def load_batchers(
     backend: str = "onnxruntime",
     device: str = "auto",
     trusted_key: str | None = None,
+    max_loras: int = DEFAULT_MAX_LORAS,
     **options: Any,
 ) -> dict[str, Batcher]:
     """One Batcher per bundle, named by its folder (the API's `model`), for `sdrt serve` and
-    each Ray replica alike; `options` go to every Batcher."""
+    each Ray replica alike; `max_loras` sizes the LoRA pool of each bundle exported with
+    --lora-rank; `options` go to every Batcher."""
+    check_max_loras(max_loras)
     names = [Path(bundle).resolve().name for bundle in bundles]
     if len(set(names)) != len(names):
         raise UserError(f"two bundles share a folder name ({', '.join(names)}); rename one")
     return {
         name: Batcher(
-            Pipeline.load(bundle, backend=backend, device=device, trusted_key=trusted_key),
+            Pipeline.load(
+                bundle,
+                backend=backend,
+                device=device,
+                trusted_key=trusted_key,
+                max_loras=max_loras,
+            ),
             **options,
         )
         for name, bundle in zip(names, bundles, strict=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..arguments import Limits
 from ..errors import UserError
+from ..lora_pool import DEFAULT_MAX_LORAS, check_max_loras
 from .batcher import DEFAULT_MAX_BATCH_ROWS, MODES
 from .ray_command import add_arguments as add_ray_arguments
 from .settings import Settings
@@ -70,6 +71,12 @@ def register(commands: Any) -> None:
         "/v1/loras loads files from here only",
     )
     serve.add_argument(
+        "--max-loras",
+        type=int,
+        default=DEFAULT_MAX_LORAS,
+        help="run-time LoRAs held at once per model, least recently used evicted (default 16)",
+    )
+    serve.add_argument(
         "--trusted-key", help="public key (PEM): refuse any bundle not signed by its pair"
     )
     add_ray_arguments(serve)
@@ -105,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
         trusted_key=args.trusted_key,
+        max_loras=args.max_loras,
         max_batch_rows=args.max_batch_rows,
         max_queue=args.max_queue,
         mode=args.batching,
@@ -132,6 +140,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             f"--image-url-ttl must be > 0 and --image-store-mb >= 0, got "
             f"{args.image_url_ttl} and {args.image_store_mb}"
         )
+    check_max_loras(args.max_loras, "--max-loras")
     if not 0 <= args.max_partial_images <= 3:
         raise UserError(f"--max-partial-images must be 0 to 3, got {args.max_partial_images}")
     return Settings(

@@ -42,6 +42,17 @@ FIELDS = {
 }
 
 
+ERROR_BODY = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+def error_responses(*statuses: int) -> dict[int, dict[str, Any]]:
+    """The OpenAPI `responses` entries of these error statuses, for a route's declaration."""
+    return {
+        status: {"description": "an OpenAI-shaped error", "content": ERROR_BODY}
+        for status in statuses
+    }
+
+
 class ApiError(Exception):
     """An error response: status, one sentence, and the request field it is about."""
 

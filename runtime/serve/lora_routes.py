@@ -17,8 +17,9 @@ from fastapi import FastAPI, Request
 
 from ..errors import UserError
 from .batcher import Batcher
-from .errors import ApiError, bad_value
+from .errors import ApiError, bad_value, error_responses
 from .requests import parse_json, read_body
+from .schema import LoadLoraRequest, LoraDeleted, LoraList
 from .settings import Settings
 
 log = logging.getLogger("sdrt.serve")
@@ -63,6 +64,8 @@ def add_lora_routes(
             raise ApiError(400, "no served model takes run-time LoRAs (export with --lora-rank)")
         if model is None:
             return served
+        if not isinstance(model, str):
+            raise ApiError(400, f"model must be a string, got {type(model).__name__}", "model")
         if model not in served:
             raise ApiError(
                 404, f"model {model!r} does not take run-time LoRAs here; choose one of "
@@ -70,9 +73,9 @@ def add_lora_routes(
             )  # fmt: skip
         return {model: served[model]}
 
-    # not in /openapi.json yet: their bodies are read by hand, as the fuzz test would find
-    @app.get("/v1/loras", include_in_schema=False)
+    @app.get("/v1/loras", response_model=LoraList, responses=error_responses(401))
     async def list_loras(request: Request) -> dict[str, Any]:
+        """The run-time LoRAs loaded in each model, least recently used first."""
         authorize(request)
         data = [
             {"id": entry["name"], "object": "lora", "model": name, **entry}
@@ -81,10 +84,18 @@ def add_lora_routes(
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/loras", include_in_schema=False)
+    @app.post(
+        "/v1/loras", response_model=LoraList, responses=error_responses(400, 401, 404, 409, 413)
+    )
     async def load_lora(request: Request) -> dict[str, Any]:
+        """Load a file of --lora-dir as a run-time LoRA (body: LoadLoraRequest)."""
         authorize(request)
         fields = parse_json(await read_body(request, settings.max_body_bytes))
+        unknown = sorted(set(fields) - set(LoadLoraRequest.model_fields))
+        if unknown:
+            raise ApiError(
+                400, f"unknown field {unknown[0]!r}; send name, path and model", unknown[0]
+            )
         if settings.lora_dir is None:
             raise ApiError(400, "this server has no LoRA folder; start it with --lora-dir DIR")
         chosen = targets(fields.get("model"))
@@ -100,8 +111,11 @@ def add_lora_routes(
             raise bad_value(err) from err
         return {"object": "list", "data": loaded}
 
-    @app.delete("/v1/loras/{name}", include_in_schema=False)
+    @app.delete(
+        "/v1/loras/{name}", response_model=LoraDeleted, responses=error_responses(401, 404, 409)
+    )
     async def unload_lora(request: Request, name: str) -> dict[str, Any]:
+        """Unload a run-time LoRA from every model holding it (409 while a request uses it)."""
         authorize(request)
         holders = [
             b for b in _with_adapters(models).values() if name in b.pipeline.adapters.names()

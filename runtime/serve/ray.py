@@ -20,6 +20,7 @@ from typing import Any
 from ray import serve
 
 from ..errors import UserError
+from ..lora_pool import DEFAULT_MAX_LORAS
 from .batcher import DEFAULT_MAX_BATCH_ROWS, load_batchers
 from .settings import Settings
 
@@ -40,6 +41,7 @@ class ReplicaConfig:
     request_timeout_s: float = 300.0
     settings: Settings = field(default_factory=Settings)
     trusted_key: str | None = None  # PEM public key every bundle must be signed by
+    max_loras: int = DEFAULT_MAX_LORAS  # run-time LoRA pool per model
 
 
 @serve.deployment(name="sdrt")
@@ -54,6 +56,7 @@ class SdrtReplica:
             backend=config.backend,
             device=config.device,
             trusted_key=config.trusted_key,
+            max_loras=config.max_loras,
             max_batch_rows=config.max_batch_rows,
             max_queue=config.max_queue,
             mode=config.batching,
@@ -138,7 +141,8 @@ def build(config: ReplicaConfig, options: Mapping[str, Any]) -> Any:
 def app(args: dict[str, str]) -> Any:
     """Application builder for `serve run sdrt.serve.ray:app bundle=DIR [replicas=N]
     [min_replicas= max_replicas= target_ongoing_requests=] [device=] [backend=]
-    [max_batch_rows=] [trusted_key=PEM]`; GPUs are used when the cluster has them."""
+    [max_batch_rows=] [max_loras=] [trusted_key=PEM]`; GPUs are used when the cluster has
+    them."""
     import ray
 
     args = dict(args)
@@ -150,6 +154,7 @@ def app(args: dict[str, str]) -> Any:
         device=args.pop("device", "auto"),
         max_batch_rows=int(args.pop("max_batch_rows", DEFAULT_MAX_BATCH_ROWS)),
         trusted_key=args.pop("trusted_key", None),
+        max_loras=int(args.pop("max_loras", DEFAULT_MAX_LORAS)),
     )
     replicas = args.pop("replicas", None)
     scaling = {k: args.pop(k) for k in AUTOSCALING_KEYS if k in args}

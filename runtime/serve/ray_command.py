@@ -47,6 +47,7 @@ def serve_on_ray(args: argparse.Namespace, settings: Settings) -> int:
         request_timeout_s=args.request_timeout,
         settings=settings,
         trusted_key=args.trusted_key,
+        max_loras=args.max_loras,
     )
     ray.init(address=args.ray_address, include_dashboard=False)
     gpu = args.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0

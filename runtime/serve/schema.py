@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
 
 Quality = Literal["low", "medium", "high", "auto", "standard", "hd"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -16,6 +15,11 @@ ResponseFormat = Literal["b64_json", "url"]
 # "transparent" is refused with 400: the models served here draw no alpha channel
 Background = Literal["opaque", "auto"]
 IGNORED = ("moderation", "style", "user", "input_fidelity")
+
+
+# a request's run-time LoRAs: name -> scale (the edit form carries this as JSON text)
+LORAS = {"type": "object", "additionalProperties": {"type": "number"}}
+LORA_NAME = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # lora_pool.NAME
 
 
 class _Fields(BaseModel):
@@ -64,11 +68,27 @@ class CreateImageEditRequest(_Fields):
     image: bytes = Field(description="the picture to edit (PNG, JPEG, WebP...)")
     mask: bytes | None = Field(None, description="white = repaint; the image's size")
     input_fidelity: Literal["high", "low"] | None = Field(None, description="accepted and ignored")
-    # sdrt: run-time LoRAs as a JSON object in the form, e.g. {"style": 0.8}; read, but left out
-    # of /openapi.json for now (the form's JSON text is not a schema the fuzz test can drive)
-    loras: SkipJsonSchema[str | None] = None
+    loras: str | None = Field(
+        None,
+        description='sdrt: run-time LoRA name -> scale as JSON text, e.g. {"style": 0.8}',
+        json_schema_extra={"contentMediaType": "application/json", "contentSchema": LORAS},
+    )
     strength: float | None = Field(
         None, gt=0, le=1, description="sdrt: share of the schedule run from the image"
+    )
+
+
+class LoadLoraRequest(BaseModel):
+    """POST /v1/loras."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=LORA_NAME, description="what requests call it in `loras`")
+    path: str = Field(
+        min_length=1, description="a .safetensors file, relative to the server's --lora-dir"
+    )
+    model: str | None = Field(
+        None, description="load into this model only (default: every one with --lora-rank)"
     )
 
 
@@ -141,6 +161,31 @@ class ImageEditCompletedEvent(_Event):
     usage: ImagesUsage
 
 
+class Lora(_Answer):
+    """A loaded run-time LoRA in one model."""
+
+    id: str = Field(description="its name")
+    object: Literal["lora"]
+    model: str
+    name: str
+    file: str = Field(description="the file's name")
+    rank: int
+    layers: dict[str, int] = Field(description="adapted layers per component")
+    bytes: int = Field(description="size of its factors")
+    in_use: int = Field(description="requests holding it now")
+
+
+class LoraList(_Answer):
+    object: Literal["list"]
+    data: list[Lora]
+
+
+class LoraDeleted(_Answer):
+    id: str
+    object: Literal["lora"]
+    deleted: Literal[True]
+
+
 class ErrorDetail(_Answer):
     message: str
     type: str
@@ -155,6 +200,7 @@ class ErrorResponse(_Answer):
 MODELS = (
     CreateImageRequest,
     CreateImageEditRequest,
+    LoadLoraRequest,
     ImagesResponse,
     ImageGenPartialImageEvent,
     ImageGenCompletedEvent,
@@ -169,6 +215,7 @@ EVENTS = {
 BODIES = {
     "/v1/images/generations": ("application/json", CreateImageRequest),
     "/v1/images/edits": ("multipart/form-data", CreateImageEditRequest),
+    "/v1/loras": ("application/json", LoadLoraRequest),
 }
 
 
@@ -204,6 +251,7 @@ def openapi(
         _limit(fields["size"], pattern=size_pattern(size_multiple, max_side))
         _limit(fields["scheduler"], enum=schedulers)
         _limit(fields["model"], enum=models)
+    _limit(components["LoadLoraRequest"]["properties"]["model"], enum=models)
     for name, field in components["CreateImageEditRequest"]["properties"].items():
         components["CreateImageEditRequest"]["properties"][name] = _not_null(field)
     for path, (media, model) in BODIES.items():
@@ -212,7 +260,9 @@ def openapi(
             "required": True,
             "content": {media: {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
         }
-        events = [_sse(e.model_fields["type"].annotation.__args__[0], e) for e in EVENTS[path]]
+    for path, answers in EVENTS.items():
+        operation = base["paths"][path]["post"]
+        events = [_sse(e.model_fields["type"].annotation.__args__[0], e) for e in answers]
         events.append(_sse("error", ErrorResponse))
         content = operation["responses"]["200"]["content"]
         content["text/event-stream"] = {"schema": {"anyOf": events}}
