@@ -555,9 +555,9 @@ def test_kohya_flux_fused_linear1_feeds_q_k_v_and_mlp_their_rows(setups, tmp_pat
     up = tensors[f"{stem}.lora_up.weight"].numpy() * 2.0 / KOHYA_RANK
     rows = {"attn.to_q": (0, 32), "attn.to_k": (32, 64), "attn.to_v": (64, 96)}
     for layer, (start, stop) in {**rows, "proj_mlp": (96, 224)}.items():
-        got_down, got_up = layers[f"single_transformer_blocks.0.{layer}"]
-        assert np.array_equal(got_down, down)
-        assert np.allclose(got_up, up[start:stop].T, rtol=0, atol=1e-7)
+        got = layers[f"single_transformer_blocks.0.{layer}"]
+        assert np.array_equal(got.down, down)
+        assert np.allclose(got.up * got.alpha_over_rank, up[start:stop], rtol=0, atol=1e-7)
     save_file(kohya_tensors({stem: (32, 200)}, 1.0, 7), tmp_path / "narrow.safetensors")
     with pytest.raises(UserError, match="not a fused projection of 32 \\+ 32 \\+ 32 \\+ 128"):
         read_adapter(tmp_path / "narrow.safetensors", branch)
