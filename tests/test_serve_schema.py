@@ -76,7 +76,7 @@ def server(tiny_pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
     export_bundle(tiny_pipe, root / "tiny", "sd1", lora_rank=8, progress=False)
     (root / "loras").mkdir()
-    peft_file(root / "loras", "style", 1, ["to_q", "to_v"])
+    peft_file(root / "loras", "style", 1, {"unet": ["to_q", "to_v"]})
     options = ["--api-key", KEY, "--max-size", "64", "--max-steps", "3", "--max-images", "2"]
     options += ["--lora-dir", str(root / "loras")]
     process = ServeProcess([root / "tiny"], options).start()
