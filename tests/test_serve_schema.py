@@ -19,6 +19,7 @@ from test_lora_runtime import peft_file
 
 from sdrt.benchmarks.serve_process import ServeProcess
 from sdrt.export.bundle_writer import export_bundle
+from sdrt.export.load import random_pipeline
 
 EXAMPLES = 20  # per operation and mode: bounded so the run takes well under a minute
 KEY = "schema-key"
@@ -72,9 +73,10 @@ def check(case) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_pipe, tmp_path_factory):
+def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
-    export_bundle(tiny_pipe, root / "tiny", "sd1", lora_rank=8, progress=False)
+    # a pipeline of its own: the LoRA branch is added to the modules it exports
+    export_bundle(random_pipeline("tiny"), root / "tiny", "sd1", lora_rank=8, progress=False)
     (root / "loras").mkdir()
     peft_file(root / "loras", "style", 1, {"unet": ["to_q", "to_v"]})
     options = ["--api-key", KEY, "--max-size", "64", "--max-steps", "3", "--max-images", "2"]
