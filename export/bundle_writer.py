@@ -292,6 +292,7 @@ def _write_bundle(
             bool(static_sizes),
             stage,
             release,
+            progress,
         )
         if release:
             release()  # where export kept the weights (an fp16 VAE that may fall back)
@@ -342,6 +343,7 @@ def _export_component(
     external_data: bool,
     stage: StageFn,
     release: Callable[[], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Export, verify and describe one component. PyTorch's reference outputs are computed
     first, so `release` (freeing its PyTorch weights) can run as soon as the graph is traced,
@@ -356,9 +358,8 @@ def _export_component(
     def export(dtype: str) -> ExportedOps:
         if is_lazy(component.module):
             feeds, check = component.sample_inputs(dims), component.sample_inputs(check_dims, 1)
-            done = export_streamed(
-                component, feeds, check, path, dtype, stage, weightless_trace(component)
-            )
+            trace = weightless_trace(component)
+            done = export_streamed(component, feeds, check, path, dtype, stage, trace, progress)
             streamed[:] = done.outputs
             return ExportedOps()
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
