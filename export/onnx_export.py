@@ -491,7 +491,7 @@ def _fits_bytesize(model: onnx.ModelProto) -> bool:
     return True
 
 
-def _lean_session_options(ort: Any) -> Any:
+def lean_session_options(ort: Any) -> Any:
     """A verifying session runs once: no arena kept past the run and no prepacked (copied)
     weights; the kernels and their numerics are the same."""
     options = ort.SessionOptions()
@@ -531,7 +531,7 @@ def verify_onnx(
         else:
             runnable = path
         session = ort.InferenceSession(
-            str(runnable), _lean_session_options(ort), providers=["CPUExecutionProvider"]
+            str(runnable), lean_session_options(ort), providers=["CPUExecutionProvider"]
         )
         got = session.run(None, feeds)
         del session

@@ -32,6 +32,7 @@ from .bfloat16 import convert_bf16, emulated_fp32
 from .calibration import attention_score_nodes, calibration_providers
 from .external_data import pad_to_page, point_at, read_external
 from .lazy_weights import placeholders, read_parameter
+from .onnx_export import lean_session_options
 from .optimize import (
     _read_names,
     convert_fp16,
@@ -336,10 +337,8 @@ def run_segment(
     """Run one segment on ONNX Runtime's CPU provider (weights read from `folder`)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
+    options = lean_session_options(ort)
     options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
     file = folder / "segment.onnx"
     onnx.save_model(model, str(file))
     try:
