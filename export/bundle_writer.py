@@ -359,8 +359,9 @@ def _export_component(
         if is_lazy(component.module):
             feeds, check = component.sample_inputs(dims), component.sample_inputs(check_dims, 1)
             trace = weightless_trace(component)
-            done = export_streamed(component, feeds, check, path, dtype, stage, trace, progress)
-            streamed[:] = done.outputs
+            streamed[:] = export_streamed(
+                component, feeds, check, path, dtype, stage, trace, progress
+            )
             return ExportedOps()
         fuse = fused_attention and component.name == "unet"  # where attention is the cost
         nhwc = cuda_fusions and component.name in CUDA_FUSED

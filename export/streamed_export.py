@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,6 @@ class Segment:
     aliases: dict[str, str] = field(default_factory=dict)  # weight -> its name in this segment
 
 
-@dataclass
-class Streamed:
-    graph: onnx.ModelProto  # weights in the bundle's data file
-    outputs: list[np.ndarray]  # the verification inputs' outputs, run segment by segment
-
-
 def export_streamed(
     component: Any,
     trace_feeds: Mapping[str, np.ndarray],
@@ -89,11 +83,12 @@ def export_streamed(
     path: Path,
     dtype: str,
     stage: StageFn,
-    trace: Any,
+    trace: Callable[[Path, tuple[torch.Tensor, ...]], None],
     progress: bool = False,
-) -> Streamed:
+) -> list[np.ndarray]:
     """Write `component` (lazy weights) to `path` and `path`.data; `trace(out, args)` is the
-    exporter run that writes the weight-free graph."""
+    exporter run that writes the weight-free graph. Returns the outputs of the verification
+    inputs (`check_feeds`), run segment by segment through the graph written."""
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".stream-") as tmp_name:
         tmp = Path(tmp_name)
         with stage("trace"):
@@ -142,11 +137,14 @@ def export_streamed(
         )
         sort_topologically(model.graph)
         onnx.save_model(model, str(path))
-    return Streamed(model, [check_live[o.name] for o in skeleton.graph.output])
+    return [check_live[o.name] for o in skeleton.graph.output]
 
 
 def trace_skeleton(
-    component: Any, feeds: Mapping[str, np.ndarray], out: Path, trace: Any
+    component: Any,
+    feeds: Mapping[str, np.ndarray],
+    out: Path,
+    trace: Callable[[Path, tuple[torch.Tensor, ...]], None],
 ) -> tuple[onnx.ModelProto, dict[str, Recipe]]:
     """The graph traced on placeholder weights, its weights declared as initializers without
     data, and each one's recipe; a Transpose of a weight becomes a transposed weight."""
