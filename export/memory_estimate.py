@@ -46,10 +46,10 @@ EXTERNAL_FACTOR = 0.2
 # SDXL with passes is estimated at 18.6 GiB and measured at 14.8.
 PASS_EXTRA_BYTES = int(5.2 * GIB)
 # A streamed export (load.streams: a full-size diffusion transformer) holds a segment's weights
-# (streamed_export.SEGMENT_BYTES) a few times over while it measures and converts it, whatever
-# the model's size: sd35-medium fp16 peaked at 7.19 GiB, in the transformer's segments
-# (benchmarks/RESULTS.md), which this and BASE_BYTES cover.
-STREAMED_BYTES = int(6.8 * GIB)
+# (streamed_export.SEGMENT_BYTES) a few times over while it measures and converts it, and its
+# weightless trace some of the model's size: measured peaks 7.19 GiB (sd35-medium), 6.24
+# (flux-schnell), 8.51 (sd35-large, in the trace), all fp16 (benchmarks/RESULTS.md).
+STREAMED_BYTES = int(8.1 * GIB)
 SAFETENSORS_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
