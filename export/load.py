@@ -19,6 +19,7 @@ from sdrt.errors import UserError
 
 from .checkpoint_files import check_pickle_checkpoint, safetensors_header
 from .families import PIPELINE_CLASSES, export_family
+from .memory_estimate import source_component_bytes
 from .presets import PRESETS
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -59,29 +60,7 @@ def streams(source: str | None, random_weights: str | None) -> bool:
     family = source_family(source, random_weights)
     if family is None or not getattr(family, "STREAMED", False):
         return False
-    if random_weights is not None:
-        return preset_bytes(random_weights) > LAZY_BYTES
-    return folder_bytes(Path(source or "")) > LAZY_BYTES
-
-
-def preset_bytes(preset: str) -> int:
-    """fp32 bytes of a preset's weights, counted on modules built without memory."""
-    import torch
-
-    pipe = random_pipeline(preset, device="meta")
-    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    return sum(4 * p.numel() for m in modules for p in m.parameters())
-
-
-def folder_bytes(path: Path) -> int:
-    """fp32 bytes of the weights in a diffusers folder's safetensors files (from headers)."""
-    import math
-
-    total = 0
-    for file in path.glob("*/*.safetensors"):
-        header = safetensors_header(file)
-        total += sum(4 * math.prod(e["shape"]) for k, e in header.items() if k != "__metadata__")
-    return total
+    return sum(source_component_bytes(source, random_weights).values()) > LAZY_BYTES
 
 
 def lazy_pipeline(path: Path, temporary: bool = False) -> Any:
