@@ -338,6 +338,23 @@ TINY_FLUX: dict[str, Any] = {
     "vae": {**TINY_DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
     "scheduler": FLUX_DEV_SCHEDULER,
 }
+SD35: dict[str, Any] = {  # what SD3.5 medium and large share: all but the transformer
+    "family": "sd3",
+    "size": 1024,
+    "text_encoders": [("clip_projection", CLIP_L), ("clip_projection", CLIP_G), ("t5", T5_XXL)],
+    "t5_max_length": 256,
+    "vae": {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+    "scheduler": SD3_SCHEDULER,
+}
+FLUX_DEV: dict[str, Any] = {
+    "family": "flux",
+    "size": 1024,
+    "text_encoders": [("clip", CLIP_L), ("t5", T5_XXL)],
+    "t5_max_length": 512,
+    "transformer": {**FLUX_TRANSFORMER, "guidance_embeds": True},
+    "vae": {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+    "scheduler": FLUX_DEV_SCHEDULER,
+}
 DIT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-sd3": TINY_SD3,
     "tiny-flux": TINY_FLUX,
@@ -347,10 +364,7 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
         "scheduler": FLUX_SCHNELL_SCHEDULER,
     },
     "sd35-medium": {
-        "family": "sd3",
-        "size": 1024,
-        "text_encoders": [("clip_projection", CLIP_L), ("clip_projection", CLIP_G), ("t5", T5_XXL)],
-        "t5_max_length": 256,
+        **SD35,
         "transformer": {
             **SD35_TRANSFORMER,
             "num_layers": 24,
@@ -359,14 +373,9 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
             "pos_embed_max_size": 384,
             "dual_attention_layers": list(range(13)),
         },
-        "vae": {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
-        "scheduler": SD3_SCHEDULER,
     },
     "sd35-large": {
-        "family": "sd3",
-        "size": 1024,
-        "text_encoders": [("clip_projection", CLIP_L), ("clip_projection", CLIP_G), ("t5", T5_XXL)],
-        "t5_max_length": 256,
+        **SD35,
         "transformer": {
             **SD35_TRANSFORMER,
             "num_layers": 38,
@@ -374,25 +383,12 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
             "caption_projection_dim": 2432,
             "pos_embed_max_size": 192,
         },
-        "vae": {**DIT_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609},
-        "scheduler": SD3_SCHEDULER,
     },
-    "flux-dev": {
-        "family": "flux",
-        "size": 1024,
-        "text_encoders": [("clip", CLIP_L), ("t5", T5_XXL)],
-        "t5_max_length": 512,
-        "transformer": {**FLUX_TRANSFORMER, "guidance_embeds": True},
-        "vae": {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
-        "scheduler": FLUX_DEV_SCHEDULER,
-    },
-    "flux-schnell": {
-        "family": "flux",
-        "size": 1024,
-        "text_encoders": [("clip", CLIP_L), ("t5", T5_XXL)],
+    "flux-dev": FLUX_DEV,
+    "flux-schnell": {  # no guidance embedding, a shorter T5 sequence, a static shift
+        **FLUX_DEV,
         "t5_max_length": 256,
         "transformer": {**FLUX_TRANSFORMER, "guidance_embeds": False},
-        "vae": {**DIT_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159},
         "scheduler": FLUX_SCHNELL_SCHEDULER,
     },
 }
